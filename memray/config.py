@@ -1,0 +1,548 @@
+"""Typed configuration: the trial schema, YAML loading, `key=value` overrides, grid expansion.
+
+Everything a user writes passes through here and is validated whole before any model is
+loaded. Precedence (lowest first): typed defaults, the YAML file, the grid cell, then
+command-line `key=value` overrides. Every error is a `ConfigError` whose message names the
+file and the dotted field, e.g. ``sweeps/x.yaml: method.placement: 'mlpp' is not one of
+attn, mlp, both``; the CLI turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import itertools
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# ---------------------------------------------------------------------------------------
+# Names other modules implement. They live here so that a bad name is caught while the
+# config is validated, before anything heavy is imported.
+# ---------------------------------------------------------------------------------------
+
+#: Study models: alias -> Hugging Face hub id.
+MODEL_ALIASES: dict[str, str] = {
+    "gpt2": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+    "llama-3.2-1b": "meta-llama/Llama-3.2-1B",
+    "llama-2-7b": "meta-llama/Llama-2-7b-hf",
+}
+#: Models built locally from a small config (random weights, shipped tokenizer); no network.
+BUILTIN_MODELS: tuple[str, ...] = ("tiny-gpt2", "tiny-llama")
+
+#: Datasets the `data` module implements.
+DATASETS: tuple[str, ...] = ("wikitext2", "webnlg", "xsum", "local", "pydoc", "synthetic")
+
+#: Membership-inference attacks the `attacks` module implements.
+ATTACKS: tuple[str, ...] = ("loss", "ref", "zlib", "mink", "mink++")
+
+METHODS: tuple[str, ...] = ("full", "head", "lora", "prefix", "prompt", "ptuning")
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error: `<source>: <field>: <message>`."""
+
+    def __init__(self, source: str, field: str, message: str):
+        self.source, self.field, self.message = source, field, message
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}{field + ': ' if field else ''}{message}")
+
+
+class Schema(BaseModel):
+    """Base of every config section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------
+
+
+class ModelConfig(Schema):
+    name: str = "tiny-gpt2"  # alias, built-in, hub id ("org/name") or local path
+    revision: str | None = None  # hub revision; part of the reference-statistics cache key
+    pretrained: bool = True  # built-ins: start from the cached tiny base trained on pydoc text
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPUs that have it
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        if name in MODEL_ALIASES or name in BUILTIN_MODELS:
+            return name
+        if "/" in name or name.startswith((".", "~")) or Path(name).expanduser().exists():
+            return name  # a hub id or a local path: checked when the model is loaded
+        choices = ", ".join([*MODEL_ALIASES, *BUILTIN_MODELS])
+        raise ValueError(
+            f"{name!r} is not a known alias ({choices}), a local path, or a hub id (org/name)"
+        )
+
+
+class DuplicatesConfig(Schema):
+    fraction: float = Field(0.1, gt=0, le=1)  # share of training samples that get duplicated
+    copies: list[int] = [2, 5, 10]  # each duplicated sample appears this many times in total
+
+    @field_validator("copies")
+    @classmethod
+    def _copies(cls, copies: list[int]) -> list[int]:
+        if not copies or any(c < 2 for c in copies):
+            raise ValueError("must be a non-empty list of copy counts, each at least 2")
+        return copies
+
+
+class DataConfig(Schema):
+    dataset: str = "pydoc"
+    path: str | None = None  # local file (jsonl / txt / csv) or a local copy of a hub dataset
+    text_field: str = "text"  # column holding the text, for local jsonl / csv
+    max_length: int = Field(128, ge=8)  # tokens per sample; wikitext2 is chunked into such blocks
+    members: int | None = Field(None, gt=0)  # training samples (all are members); None: dataset default
+    nonmembers: int | None = Field(None, gt=0)  # held-out samples scored; None: as many as members
+    validation: int = Field(200, gt=0)  # held-out samples for val loss / perplexity
+    split_seed: int | None = None  # None: the trial's seed
+    duplicates: DuplicatesConfig | None = None
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, dataset: str) -> str:
+        if dataset not in DATASETS:
+            raise ValueError(f"{dataset!r} is not one of {', '.join(DATASETS)}")
+        return dataset
+
+    @model_validator(mode="after")
+    def _local_needs_path(self) -> "DataConfig":
+        if self.dataset == "local" and not self.path:
+            raise ValueError("dataset 'local' needs data.path (a .jsonl, .txt or .csv file)")
+        return self
+
+
+class _Method(Schema):
+    lr: float | None = Field(None, gt=0)  # None: the method's default learning rate
+
+
+class FullMethod(_Method):
+    """All weights trained."""
+
+    name: Literal["full"] = "full"
+
+
+class HeadMethod(_Method):
+    """Only the output layer trained."""
+
+    name: Literal["head"] = "head"
+    # Tied embeddings (GPT-2) share the output layer with the input embeddings. untie=True
+    # trains a separate copy of the output layer and leaves the input embeddings frozen;
+    # untie=False trains the shared matrix, so the input embeddings change too.
+    untie: bool = True
+
+
+class LoraMethod(_Method):
+    name: Literal["lora"] = "lora"
+    rank: int = Field(8, gt=0)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    placement: Literal["attn", "mlp", "both"] = "attn"
+    target_modules: list[str] | None = None  # escape hatch: overrides placement
+
+
+class PrefixMethod(_Method):
+    name: Literal["prefix"] = "prefix"
+    virtual_tokens: int = Field(20, gt=0)
+    projection: bool = False  # reparameterize the prefix through an MLP (Li & Liang 2021)
+
+
+class PromptMethod(_Method):
+    name: Literal["prompt"] = "prompt"
+    virtual_tokens: int = Field(20, gt=0)
+    init: Literal["random", "text"] = "random"
+    init_text: str | None = None  # with init=text; default: a neutral instruction
+
+    @model_validator(mode="after")
+    def _init_text(self) -> "PromptMethod":
+        if self.init_text is not None and self.init != "text":
+            raise ValueError("init_text is only used with init: text")
+        return self
+
+
+class PtuningMethod(_Method):
+    name: Literal["ptuning"] = "ptuning"
+    virtual_tokens: int = Field(20, gt=0)
+    encoder: Literal["mlp", "lstm"] = "mlp"
+    encoder_hidden: int | None = Field(None, gt=0)  # None: the model's hidden size
+
+
+MethodConfig = Annotated[
+    Union[FullMethod, HeadMethod, LoraMethod, PrefixMethod, PromptMethod, PtuningMethod],
+    Field(discriminator="name"),
+]
+
+
+class TrainConfig(Schema):
+    epochs: int = Field(3, ge=0)
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    weight_decay: float = Field(0.0, ge=0)  # 0: memorization studies train without it
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    scheduler: Literal["constant", "linear", "cosine"] = "constant"  # constant: epochs compare
+    max_grad_norm: float = Field(1.0, gt=0)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where the GPU has it
+    checkpoints: bool = True  # save after every epoch so that a trial can resume
+    keep_checkpoints: int = Field(1, ge=1)  # only the newest N epoch checkpoints are kept
+
+
+class AttackConfig(Schema):
+    name: Literal["loss", "ref", "zlib", "mink", "mink++"]
+    k: float | None = Field(None, gt=0, le=1)  # mink / mink++: share of lowest-scoring tokens
+
+    @model_validator(mode="after")
+    def _k(self) -> "AttackConfig":
+        if self.k is not None and self.name not in ("mink", "mink++"):
+            raise ValueError(f"k is only used by mink and mink++, not {self.name}")
+        if self.k is None and self.name in ("mink", "mink++"):
+            self.k = 0.2  # Shi et al. 2024 report k=20% as a robust default
+        return self
+
+    @property
+    def label(self) -> str:
+        """Name used in metric keys: `mink`, or `mink@0.1` when k is not the default 0.2."""
+        if self.k is None or self.k == 0.2:
+            return self.name
+        return f"{self.name}@{self.k:g}"
+
+
+class EvalConfig(Schema):
+    batch_size: int = Field(16, gt=0)
+    max_scored: int | None = Field(None, gt=0)  # cap per side (members, non-members) each epoch
+    vocab_chunk: int = Field(8192, gt=0)  # vocabulary columns per chunk for mink++ statistics
+    bootstrap: int = Field(0, ge=0)  # resamples for AUC confidence intervals (0: off)
+
+
+def _default_attacks() -> list[AttackConfig]:
+    return [AttackConfig(name=n) for n in ATTACKS]
+
+
+class TrialConfig(Schema):
+    """One fine-tuning trial: the resolved config the trial code runs."""
+
+    seed: int = 0
+    output_dir: str = "runs"  # the trial folder is created below it
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    method: MethodConfig = FullMethod()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    attacks: list[AttackConfig] = Field(default_factory=_default_attacks)
+
+    @field_validator("attacks", mode="before")
+    @classmethod
+    def _attack_strings(cls, attacks: Any) -> Any:
+        if isinstance(attacks, list):
+            return [{"name": a} if isinstance(a, str) else a for a in attacks]
+        return attacks
+
+    @field_validator("attacks")
+    @classmethod
+    def _unique_attacks(cls, attacks: list[AttackConfig]) -> list[AttackConfig]:
+        labels = [a.label for a in attacks]
+        dupes = sorted({label for label in labels if labels.count(label) > 1})
+        if dupes:
+            raise ValueError(f"attack listed twice: {', '.join(dupes)}")
+        return attacks
+
+    def resolved(self) -> dict[str, Any]:
+        """The config as plain data (what gets written into the trial folder)."""
+        return self.model_dump(mode="json")
+
+    def trial_id(self) -> str:
+        """Short stable hash of everything that changes the result (not where it is written)."""
+        payload = {k: v for k, v in self.resolved().items() if k != "output_dir"}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
+
+    def slug(self) -> str:
+        """Readable trial name: model, method and its main knobs, dataset, seed, id."""
+        method = self.method
+        parts = [self.model.name.rstrip("/").split("/")[-1], method.name]
+        if isinstance(method, LoraMethod):
+            parts.append(f"r{method.rank}-{method.placement}")
+        parts += [self.data.dataset, f"s{self.seed}", self.trial_id()]
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(parts))
+
+
+class WandbConfig(Schema):
+    project: str = "memray"
+    entity: str | None = None
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online iff a key is set
+
+
+class SweepConfig(Schema):
+    """A sweep file: one base trial plus axes (dotted key -> list of values)."""
+
+    name: str
+    description: str | None = None
+    base: dict[str, Any] = {}
+    grid: dict[str, list[Any]] = {}
+    resources: list[dict[str, Any]] = []  # per-trial resource rules; see memray.sweep
+    wandb: WandbConfig = WandbConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+            raise ValueError(f"{name!r} must be letters, digits, '.', '_' or '-' (it names a folder)")
+        return name
+
+    @field_validator("grid")
+    @classmethod
+    def _axes(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in grid.items():
+            if not values:
+                raise ValueError(f"axis {key!r} has no values")
+        return grid
+
+
+# ---------------------------------------------------------------------------------------
+# Loading, overrides, merging
+# ---------------------------------------------------------------------------------------
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; a missing file or bad YAML is a ConfigError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(str(path), "", "no such file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(str(path), "", f"not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), "", f"must be a mapping at the top level, not {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`method.rank=8` -> ("method.rank", 8); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or not re.fullmatch(r"[A-Za-z_][\w+.-]*", key):
+        raise ConfigError("command line", text, "an override must look like key=value, e.g. method.rank=8")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError("command line", key, f"value is not valid YAML: {err}") from None
+    return key, value
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """Set `a.b.c` in a nested dict. A mapping value merges into what is there; a new
+    `method.name` (or a `method` mapping with another name) starts that section afresh,
+    since the other method's knobs do not apply."""
+    *parents, leaf = key.split(".")
+    node = tree
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    current = node.get(leaf)
+    if key == "method.name" and isinstance(node, dict) and node.get("name") != value:
+        node.clear()
+        node["name"] = value
+        return
+    if isinstance(value, dict) and isinstance(current, dict):
+        if key == "method" and "name" in value and value["name"] != current.get("name"):
+            node[leaf] = copy.deepcopy(value)
+        else:
+            node[leaf] = _merge(current, value)
+    else:
+        node[leaf] = copy.deepcopy(value)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def apply_overrides(tree: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Return a copy of `tree` with dotted-key overrides applied in order."""
+    result = copy.deepcopy(tree)
+    for key, value in overrides.items():
+        set_dotted(result, key, value)
+    return result
+
+
+# ---------------------------------------------------------------------------------------
+# Validation with readable messages
+# ---------------------------------------------------------------------------------------
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
+    """Field names of the schema section at `loc` (for 'unknown key' hints)."""
+    current: Any = model
+    for part in loc:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(str(part))
+        if field is None:
+            # a discriminated-union branch: the loc names the method
+            if part in _METHOD_BY_NAME:
+                current = _METHOD_BY_NAME[part]
+                continue
+            return None
+        current = _section_type(field.annotation)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return None
+
+
+def _section_type(annotation: Any) -> Any:
+    for arg in getattr(annotation, "__args__", ()) or ():
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return annotation
+
+
+_METHOD_BY_NAME: dict[str, type[Schema]] = {
+    "full": FullMethod, "head": HeadMethod, "lora": LoraMethod,
+    "prefix": PrefixMethod, "prompt": PromptMethod, "ptuning": PtuningMethod,
+}
+
+
+def _describe(err: dict[str, Any], model: type[BaseModel]) -> tuple[str, str]:
+    """(dotted field, message) for one pydantic error."""
+    loc = list(err["loc"])
+    # drop the discriminator branch pydantic inserts: ("method", "lora", "rank")
+    clean = [p for i, p in enumerate(loc) if not (i > 0 and loc[i - 1] == "method" and p in _METHOD_BY_NAME)]
+    field = ".".join(str(p) for p in clean)
+    kind = err["type"]
+    value = err.get("input")
+    ctx = err.get("ctx", {}) or {}
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(model, tuple(loc[:-1])) or []
+        hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        text = "unknown key"
+        if hint:
+            text += f" (did you mean {hint[0]!r}?)"
+        elif allowed:
+            text += f" (allowed: {', '.join(allowed)})"
+        return field, text
+    if kind == "literal_error":
+        expected = re.sub(r"'|\"", "", str(ctx.get("expected", ""))).replace(" or ", ", ")
+        return field, f"{value!r} is not one of {expected}"
+    if kind == "union_tag_invalid":
+        return field + ".name" if field else "name", f"{ctx.get('tag')!r} is not one of {', '.join(METHODS)}"
+    if kind == "union_tag_not_found":
+        return field + ".name", f"missing; one of {', '.join(METHODS)}"
+    if kind == "missing":
+        return field, "required"
+    if kind == "value_error":
+        message = str(ctx.get("error", err["msg"]))
+        return field, message
+    message = err["msg"]
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        message = f"{value!r} is not valid: {message[0].lower()}{message[1:]}"
+    elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        message = f"{value!r}: {message[0].lower()}{message[1:]}"
+    return field, message
+
+
+def validate(schema: type[Schema], raw: Any, source: str, prefix: str = "") -> Any:
+    """Validate plain data against a schema; the first error becomes a ConfigError."""
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors(include_url=False)[0]
+        field, message = _describe(first, schema)
+        field = f"{prefix}.{field}" if prefix and field else (prefix or field)
+        more = len(err.errors()) - 1
+        if more:
+            message += f" (and {more} more error{'s' if more > 1 else ''})"
+        raise ConfigError(source, field, message) from None
+
+
+def validate_trial(raw: dict[str, Any], source: str) -> TrialConfig:
+    """Plain data -> TrialConfig, or a ConfigError naming `source` and the field."""
+    return validate(TrialConfig, raw, source)
+
+
+# ---------------------------------------------------------------------------------------
+# Sweeps and grid cells
+# ---------------------------------------------------------------------------------------
+
+
+def is_sweep(tree: dict[str, Any]) -> bool:
+    """A sweep file has `base` or `grid` at the top; anything else is a plain trial file."""
+    return "base" in tree or "grid" in tree
+
+
+class Cell(Schema):
+    """One grid cell: its index, its axis values, and its resolved trial config."""
+
+    index: int
+    axes: dict[str, Any]
+    config: TrialConfig
+
+
+def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> tuple[SweepConfig, list[Cell]]:
+    """Load a sweep file, apply overrides to its base, and validate every grid cell."""
+    source = str(path)
+    tree = load_yaml(path)
+    if not is_sweep(tree):
+        tree = {"name": Path(path).stem, "base": tree}
+    sweep = validate(SweepConfig, tree, source)
+    base = apply_overrides(sweep.base, overrides or {})
+    return sweep, expand_grid(base, sweep.grid, source)
+
+
+def expand_grid(base: dict[str, Any], grid: dict[str, list[Any]], source: str) -> list[Cell]:
+    """Every combination of the axes applied to `base`, in file order, each validated."""
+    keys = list(grid)
+    cells: list[Cell] = []
+    for index, values in enumerate(itertools.product(*(grid[k] for k in keys))):
+        axes = dict(zip(keys, values))
+        raw = apply_overrides(base, axes)
+        where = source if not keys else f"{source} (grid cell {index}: {_axes_text(axes)})"
+        cells.append(Cell(index=index, axes=axes, config=validate_trial(raw, where)))
+    return cells
+
+
+def _axes_text(axes: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in axes.items())
+
+
+def load_trial(path: str | Path, overrides: list[str] | None = None, cell: int | None = None) -> TrialConfig:
+    """The trial `memray trial FILE [key=value ...] [--cell N]` runs.
+
+    A plain trial file, or a sweep file's `base` (with `--cell N`: its N-th grid cell).
+    Command-line overrides apply last.
+    """
+    parsed = dict(parse_override(o) for o in overrides or [])
+    source = str(path)
+    tree = load_yaml(path)
+    if is_sweep(tree):
+        sweep = validate(SweepConfig, tree, source)
+        if cell is None:
+            raw = apply_overrides(sweep.base, parsed)
+            return validate_trial(raw, source)
+        cells = expand_grid(sweep.base, sweep.grid, source)
+        if not 0 <= cell < len(cells):
+            raise ConfigError(source, "--cell", f"{cell} is out of range: the grid has {len(cells)} cells (0..{len(cells) - 1})")
+        raw = apply_overrides(apply_overrides(sweep.base, cells[cell].axes), parsed)
+        return validate_trial(raw, source)
+    if cell is not None:
+        raise ConfigError(source, "--cell", "this is a plain trial file, not a sweep (no base/grid)")
+    return validate_trial(apply_overrides(tree, parsed), source)

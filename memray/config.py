@@ -240,6 +240,13 @@ class TrialConfig(Schema):
     eval: EvalConfig = EvalConfig()
     attacks: list[AttackConfig] = Field(default_factory=_default_attacks)
 
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_default_name(cls, method: Any) -> Any:
+        if isinstance(method, dict) and "name" not in method:
+            return {"name": "full", **method}  # the default method, as when `method` is absent
+        return method
+
     @field_validator("attacks", mode="before")
     @classmethod
     def _attack_strings(cls, attacks: Any) -> Any:

@@ -1,0 +1,174 @@
+"""The trial folder: its files, how they are written, and how they are read back.
+
+```
+<trial dir>/
+  config.yaml              resolved trial config
+  result.json              status, reason, provenance, split hash, method info, per-epoch metrics
+  scores/epoch_003.parquet per-sample scores: sample_id, member, copies, one column per attack
+  checkpoints/             Trainer checkpoints (adapter weights only for PEFT methods)
+```
+`result.json` is rewritten atomically after every epoch, so a killed trial leaves a
+readable record of every epoch it finished. Readers (`memray status`, `memray report`)
+need nothing but these files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+RESULT_FILE = "result.json"
+CONFIG_FILE = "config.yaml"
+SCORES_DIR = "scores"
+CHECKPOINTS_DIR = "checkpoints"
+
+#: Packages whose versions are recorded with every trial.
+TRACKED_PACKAGES = ("memray-ft", "torch", "transformers", "peft", "accelerate", "datasets",
+                    "ray", "deepspeed", "scikit-learn", "wandb", "numpy")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def provenance() -> dict[str, Any]:
+    """Git sha and dirty flag of the memray checkout, package versions, hardware, time."""
+    repo = Path(__file__).resolve().parent.parent
+    sha, dirty = None, None
+    try:
+        sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+        dirty = bool(status.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass  # an installed package outside a checkout has no git state
+    versions = {}
+    for package in TRACKED_PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {"git_sha": sha, "git_dirty": dirty, "versions": versions, "hardware": hardware(),
+            "python": platform.python_version(), "host": platform.node()}
+
+
+def hardware() -> dict[str, Any]:
+    """CPU count and visible GPUs (name, memory) of this process."""
+    import torch
+
+    info: dict[str, Any] = {"platform": platform.platform(), "cpus": os.cpu_count(), "gpus": []}
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            info["gpus"].append({"name": props.name, "memory_gb": round(props.total_memory / 2**30, 1)})
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+@dataclass
+class TrialRecord:
+    """In-memory `result.json` of one trial, saved after every change."""
+
+    path: Path
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, trial_dir: Path) -> "TrialRecord":
+        """Read `result.json` if the folder has one (an earlier run), else start empty."""
+        path = Path(trial_dir) / RESULT_FILE
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        return cls(path, data)
+
+    @property
+    def trial_dir(self) -> Path:
+        return self.path.parent
+
+    @property
+    def epochs(self) -> list[dict[str, Any]]:
+        return self.data.setdefault("epochs", [])
+
+    def done_epochs(self) -> set[int]:
+        return {int(row["epoch"]) for row in self.epochs}
+
+    def start(self, config: dict[str, Any], trial_id: str, axes: dict[str, Any] | None) -> None:
+        """Mark the trial running (a fresh start or a resume) and write config.yaml."""
+        attempts = self.data.get("attempts", 0) + 1
+        self.data.update({
+            "trial_id": trial_id, "name": self.trial_dir.name, "status": "running", "reason": None,
+            "config": config, "axes": axes or self.data.get("axes", {}), "attempts": attempts,
+            "provenance": provenance(), "started": self.data.get("started", time.time()),
+            "finished": None,
+        })
+        atomic_write_text(self.trial_dir / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False))
+        self.save()
+
+    def keep_epochs_up_to(self, last_epoch: int) -> None:
+        """Forget epochs after `last_epoch` (they had no checkpoint; they will be re-run)."""
+        self.data["epochs"] = [row for row in self.epochs if int(row["epoch"]) <= last_epoch]
+        self.save()
+
+    def add_epoch(self, metrics: dict[str, float]) -> None:
+        rows = [row for row in self.epochs if int(row["epoch"]) != int(metrics["epoch"])]
+        self.data["epochs"] = sorted([*rows, metrics], key=lambda row: row["epoch"])
+        self.data["final"] = self.data["epochs"][-1]
+        self.save()
+
+    def finish(self, status: str, reason: str | None = None) -> None:
+        self.data.update({"status": status, "reason": reason, "finished": time.time()})
+        self.save()
+
+    def update(self, **fields: Any) -> None:
+        self.data.update(fields)
+        self.save()
+
+    def save(self) -> None:
+        atomic_write_text(self.path, json.dumps(self.data, indent=2, default=_jsonable))
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to result.json")
+
+
+def scores_path(trial_dir: Path, epoch: int) -> Path:
+    return Path(trial_dir) / SCORES_DIR / f"epoch_{epoch:03d}.parquet"
+
+
+def write_scores(trial_dir: Path, epoch: int, frame: pd.DataFrame) -> Path:
+    """Per-sample scores of one epoch (atomic: written beside, then renamed)."""
+    path = scores_path(trial_dir, epoch)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    frame.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
+def read_scores(trial_dir: Path, epoch: int) -> pd.DataFrame:
+    return pd.read_parquet(scores_path(trial_dir, epoch))
+
+
+def read_result(trial_dir: Path) -> dict[str, Any] | None:
+    """A trial folder's result.json, or None if it has none yet."""
+    path = Path(trial_dir) / RESULT_FILE
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -15,6 +15,7 @@ import hashlib
 import itertools
 import json
 import re
+import string
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -98,6 +99,54 @@ class DuplicatesConfig(Schema):
         return copies
 
 
+class CanaryConfig(Schema):
+    """Secret canaries inserted into the training data; their exposure is measured each epoch
+    (Carlini et al. 2019, "The Secret Sharer", arXiv 1802.08232)."""
+
+    count: int = Field(10, gt=0)  # canaries inserted into the training data
+    repeats: list[int] = [10]  # copies of each inserted canary; a list spreads canaries over levels
+    heldout: int | None = Field(None, ge=0)  # never-inserted controls (repeats 0); None: as many as count
+    format: str = "my secret number is {secret}"  # must hold {secret} once
+    digits: int = Field(6, gt=0)  # random digits in each secret
+    separator: str = " "  # between digits: " " makes each digit its own token in most tokenizers
+    candidates: int = Field(1000, ge=2)  # population for the exposure rank; max exposure log2(this)
+
+    @field_validator("repeats", mode="before")
+    @classmethod
+    def _one_level(cls, repeats: Any) -> Any:
+        return [repeats] if isinstance(repeats, int) else repeats
+
+    @field_validator("repeats")
+    @classmethod
+    def _repeats(cls, repeats: list[int]) -> list[int]:
+        if not repeats or any(r < 1 for r in repeats):
+            raise ValueError("must be a copy count or a non-empty list of them, each at least 1 (held-out canaries: use heldout)")
+        return repeats
+
+    @field_validator("format")
+    @classmethod
+    def _format(cls, format: str) -> str:
+        try:
+            fields = [name for _, name, _, _ in string.Formatter().parse(format) if name is not None]
+        except ValueError as err:
+            raise ValueError(f"{format!r} is not a valid format string: {err}") from None
+        if fields != ["secret"]:
+            raise ValueError(f"{format!r} must contain the field {{secret}} exactly once and no other field")
+        return format
+
+    @model_validator(mode="after")
+    def _enough_secrets(self) -> "CanaryConfig":
+        if self.heldout is None:
+            self.heldout = self.count
+        needed = self.count + self.heldout + self.candidates
+        if 10**self.digits < needed:
+            raise ValueError(
+                f"digits={self.digits} gives {10**self.digits} secrets, fewer than the "
+                f"{needed} distinct ones needed (count + heldout + candidates)"
+            )
+        return self
+
+
 class DataConfig(Schema):
     dataset: str = "pydoc"
     path: str | None = None  # local file (jsonl / txt / csv) or a local copy of a hub dataset
@@ -108,6 +157,7 @@ class DataConfig(Schema):
     validation: int = Field(200, gt=0)  # held-out samples for val loss / perplexity
     split_seed: int | None = None  # None: the trial's seed
     duplicates: DuplicatesConfig | None = None
+    canaries: CanaryConfig | None = None  # secret canaries added to the training texts
 
     @field_validator("dataset")
     @classmethod
@@ -224,6 +274,46 @@ class EvalConfig(Schema):
     bootstrap: int = Field(0, ge=0)  # resamples for AUC confidence intervals (0: off)
 
 
+class DecodingConfig(Schema):
+    """How the continuation of each prefix is decoded."""
+
+    do_sample: bool = False  # greedy: the k-extractability of Carlini et al. 2021
+    temperature: float = Field(1.0, gt=0)  # sampling settings apply only with do_sample
+    top_k: int | None = Field(None, gt=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop_at_eos: bool = False  # False: always decode suffix_tokens, as the true suffix has them
+
+    @model_validator(mode="after")
+    def _sampling_only(self) -> "DecodingConfig":
+        if not self.do_sample and (self.temperature != 1.0 or self.top_k is not None or self.top_p is not None):
+            raise ValueError("temperature, top_k and top_p only apply with do_sample: true")
+        return self
+
+
+Threshold = Annotated[float, Field(ge=0, le=1)]
+
+
+class SimilarityThresholds(Schema):
+    """Per similarity, the thresholds at which `extract/<similarity>@<t>` (share of samples
+    with similarity >= t) is reported; each similarity lies in [0, 1]."""
+
+    rougeL: list[Threshold] = [0.5, 0.8]
+    bleu: list[Threshold] = [0.5]
+    edit: list[Threshold] = [0.5, 0.8]
+
+
+class ExtractionConfig(Schema):
+    """Prefix -> continuation extraction of training members (and non-members as a control)."""
+
+    enabled: bool = False  # off by default: generation costs more than the MIA forward passes
+    samples: int = Field(100, gt=0)  # members tried each epoch (the same ones every epoch), and as many non-members
+    prefix_tokens: int = Field(50, gt=0)  # 50 + 50: the setting of Carlini et al. 2021 / 2023
+    suffix_tokens: int = Field(50, gt=0)
+    batch_size: int = Field(32, gt=0)  # prefixes decoded together with one KV cache
+    decoding: DecodingConfig = DecodingConfig()
+    thresholds: SimilarityThresholds = SimilarityThresholds()
+
+
 def _default_attacks() -> list[AttackConfig]:
     return [AttackConfig(name=n) for n in ATTACKS]
 
@@ -239,6 +329,18 @@ class TrialConfig(Schema):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     attacks: list[AttackConfig] = Field(default_factory=_default_attacks)
+    extraction: ExtractionConfig = ExtractionConfig()
+
+    @model_validator(mode="after")
+    def _extraction_fits(self) -> "TrialConfig":
+        extraction, max_length = self.extraction, self.data.max_length
+        if extraction.enabled and extraction.prefix_tokens + extraction.suffix_tokens > max_length:
+            raise ValueError(
+                f"extraction.prefix_tokens + extraction.suffix_tokens = "
+                f"{extraction.prefix_tokens + extraction.suffix_tokens} exceeds data.max_length = "
+                f"{max_length}: no sample would be long enough"
+            )
+        return self
 
     @field_validator("method", mode="before")
     @classmethod

@@ -384,6 +384,49 @@ class TrialConfig(Schema):
         return re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(parts))
 
 
+class ResourceRule(Schema):
+    """Resources for the trials a rule matches; the first matching rule wins, and a trial no
+    rule matches gets memray.sweep's default for its model size and method.
+
+    A single-process trial (workers: 1) takes `cpus` and `gpus`; a fraction of a GPU lets
+    several small trials share one. A trial with workers > 1 is a data-parallel Ray Train
+    job: its own process takes `cpus`, each worker `cpus_per_worker` and `gpus_per_worker`.
+    """
+
+    # dotted trial-config key -> value, or a list of accepted values; {} matches every trial
+    match: dict[str, Any] = {}
+    cpus: float = Field(1, gt=0)
+    gpus: float = Field(0, ge=0)
+    workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: int = Field(0, ge=0)  # whole GPUs: ZeRO workers do not share a GPU
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # bundle placement
+
+    @field_validator("match")
+    @classmethod
+    def _dotted_keys(cls, match: dict[str, Any]) -> dict[str, Any]:
+        for key in match:
+            if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", key):
+                raise ValueError(f"{key!r} is not a dotted config key such as model.name")
+        return match
+
+    @field_validator("gpus")
+    @classmethod
+    def _whole_above_one(cls, gpus: float) -> float:
+        if gpus > 1 and gpus != int(gpus):
+            raise ValueError(f"{gpus:g}: a trial on more than one GPU takes whole GPUs")
+        return gpus
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ResourceRule":
+        per_worker = {"cpus_per_worker", "gpus_per_worker"} & self.model_fields_set
+        if self.workers == 1 and per_worker:
+            raise ValueError(f"{', '.join(sorted(per_worker))} only apply with workers > 1")
+        if self.workers > 1 and self.gpus:
+            raise ValueError("with workers > 1 the GPUs go to the workers: set gpus_per_worker, not gpus")
+        return self
+
+
 class WandbConfig(Schema):
     project: str = "memray"
     entity: str | None = None
@@ -397,7 +440,7 @@ class SweepConfig(Schema):
     description: str | None = None
     base: dict[str, Any] = {}
     grid: dict[str, list[Any]] = {}
-    resources: list[dict[str, Any]] = []  # per-trial resource rules; see memray.sweep
+    resources: list[ResourceRule] = []  # per-trial resources by rule, first match wins
     wandb: WandbConfig = WandbConfig()
 
     @field_validator("name")

@@ -1,0 +1,134 @@
+"""Membership-inference attacks: a score per sample from the statistics of `memray.scoring`.
+
+Every attack returns a score where higher means "more likely a member" (members are the
+positive class of the AUC). Attacks read only precomputed `TokenStats`, so they cost no
+model call; each one is a function registered by name with `@attack`, and the trial calls
+`attack_scores` for whatever the config lists, with no special case per attack.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Callable
+
+import numpy as np
+
+from memray.config import AttackConfig
+from memray.scoring import TokenStats
+
+#: (attack config, target statistics, text, reference statistics or None) -> score
+AttackFn = Callable[[AttackConfig, TokenStats, str, TokenStats | None], float]
+
+ATTACKS: dict[str, AttackFn] = {}
+
+
+def attack(name: str) -> Callable[[AttackFn], AttackFn]:
+    """Register an attack under the name the config uses."""
+
+    def register(function: AttackFn) -> AttackFn:
+        ATTACKS[name] = function
+        return function
+
+    return register
+
+
+def attack_scores(
+    attacks: list[AttackConfig],
+    target: list[TokenStats],
+    texts: list[str],
+    reference: list[TokenStats] | None,
+) -> dict[str, np.ndarray]:
+    """Scores of every attack: label (`AttackConfig.label`) -> float64 array, one per sample.
+
+    target: the fine-tuned model's statistics per sample; texts: the samples' texts (zlib);
+    reference: the reference model's statistics for the same samples, or None when no
+    listed attack needs them (`ref` does).
+    """
+    if len(texts) != len(target) or (reference is not None and len(reference) != len(target)):
+        raise ValueError(
+            f"one entry per sample is needed: {len(target)} target statistics, {len(texts)} texts, "
+            f"{'no' if reference is None else len(reference)} reference statistics"
+        )
+    refs = reference if reference is not None else [None] * len(target)
+    scores: dict[str, np.ndarray] = {}
+    for config in attacks:
+        function = ATTACKS[config.name]
+        scores[config.label] = np.array(
+            [function(config, stats, text, ref) for stats, text, ref in zip(target, texts, refs)],
+            dtype=np.float64,
+        )
+    return scores
+
+
+def _lowest_mean(values: np.ndarray, k: float) -> float:
+    """Mean of the ceil(k * n) lowest values (at least one)."""
+    # a tiny slack so that e.g. 0.1 * 30 = 3.0000000000000004 counts 3 tokens, not 4
+    count = max(1, math.ceil(k * len(values) - 1e-9))
+    return float(np.mean(np.sort(values.astype(np.float64))[:count]))
+
+
+@attack("loss")
+def loss_score(config: AttackConfig, target: TokenStats, text: str, reference: TokenStats | None) -> float:
+    """LOSS: the negative mean token loss; members are fitted better.
+
+    Yeom, Giacomelli, Fredrikson, Jha 2018, "Privacy Risk in Machine Learning: Analyzing
+    the Connection to Overfitting", https://arxiv.org/abs/1709.01604
+    """
+    return -target.loss
+
+
+@attack("ref")
+def reference_score(config: AttackConfig, target: TokenStats, text: str, reference: TokenStats | None) -> float:
+    """Ref: how much lower the target's loss is than the reference model's (the base model
+    before fine-tuning), which removes how easy the text is in itself.
+
+    Carlini et al. 2021, "Extracting Training Data from Large Language Models",
+    https://arxiv.org/abs/2012.07805; Mireshghallah et al. 2022, "Quantifying Privacy Risks
+    of Masked Language Models Using Membership Inference Attacks",
+    https://arxiv.org/abs/2203.03929
+    """
+    if reference is None:
+        raise ValueError(
+            "attack 'ref' needs the reference model's statistics (memray.scoring.reference_stats); none were given"
+        )
+    return reference.loss - target.loss
+
+
+@attack("zlib")
+def zlib_score(config: AttackConfig, target: TokenStats, text: str, reference: TokenStats | None) -> float:
+    """Zlib: the model's log-perplexity over the text's zlib entropy (compressed length in
+    bytes), negated; a member has a low loss for how compressible it is.
+
+    Carlini et al. 2021, "Extracting Training Data from Large Language Models",
+    https://arxiv.org/abs/2012.07805
+    """
+    return -target.loss / len(zlib.compress(text.encode("utf-8")))
+
+
+@attack("mink")
+def min_k_score(config: AttackConfig, target: TokenStats, text: str, reference: TokenStats | None) -> float:
+    """Min-K% Prob: the mean log-probability of the k fraction of least likely tokens; a
+    non-member has more outlier tokens with very low probability.
+
+    Shi et al. 2024, "Detecting Pretraining Data from Large Language Models",
+    https://arxiv.org/abs/2310.16789
+    """
+    return _lowest_mean(target.logprobs, config.k)
+
+
+@attack("mink++")
+def min_k_plus_plus_score(config: AttackConfig, target: TokenStats, text: str, reference: TokenStats | None) -> float:
+    """Min-K%++: each token's log-probability standardized by the mean and standard
+    deviation of the log-probability over the vocabulary at that position, then the mean
+    of the k fraction of lowest; members sit near local maxima of the likelihood.
+
+    Zhang et al. 2024, "Min-K%++: Improved Baseline for Detecting Pre-Training Data from
+    Large Language Models", https://arxiv.org/abs/2404.02936
+    """
+    if target.mu is None or target.sigma is None:
+        raise ValueError("attack 'mink++' needs vocabulary statistics: score with need_vocab_stats=True")
+    # sigma is 0 only for a one-hot distribution, where logprob == mu: the token scores 0
+    sigma = np.maximum(target.sigma.astype(np.float64), 1e-6)
+    standardized = (target.logprobs.astype(np.float64) - target.mu) / sigma
+    return _lowest_mean(standardized, config.k)

@@ -1,0 +1,93 @@
+"""AUC, TPR at FPR, ROC points, bootstrap and perplexity against hand-computed values."""
+
+import math
+
+import numpy as np
+import pytest
+
+from memray.metrics import bootstrap_auc, mia_metrics, perplexity, roc_auc, roc_points, tpr_at_fpr
+
+# members 0.9, 0.4, 0.7; non-members 0.8, 0.1, 0.3, 0.2
+SCORES = np.array([0.9, 0.8, 0.4, 0.1, 0.7, 0.3, 0.2])
+MEMBER = np.array([True, False, True, False, True, False, False])
+
+
+def test_perfect_separation():
+    scores, member = [3.0, 4.0, 1.0, 2.0], [True, True, False, False]
+    assert roc_auc(scores, member) == 1.0
+    assert tpr_at_fpr(scores, member, 0.001) == 1.0
+    # reversed direction: members score lowest
+    assert roc_auc([-s for s in scores], member) == 0.0
+
+
+def test_auc_counts_pairs_ordered_correctly():
+    # member > non-member pairs: 0.9 beats 4, 0.4 beats 3 (0.1, 0.3, 0.2), 0.7 beats 3 -> 10 of 12
+    assert roc_auc(SCORES, MEMBER) == pytest.approx(10 / 12)
+    # a tie counts half: (0.5, 0.5) -> 0.5, the other three pairs -> 1
+    assert roc_auc([0.5, 1.0, 0.5, 0.0], [True, True, False, False]) == pytest.approx(3.5 / 4)
+
+
+def test_tpr_at_fpr_takes_the_best_point_within_the_budget():
+    # thresholds from the top: 0.9 (M) -> tpr 1/3 at fpr 0; 0.8 (N) -> fpr 1/4; 0.7, 0.4 (M) -> tpr 1 at fpr 1/4
+    assert tpr_at_fpr(SCORES, MEMBER, 0.01) == pytest.approx(1 / 3)
+    assert tpr_at_fpr(SCORES, MEMBER, 0.2) == pytest.approx(1 / 3)
+    assert tpr_at_fpr(SCORES, MEMBER, 0.25) == pytest.approx(1.0)
+    # a tied member/non-member pair moves both rates at once: at fpr 0 only the 1.0 member counts
+    assert tpr_at_fpr([0.5, 1.0, 0.5, 0.0], [True, True, False, False], 0.01) == pytest.approx(0.5)
+
+
+def test_tpr_at_fpr_keeps_collinear_roc_points():
+    # three tied (member, non-member) pairs: ROC points (1/3, 1/3), (2/3, 2/3), (1, 1) lie on
+    # a line; the middle one is the best point with FPR <= 0.7
+    scores, member = [3.0, 2.0, 1.0, 3.0, 2.0, 1.0], [True, True, True, False, False, False]
+    assert tpr_at_fpr(scores, member, 0.7) == pytest.approx(2 / 3)
+
+
+def test_mia_metrics_names():
+    metrics = mia_metrics("mink@0.1", SCORES, MEMBER)
+    assert metrics == {
+        "mia/mink@0.1/auc": pytest.approx(10 / 12),
+        "mia/mink@0.1/tpr@1%fpr": pytest.approx(1 / 3),
+        "mia/mink@0.1/tpr@0.1%fpr": pytest.approx(1 / 3),
+    }
+
+
+def noisy_scores(n: int = 200, seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    member = np.arange(n) < n // 2
+    return rng.normal(size=n) + 0.8 * member, member
+
+
+def test_bootstrap_interval_contains_the_auc_and_is_deterministic():
+    scores, member = noisy_scores()
+    auc = roc_auc(scores, member)
+    low, high = bootstrap_auc(scores, member, n=200, seed=0)
+    assert low < auc < high
+    assert 0.05 < high - low < 0.3  # about +-2 standard errors of an AUC on 100 + 100 samples
+    assert bootstrap_auc(scores, member, n=200, seed=0) == (low, high)
+    assert bootstrap_auc(scores, member, n=200, seed=1) != (low, high)
+
+
+def test_roc_points_are_thinned_and_span_the_curve():
+    scores, member = noisy_scores(n=2000)
+    fpr, tpr = roc_points(scores, member, max_points=50)
+    assert 2 <= len(fpr) <= 50 and len(fpr) == len(tpr)
+    assert (fpr[0], tpr[0]) == (0.0, 0.0) and (fpr[-1], tpr[-1]) == (1.0, 1.0)
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
+    # the area under the thinned curve stays close to the AUC
+    assert np.trapezoid(tpr, fpr) == pytest.approx(roc_auc(scores, member), abs=0.01)
+
+
+def test_perplexity():
+    assert perplexity(math.log(20.0)) == pytest.approx(20.0)
+    assert perplexity(0.0) == 1.0
+    assert perplexity(1e4) == math.inf
+
+
+def test_bad_inputs_are_clear_errors():
+    with pytest.raises(ValueError, match="both members and non-members"):
+        roc_auc([0.1, 0.2], [True, True])
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        tpr_at_fpr([0.1, float("nan")], [True, False], 0.01)
+    with pytest.raises(ValueError, match="same length"):
+        roc_auc([0.1, 0.2, 0.3], [True, False])

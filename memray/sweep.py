@@ -365,18 +365,6 @@ def wandb_config(cell: Cell, trial_name: str) -> dict[str, Any]:
     }
 
 
-def roc_points(members: Sequence[bool], scores: Sequence[float], max_points: int = 200) -> tuple[list[float], list[float]]:
-    """(false positive rates, true positive rates) of the ROC curve, at most ~max_points."""
-    import numpy as np
-    from sklearn.metrics import roc_curve
-
-    fpr, tpr, _ = roc_curve(np.asarray(members, bool), np.asarray(scores, float))
-    if len(fpr) > max_points:
-        keep = np.unique(np.linspace(0, len(fpr) - 1, max_points).round().astype(int))
-        fpr, tpr = fpr[keep], tpr[keep]
-    return fpr.tolist(), tpr.tolist()
-
-
 class WandbTrial:
     """One trial's W&B run. Every call is guarded: a W&B problem is a warning, never a
     failed trial."""
@@ -431,6 +419,7 @@ class WandbTrial:
     def _log_curves(self, trial_dir: Path, final: Mapping[str, float]) -> None:
         import wandb
 
+        from memray.metrics import roc_points
         from memray.results import read_scores, scores_path
 
         epoch = int(final["epoch"])
@@ -442,9 +431,9 @@ class WandbTrial:
         logged: dict[str, Any] = {"mia/auc_table": table}
         if scores_path(trial_dir, epoch).is_file():
             scores = read_scores(trial_dir, epoch)
-            curves = [roc_points(scores["member"], scores[label]) for label in labels if label in scores]
+            curves = [roc_points(scores[label], scores["member"]) for label in labels if label in scores]
             logged["mia/roc"] = wandb.plot.line_series(
-                xs=[fpr for fpr, _ in curves], ys=[tpr for _, tpr in curves],
+                xs=[fpr.tolist() for fpr, _ in curves], ys=[tpr.tolist() for _, tpr in curves],
                 keys=[label for label in labels if label in scores],
                 title=f"ROC, epoch {epoch}", xname="false positive rate")
         self.run.log(logged, step=epoch)

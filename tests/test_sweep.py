@@ -1,0 +1,376 @@
+"""memray.sweep: resource rules, W&B settings, every shipped sweep file, and whole sweeps
+on a local Ray with 2 CPUs: the demo grid, and a fault at epoch 2 finished by `resume`.
+
+Driver kills and a two-node cluster are in test_sweep_cluster.py, which reuses the helpers
+at the top of this file (small sweep files, trial folders, W&B offline runs).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from memray import sweep
+from memray.config import ConfigError, ResourceRule, WandbConfig, load_sweep
+from memray.sweep import trial_names
+
+REPO = Path(__file__).resolve().parent.parent
+
+#: A tiny grid of three methods on the tiny model: a few seconds per trial on one core.
+SMALL_SWEEP = """\
+name: {name}
+base:
+  model: {{name: tiny-gpt2}}
+  data: {{dataset: pydoc, max_length: 64, members: 24, nonmembers: 24, validation: 12}}
+  train: {{epochs: {epochs}, batch_size: 8}}
+  eval: {{batch_size: 24}}
+  attacks: [loss, zlib]
+grid:
+  method:
+    - {{name: full, lr: 0.001}}
+    - {{name: head, lr: 0.003}}
+    - {{name: lora, rank: 4, lr: 0.003}}
+wandb: {{project: memray-test, mode: {wandb_mode}}}
+"""
+
+
+def write_small_sweep(directory: Path, name: str, epochs: int = 3, wandb_mode: str = "offline") -> Path:
+    path = Path(directory) / f"{name}.yaml"
+    path.write_text(SMALL_SWEEP.format(name=name, epochs=epochs, wandb_mode=wandb_mode))
+    return path
+
+
+def trial_dirs(sweep_dir: Path) -> dict[int, Path]:
+    """Cell index -> trial folder, from the sweep folder's own sweep.yaml."""
+    _, cells = load_sweep(Path(sweep_dir) / "sweep.yaml")
+    return {index: Path(sweep_dir) / "trials" / name for index, name in trial_names(cells).items()}
+
+
+def read_result(trial_dir: Path) -> dict[str, Any]:
+    path = Path(trial_dir) / "result.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def file_states(directory: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file below `directory` with its mtime (ns) and bytes: equal means untouched."""
+    return {str(p.relative_to(directory)): (p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted(Path(directory).rglob("*")) if p.is_file()}
+
+
+def _records(path: Path):
+    """Records of a `.wandb` file: W&B's LevelDB-style log (32 KiB blocks of chunks with a
+    7-byte header: crc32, length, type) after a 7-byte W&B header, each record one
+    `wandb_internal_pb2.Record`. Parsed with W&B's own protobuf classes."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    block, position, pending = 32768, 7, b""
+    while position + 7 <= len(data):
+        left = block - position % block
+        if left < 7:  # a block's tail too short for a header is padding
+            position += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        if kind == 0 and length == 0:  # zero padding up to the next block
+            position += left
+            continue
+        chunk = data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind in (1, 2):  # FULL, FIRST
+            pending = chunk
+        else:  # MIDDLE, LAST
+            pending += chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            yield record
+
+
+def read_wandb_run(run_dir: Path) -> dict[str, Any]:
+    """One offline run folder: its id, group, project, name, config and history rows."""
+    (path,) = Path(run_dir).glob("run-*.wandb")
+    run: dict[str, Any] = {"config": {}, "history": []}
+    for record in _records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run.update(id=record.run.run_id, group=record.run.run_group, project=record.run.project,
+                       name=record.run.display_name)
+            run["config"].update({item.key: json.loads(item.value_json) for item in record.run.config.update})
+        elif kind == "config":
+            run["config"].update({item.key: json.loads(item.value_json) for item in record.config.update})
+        elif kind == "history":
+            run["history"].append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                                   for item in record.history.item})
+    return run
+
+
+def wandb_runs(wandb_dir: Path) -> list[dict[str, Any]]:
+    """Every offline run below a `wandb/` folder, oldest first, with its folder."""
+    runs = []
+    for run_dir in sorted(Path(wandb_dir).glob("offline-run-*")):
+        runs.append({**read_wandb_run(run_dir), "dir": run_dir})
+    return runs
+
+
+# ---------------------------------------------------------------------------------------
+# Every shipped sweep file
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_sweep_file_validates_and_expands(path):
+    _, cells = load_sweep(path)
+    text = sweep.dry_run_text(path)
+    lines = text.splitlines()
+    assert lines[0] == f"{len(cells)} trials"
+    trial_lines = [line for line in lines if line.startswith("  ")]
+    assert len(trial_lines) == len(cells) > 0
+    for name in trial_names(cells).values():
+        assert sum(name in line for line in trial_lines) == 1
+
+
+def test_dry_run_lists_demo_cells_longest_first_with_resources():
+    text = sweep.dry_run_text(REPO / "sweeps" / "demo.yaml", ["train.epochs=2"], num_cpus=2)
+    lines = text.splitlines()
+    assert lines[0] == "7 trials"
+    trial_lines = lines[2:]
+    assert len(trial_lines) == 7
+    # full fine-tuning costs most per token, head-only least
+    assert "method=full(" in trial_lines[0] and "method=head(" in trial_lines[-1]
+    assert all("cpus=1 gpus=0 [default]" in line for line in trial_lines)  # no GPU here
+
+
+# ---------------------------------------------------------------------------------------
+# Resources
+# ---------------------------------------------------------------------------------------
+
+RULES_SWEEP = """\
+name: rules
+base: {model: {name: gpt2}, method: {name: lora}}
+grid:
+  model.name: [gpt2, gpt2-xl]
+  method: [{name: full}, {name: lora, rank: 8}]
+resources:
+%s
+"""
+
+
+def _rules_sweep(tmp_path: Path, rules: str):
+    path = tmp_path / "rules.yaml"
+    path.write_text(RULES_SWEEP % rules)
+    config, cells = load_sweep(path)
+    sweep.check_rules(config.resources, cells, str(path))
+    return path, config, cells
+
+
+def test_first_matching_rule_wins_else_default_by_model_size(tmp_path):
+    _, config, cells = _rules_sweep(tmp_path, """\
+  - {match: {model.name: gpt2-xl, method.name: full}, cpus: 8, gpus: 2}
+  - {match: {model.name: [gpt2-xl]}, cpus: 4, gpus: 1}""")
+    got = {(c.config.model.name, c.config.method.name): sweep.trial_resources(c.config, config.resources, True)
+           for c in cells}
+    assert (got["gpt2-xl", "full"].rule.gpus, got["gpt2-xl", "full"].source) == (2, "resources.0")
+    assert (got["gpt2-xl", "lora"].rule.gpus, got["gpt2-xl", "lora"].source) == (1, "resources.1")
+    # defaults: four GPT-2 124M LoRA trials share a GPU; full fine-tuning takes twice as much
+    assert (got["gpt2", "lora"].rule.gpus, got["gpt2", "lora"].source) == (0.25, "default")
+    assert got["gpt2", "full"].rule.gpus == 0.5
+    assert got["gpt2", "lora"].bundles() == [{"CPU": 1.0, "GPU": 0.25}]
+    # no GPU in the cluster: one CPU per trial
+    cpu_only = sweep.trial_resources(cells[1].config, [], has_gpus=False)
+    assert cpu_only.bundles() == [{"CPU": 1.0}]
+
+
+def test_a_trial_that_fits_no_node_is_a_config_error(tmp_path):
+    path, config, cells = _rules_sweep(tmp_path, "  - {match: {model.name: gpt2-xl}, cpus: 4, gpus: 2}")
+    node = {"CPU": 16.0, "GPU": 1.0}
+    with pytest.raises(ConfigError, match=r"resources\.0: grid cell 2 needs cpus=4 gpus=2"):
+        sweep.plan_sweep(config, cells, str(path), node, [node], strict=True)
+    with pytest.warns(UserWarning, match="needs cpus=4 gpus=2"):  # a cluster may still scale up
+        plan = sweep.plan_sweep(config, cells, str(path), node, [node], strict=False)
+    assert plan.max_concurrent is None  # single-process trials reserve all they use
+
+
+@pytest.mark.parametrize(("rule", "field", "message"), [
+    ("{match: {method.rnak: 8}, gpus: 1}", "resources.0.match.method.rnak", "unknown field"),
+    ("{match: {model.name: gpt3}, gpus: 1}", "resources.0.match.model.name", 'no trial has "gpt3"'),
+    ("{match: {method.rank: [8, 16]}, gpus: 1}", "resources.0.match.method.rank", "no trial has 16"),
+    ("{match: {model.name: gpt2}, gpus: 1.5}", "resources.0.gpus", "whole GPUs"),
+    ("{match: {model.name: gpt2}, gpu: 1}", "resources.0.gpu", "unknown key"),
+    ("{match: {model.name: gpt2}, workers: 4, gpus_per_worker: 1}", "resources.0.workers", "multi-worker"),
+])
+def test_bad_rules_name_the_file_and_the_rule_field(tmp_path, rule, field, message):
+    with pytest.raises(ConfigError) as caught:
+        _rules_sweep(tmp_path, f"  - {rule}")
+    assert caught.value.source == str(tmp_path / "rules.yaml")
+    assert caught.value.field == field
+    assert message in caught.value.message
+
+
+def test_concurrency_cap_keeps_multi_worker_trials_from_starving_each_other():
+    small = sweep.TrialResources(ResourceRule(cpus=1, gpus=0.25), "default")
+    big = sweep.TrialResources(ResourceRule(cpus=1, workers=2, cpus_per_worker=4, gpus_per_worker=1), "resources.0")
+    assert big.bundles() == [{"CPU": 1}]  # Ray Train asks for the workers itself
+    assert big.total() == {"CPU": 9, "GPU": 2}
+    assert sweep.max_concurrent_trials([small] * 8, {"CPU": 8, "GPU": 1}) is None
+    # 4 GPUs hold two such jobs at once: a third driver would wait holding a CPU
+    assert sweep.max_concurrent_trials([big] * 3 + [small] * 4, {"CPU": 32, "GPU": 4}) == 2
+    assert sweep.max_concurrent_trials([big] * 3, {"CPU": 32, "GPU": 1}) == 1
+
+
+def test_longest_trials_are_scheduled_first(tmp_path):
+    path = tmp_path / "order.yaml"
+    path.write_text("""\
+name: order
+base: {model: {name: tiny-gpt2}, data: {members: 100}}
+grid:
+  model.name: [tiny-gpt2, gpt2]
+  method: [{name: head}, {name: full}]
+  train.epochs: [1, 3]
+""")
+    _, cells = load_sweep(path)
+    order = [(cells[i].config.model.name, cells[i].config.method.name, cells[i].config.train.epochs)
+             for i in sweep.schedule_order(cells)]
+    assert order[:2] == [("gpt2", "full", 3), ("gpt2", "head", 3)]
+    assert order[-1] == ("tiny-gpt2", "head", 1)
+    costs = [sweep.trial_cost(cells[i].config) for i in sweep.schedule_order(cells)]
+    assert costs == sorted(costs, reverse=True)
+
+
+# ---------------------------------------------------------------------------------------
+# W&B settings
+# ---------------------------------------------------------------------------------------
+
+
+def test_wandb_auto_mode_is_online_only_with_a_key(tmp_path):
+    auto = WandbConfig(mode="auto")
+    empty_netrc = tmp_path / "netrc-empty"
+    empty_netrc.write_text("machine example.org login me password x\n")
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine api.wandb.ai login user password 0123456789abcdef\n")
+    netrc.chmod(0o600)
+    assert sweep.resolve_wandb_mode(auto, {"NETRC": str(empty_netrc)}) == "offline"
+    assert sweep.resolve_wandb_mode(auto, {"NETRC": str(netrc)}) == "online"
+    assert sweep.resolve_wandb_mode(auto, {"NETRC": str(empty_netrc), "WANDB_API_KEY": "k" * 40}) == "online"
+    assert sweep.resolve_wandb_mode(WandbConfig(mode="disabled"), {"WANDB_API_KEY": "k"}) == "disabled"
+
+
+def test_wandb_run_id_is_stable_per_trial_and_valid_for_wandb():
+    first = sweep.wandb_run_id("abcd1234", 3)
+    assert first == sweep.wandb_run_id("abcd1234", 3)
+    assert first != sweep.wandb_run_id("abcd1234", 4) != sweep.wandb_run_id("ffff0000", 3)
+    assert re.fullmatch(r"[a-z0-9]{16}", first)
+
+
+# ---------------------------------------------------------------------------------------
+# Whole sweeps on a local Ray
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def local_ray(memray_cache):
+    """One local Ray for this module (address="local": never a cluster left running)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+DEMO_OVERRIDES = ["train.epochs=2"]
+
+
+def test_demo_grid_reports_every_epoch_to_tune_results_and_wandb(local_ray, tmp_path, capsys):
+    assert sweep.run_sweep(REPO / "sweeps" / "demo.yaml", DEMO_OVERRIDES, storage=str(tmp_path)) == 0
+    folder = tmp_path / "demo"
+    printed = capsys.readouterr().out
+    _, cells = load_sweep(folder / "sweep.yaml")
+    assert len(cells) == 7 and all(c.config.train.epochs == 2 for c in cells)
+    names = trial_names(cells)
+    runs = {run["config"]["cell"]: run for run in wandb_runs(folder / "wandb")}
+    assert sorted(runs) == sorted(names)  # one W&B run per trial, no strays
+    for cell in cells:
+        trial_dir = folder / "trials" / names[cell.index]
+        result = read_result(trial_dir)
+        assert result["status"] == "success"
+        epochs = result["epochs"]
+        assert [row["epoch"] for row in epochs] == [0, 1, 2]
+        assert {"val/ppl", "mia/loss/auc", "mia/ref/auc"} <= set(epochs[-1]) and "train/loss" in epochs[1]
+        assert all((trial_dir / "scores" / f"epoch_{e:03d}.parquet").is_file() for e in range(3))
+        # Tune got every epoch, with the trial's own numbers
+        tune_rows = [json.loads(line) for line in (folder / "tune" / f"cell{cell.index:04d}" / "result.json").open()]
+        assert [row["epoch"] for row in tune_rows] == [0, 1, 2]
+        assert [row["val/ppl"] for row in tune_rows] == pytest.approx([row["val/ppl"] for row in epochs])
+        # W&B: the sweep's group, the axes as config columns, every epoch's metrics
+        run = runs[cell.index]
+        assert (run["group"], run["project"], run["name"]) == ("demo", "memray-demo", names[cell.index])
+        assert run["config"]["method"] == cell.config.method.name
+        assert run["config"]["model"] == "tiny-gpt2" and run["config"]["seed"] == 0
+        assert run["config"]["dataset"] == "pydoc" and run["config"]["duplication"] == 0.0
+        assert run["config"]["axes"] == cell.axes and run["config"]["config"]["train"]["epochs"] == 2
+        logged = {row["epoch"]: row for row in run["history"] if "epoch" in row}
+        assert sorted(logged) == [0, 1, 2]
+        for row in epochs:
+            for key in ("val/ppl", "mia/loss/auc", "mia/zlib/auc"):
+                assert logged[row["epoch"]][key] == pytest.approx(row[key])
+        # at the end: the per-attack AUC table and the ROC curves of the last epoch
+        auc_table = _wandb_table(run["dir"], "mia/auc_table")
+        assert {row[0]: row[1] for row in auc_table["data"]} == pytest.approx(
+            {label: epochs[-1][f"mia/{label}/auc"] for label in ("loss", "ref", "zlib", "mink", "mink++")})
+        roc = _wandb_table(run["dir"], "mia/roc_table")
+        assert roc["columns"] == ["step", "lineKey", "lineVal"]  # W&B's line-series layout: fpr, attack, tpr
+        assert {row[1] for row in roc["data"]} == {"loss", "ref", "zlib", "mink", "mink++"}
+        assert all(0 <= row[0] <= 1 and 0 <= row[2] <= 1 for row in roc["data"])
+        assert cell.config.method.name in printed and names[cell.index] in printed
+    assert "7 success" in printed and f"wandb sync {folder / 'wandb'}" in printed
+    status = sweep.sweep_status(folder)
+    assert status.count(" success ") == 7 and status.count("2/2") == 7
+
+
+def _wandb_table(run_dir: Path, key: str) -> dict[str, Any]:
+    (path,) = (run_dir / "files" / "media" / "table").glob(f"{key}_*.table.json")
+    return json.loads(path.read_text())
+
+
+def test_run_refuses_an_existing_sweep_folder(tmp_path):
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "sweep.yaml").write_text("name: demo\n")
+    with pytest.raises(ConfigError, match="already exists: `memray resume"):
+        sweep.run_sweep(REPO / "sweeps" / "demo.yaml", storage=str(tmp_path))
+
+
+def test_fault_at_epoch_2_leaves_the_trial_errored_and_resume_finishes_it(local_ray, tmp_path, monkeypatch):
+    path = write_small_sweep(tmp_path, "faulty", epochs=3)
+    monkeypatch.setenv(sweep.FAULT_ENV, "1:2")
+    assert sweep.run_sweep(path, storage=str(tmp_path / "out"), max_failures=0) == 1
+    folder = tmp_path / "out" / "faulty"
+    dirs = trial_dirs(folder)
+    faulty = read_result(dirs[1])
+    assert faulty["status"] == "failed" and "fault injected" in faulty["reason"]
+    assert [row["epoch"] for row in faulty["epochs"]] == [0, 1, 2]
+    assert "failed" in sweep.sweep_status(folder) and "fault injected" in sweep.sweep_status(folder)
+    finished = {index: file_states(dirs[index]) for index in (0, 2)}
+    assert all(read_result(dirs[index])["status"] == "success" for index in (0, 2))
+    scores_before = file_states(dirs[1] / "scores")
+
+    monkeypatch.delenv(sweep.FAULT_ENV)
+    assert sweep.resume_sweep(folder) == 0
+    for index in (0, 2):  # finished trials: not a byte or a timestamp changed
+        assert file_states(dirs[index]) == finished[index]
+    resumed = read_result(dirs[1])
+    assert resumed["status"] == "success" and resumed["attempts"] == 2
+    assert [row["epoch"] for row in resumed["epochs"]] == [0, 1, 2, 3]
+    assert resumed["epochs"][:3] == faulty["epochs"]  # epochs 0-2 kept, not re-run
+    after = file_states(dirs[1] / "scores")
+    assert {name: after[name] for name in scores_before} == scores_before
+    assert "epoch_003.parquet" in after
+    # W&B: the resumed attempt continued the same run (same id) with epoch 3 only
+    runs = [run for run in wandb_runs(folder / "wandb") if run["config"]["cell"] == 1]
+    assert len(runs) == 2 and runs[0]["id"] == runs[1]["id"]
+    assert [row["epoch"] for row in runs[0]["history"] if "epoch" in row] == [0, 1, 2]
+    assert [row["epoch"] for row in runs[1]["history"] if "epoch" in row] == [3]

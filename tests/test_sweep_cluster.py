@@ -1,0 +1,145 @@
+"""Sweeps that lose their driver or a node: `memray run` killed with SIGKILL mid-sweep and
+then `memray resume`d; a two-node local Ray cluster (a head and a worker started here) whose
+worker node is killed mid-trial. Drivers run in subprocesses, as `memray run` would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from test_sweep import file_states, read_result, trial_dirs, write_small_sweep
+
+RUN = "import sys; from memray.sweep import run_sweep; sys.exit(run_sweep(sys.argv[1], storage=sys.argv[2], {extra}))"
+RESUME = "import sys; from memray.sweep import resume_sweep; sys.exit(resume_sweep(sys.argv[1]))"
+FAKE_KEY = "memray-test-key-" + "0123456789abcdef" * 2  # must never be written anywhere
+
+
+def _wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def _kill_tree(processes: list[psutil.Process]) -> None:
+    """SIGKILL each process by pid (those this test started, directly or through Ray)."""
+    for process in processes:
+        try:
+            process.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def test_driver_killed_mid_sweep_is_resumed_to_the_end(tmp_path):
+    path = write_small_sweep(tmp_path, "killed", epochs=3)
+    storage = tmp_path / "out"
+    env = {**os.environ, "WANDB_API_KEY": FAKE_KEY}  # mode offline: a key must still never be written
+    log = (tmp_path / "driver.log").open("w")
+    driver = subprocess.Popen([sys.executable, "-c", RUN.format(extra="num_cpus=2"), str(path), str(storage)],
+                              env=env, stdout=log, stderr=subprocess.STDOUT)
+    folder = storage / "killed"
+
+    def one_done_one_running() -> bool:
+        if not (folder / "sweep.yaml").is_file():
+            return False
+        states = [read_result(d).get("status") for d in trial_dirs(folder).values()]
+        return "success" in states and states.count("success") < len(states)
+
+    try:
+        _wait_for(one_done_one_running, 300, "a finished trial while others run")
+    finally:
+        ray_processes = _descendants(driver.pid)
+        _kill_tree(ray_processes)  # the driver first: that is the crash under test
+        driver.wait()
+    time.sleep(2)
+    _kill_tree([p for p in ray_processes if p.is_running()])  # Ray processes it left behind
+    dirs = trial_dirs(folder)
+    finished = {index: file_states(d) for index, d in dirs.items() if read_result(d).get("status") == "success"}
+    assert 0 < len(finished) < len(dirs)
+
+    resumed = subprocess.run([sys.executable, "-c", RESUME, str(folder)], env=env, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "3 success" in resumed.stdout
+    for index, trial_dir in dirs.items():
+        result = read_result(trial_dir)
+        assert result["status"] == "success"
+        assert [row["epoch"] for row in result["epochs"]] == [0, 1, 2, 3]
+        if index in finished:
+            assert file_states(trial_dir) == finished[index]  # not run again
+    # no API key in any file of the sweep folder (configs, results, W&B and Tune logs) or output
+    leaked = [p for p in folder.rglob("*") if p.is_file() and FAKE_KEY.encode() in p.read_bytes()]
+    assert leaked == []
+    assert FAKE_KEY not in resumed.stdout + resumed.stderr + (tmp_path / "driver.log").read_text()
+
+
+@pytest.fixture
+def two_node_cluster(tmp_path):
+    """A head (1 CPU) and a worker node (1 CPU) started with `ray start`, token auth on.
+    Yields (address, env, worker process); every process it started is killed at the end."""
+    port = str(20000 + secrets.randbelow(20000))
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    common = ["--num-cpus=1", "--disable-usage-stats", "--block"]
+    head = subprocess.Popen(["ray", "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
+                            env=env, stdout=(tmp_path / "head.log").open("w"), stderr=subprocess.STDOUT)
+    started = [head]
+    try:
+        _wait_for(lambda: "Ray runtime started" in (tmp_path / "head.log").read_text(), 60, "the head node")
+        worker = subprocess.Popen(["ray", "start", f"--address=127.0.0.1:{port}", *common], env=env,
+                                  stdout=(tmp_path / "worker.log").open("w"), stderr=subprocess.STDOUT)
+        started.append(worker)
+        _wait_for(lambda: "Ray runtime started" in (tmp_path / "worker.log").read_text(), 60, "the worker node")
+        yield f"127.0.0.1:{port}", env, worker
+    finally:
+        processes = [p for process in started if process.poll() is None for p in _descendants(process.pid)]
+        _kill_tree(processes)
+        for process in started:
+            process.wait()
+
+
+def test_worker_node_killed_mid_trial_is_retried_and_the_sweep_completes(two_node_cluster, tmp_path):
+    address, env, worker = two_node_cluster
+    path = write_small_sweep(tmp_path, "twonode", epochs=3, wandb_mode="disabled")
+    storage = tmp_path / "out"
+    log = (tmp_path / "driver.log").open("w")
+    driver = subprocess.Popen([sys.executable, "-c", RUN.format(extra=f"address={address!r}"), str(path), str(storage)],
+                              env=env, stdout=log, stderr=subprocess.STDOUT)
+    folder = storage / "twonode"
+
+    def two_trials_training() -> bool:  # one per node: each node has 1 CPU
+        if not (folder / "sweep.yaml").is_file():
+            return False
+        results = [read_result(d) for d in trial_dirs(folder).values()]
+        return sum(r.get("status") == "running" and len(r.get("epochs", [])) >= 1 for r in results) == 2
+
+    try:
+        _wait_for(two_trials_training, 300, "two trials past epoch 0")
+        _kill_tree(_descendants(worker.pid))  # the worker node dies with its trial
+        worker.wait()
+        assert driver.wait(timeout=600) == 0, (tmp_path / "driver.log").read_text()[-4000:]
+    finally:
+        if driver.poll() is None:
+            _kill_tree(_descendants(driver.pid))
+    results = {index: read_result(d) for index, d in trial_dirs(folder).items()}
+    assert all(r["status"] == "success" for r in results.values())
+    assert all([row["epoch"] for row in r["epochs"]] == [0, 1, 2, 3] for r in results.values())
+    retried = [index for index, r in results.items() if r["attempts"] > 1]
+    assert len(retried) == 1  # the trial on the lost node, resumed on the head
+    text = (tmp_path / "driver.log").read_text()
+    assert "3 success" in text

@@ -7,7 +7,7 @@ This is the only module that imports Ray. It owns:
   sweep.yaml      the resolved sweep file (overrides applied): resume and status need only it
   sweep.json      when and from what the sweep was made, and its W&B id seed
   trials/<cell>-<slug>/   one trial folder per grid cell (memray.results), checkpoints included
-  tune/           Ray Tune's experiment state, per-trial logs and its copy of the last checkpoint
+  tune/           Ray Tune's experiment state, per-trial results and its copy of the last checkpoint
   wandb/          offline W&B runs, one per trial, for `wandb sync`
   cache/          reference-model statistics, computed once per sweep (unless MEMRAY_CACHE is set)
   ```
@@ -94,9 +94,9 @@ class SweepFolder:
     location: str
 
     @classmethod
-    def for_sweep(cls, storage: str | None, name: str) -> "SweepFolder":
+    def for_sweep(cls, storage: str | Path | None, name: str) -> "SweepFolder":
         """`<storage>/<name>`; a relative path is made absolute (Ray workers have other cwds)."""
-        storage = storage or DEFAULT_STORAGE
+        storage = str(storage or DEFAULT_STORAGE)
         if _is_uri(storage):
             return cls(storage.rstrip("/") + "/" + name)
         return cls(str(Path(storage).expanduser().resolve() / name))
@@ -783,7 +783,7 @@ def dry_run_text(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] 
 
 
 def run_sweep(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] | None = None,
-              storage: str | None = None, address: str | None = None, dry_run: bool = False, *,
+              storage: str | Path | None = None, address: str | None = None, dry_run: bool = False, *,
               num_cpus: int | None = None, max_failures: int = DEFAULT_MAX_FAILURES) -> int:
     """`memray run`: validate the sweep, then run every cell as a Ray Tune trial.
 

@@ -31,17 +31,19 @@ base:
   eval: {{batch_size: 24}}
   attacks: [loss, zlib]
 grid:
-  method:
-    - {{name: full, lr: 0.001}}
-    - {{name: head, lr: 0.003}}
-    - {{name: lora, rank: 4, lr: 0.003}}
+  method: {methods}
 wandb: {{project: memray-test, mode: {wandb_mode}}}
 """
+SMALL_METHODS = {
+    "full": "{name: full, lr: 0.001}", "head": "{name: head, lr: 0.003}", "lora": "{name: lora, rank: 4, lr: 0.003}",
+}
 
 
-def write_small_sweep(directory: Path, name: str, epochs: int = 3, wandb_mode: str = "offline") -> Path:
+def write_small_sweep(directory: Path, name: str, epochs: int = 3, wandb_mode: str = "offline",
+                      methods: tuple[str, ...] = ("full", "head", "lora")) -> Path:
     path = Path(directory) / f"{name}.yaml"
-    path.write_text(SMALL_SWEEP.format(name=name, epochs=epochs, wandb_mode=wandb_mode))
+    grid = "[" + ", ".join(SMALL_METHODS[m] for m in methods) + "]"
+    path.write_text(SMALL_SWEEP.format(name=name, epochs=epochs, wandb_mode=wandb_mode, methods=grid))
     return path
 
 
@@ -374,3 +376,31 @@ def test_fault_at_epoch_2_leaves_the_trial_errored_and_resume_finishes_it(local_
     assert len(runs) == 2 and runs[0]["id"] == runs[1]["id"]
     assert [row["epoch"] for row in runs[0]["history"] if "epoch" in row] == [0, 1, 2]
     assert [row["epoch"] for row in runs[1]["history"] if "epoch" in row] == [3]
+
+
+def test_uri_storage_mirrors_trial_folders_and_resumes_on_a_node_without_them(local_ray, tmp_path, monkeypatch):
+    """With a URI storage (file:// here, s3:// on a cluster) a trial works in node-local
+    scratch; a resume on a node that lacks it gets the folder from the URI and the
+    checkpoint from Ray Tune."""
+    import shutil
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "scratch"))
+    path = write_small_sweep(tmp_path, "remote", epochs=2, wandb_mode="disabled", methods=("full", "lora"))
+    storage = f"file://{tmp_path / 'bucket'}"
+    monkeypatch.setenv(sweep.FAULT_ENV, "1:1")
+    assert sweep.run_sweep(path, storage=storage, max_failures=0) == 1
+    folder = tmp_path / "bucket" / "remote"
+    dirs = trial_dirs(folder)
+    assert not any((d / "checkpoints").exists() for d in dirs.values())  # checkpoints go through Tune
+    faulty = read_result(dirs[1])
+    assert faulty["status"] == "failed" and [row["epoch"] for row in faulty["epochs"]] == [0, 1]
+    shutil.rmtree(tmp_path / "scratch" / "memray")  # the node that ran it is gone
+
+    monkeypatch.delenv(sweep.FAULT_ENV)
+    assert sweep.resume_sweep(storage + "/remote") == 0
+    resumed = read_result(dirs[1])
+    assert resumed["status"] == "success" and resumed["attempts"] == 2
+    assert resumed["epochs"][:2] == faulty["epochs"]  # continued from the epoch-1 checkpoint
+    assert [row["epoch"] for row in resumed["epochs"]] == [0, 1, 2]
+    assert "2 success" in sweep.sweep_status(storage + "/remote")

@@ -516,6 +516,7 @@ def run_cell(params: dict[str, Any], context: SweepContext) -> None:
     """Tune function trainable: run grid cell `params["cell"]` as a trial in its folder."""
     from ray import tune
 
+    from memray.results import read_result
     from memray.trial import run_trial
 
     index = int(params["cell"])
@@ -527,6 +528,11 @@ def run_cell(params: dict[str, Any], context: SweepContext) -> None:
     mirror = _Mirror(context.folder, trial_name, trial_dir) if context.folder.is_uri else None
     if mirror:
         mirror.download(tune.get_checkpoint())
+    done = read_result(trial_dir) or {}
+    if done.get("status") == "success" and done.get("trial_id") == cell.config.trial_id():
+        # finished before Tune recorded it (a driver killed in between): report, touch nothing
+        tune.report(dict(done["epochs"][-1]))
+        return
     run = WandbTrial.start(context.wandb, cell, trial_name, Path(context.local_root))
 
     def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:

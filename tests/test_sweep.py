@@ -377,6 +377,16 @@ def test_fault_at_epoch_2_leaves_the_trial_errored_and_resume_finishes_it(local_
     assert [row["epoch"] for row in runs[0]["history"] if "epoch" in row] == [0, 1, 2]
     assert [row["epoch"] for row in runs[1]["history"] if "epoch" in row] == [3]
 
+    # a driver killed before Tune saved its state: resume starts Tune afresh, and trials the
+    # folders show finished are reported from their files, not run or logged again
+    import shutil
+
+    shutil.rmtree(folder / "tune")
+    trials_before, wandb_before = file_states(folder / "trials"), len(wandb_runs(folder / "wandb"))
+    assert sweep.resume_sweep(folder) == 0
+    assert file_states(folder / "trials") == trials_before
+    assert len(wandb_runs(folder / "wandb")) == wandb_before
+
 
 def test_uri_storage_mirrors_trial_folders_and_resumes_on_a_node_without_them(local_ray, tmp_path, monkeypatch):
     """With a URI storage (file:// here, s3:// on a cluster) a trial works in node-local

@@ -2,29 +2,582 @@
 
 Owns where texts come from (Hugging Face hub datasets, local files, offline built-ins), how
 they are cut into samples, and which samples a trial trains on (members), scores as held-out
-(non-members) and uses for validation loss. The split is a pure function of (dataset, seed,
-sizes, max_length); its hash is stored with the trial.
+(non-members) and uses for validation loss. `load_split` is the entry point; the split is a
+pure function of (dataset, seed, sizes, max_length, tokenizer) and its hash is stored with
+the trial.
+
+How a split is drawn. Each dataset gives one pool of candidate samples. A seeded numpy
+generator permutes the pool; walking that order, blank texts and repeats of a text already
+taken are skipped, and the first `members` samples become members, the next `nonmembers`
+non-members and the next `validation` validation samples. So the three sets are disjoint in
+ids and in texts, and members do not change when only the other sizes do.
+
+For hub datasets the pool is the hub's `train` split only: members, non-members and
+validation are disjoint draws from it, so members and non-members are identically
+distributed. The hub's own validation / test splits are not used, because a shift between
+splits (WebNLG's test set has categories unseen in training) would raise membership AUC
+without any memorization.
+
+Samples:
+- wikitext2: the train split's raw text concatenated, cut into blocks of `max_length`
+  tokens of the trial's tokenizer (the last block is dropped when under max_length / 4).
+- webnlg: one sample per entry: "Triples: s | p | o; ...\\nText: <first reference>".
+- xsum: one sample per article: "Document: ...\\nSummary: ...".
+- local: a .jsonl (field `text_field`), .txt (one sample per non-empty line; use .jsonl for
+  multi-line samples) or .csv (column `text_field`) file.
+- pydoc: the "finetune" half of CPython's `pydoc_data.topics`, each topic cut into blocks
+  of `max_length` tokens; the built-in tiny models are pretrained on the other half, and
+  blocks sharing a 13-word run with it are left out.
+- synthetic: 5,000 fictional people, each with unique facts (name, birth, job, e-mail,
+  phone), generated without randomness so that every machine sees the same records.
+
+Run `python -m memray.data download wikitext2 DIR` on a machine with network to save a hub
+dataset for offline use (`data.path: DIR`).
 """
 
 from __future__ import annotations
 
+import argparse
+import csv
+import functools
 import hashlib
-from typing import Literal
+import itertools
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from memray.config import ConfigError, DataConfig
+
+log = logging.getLogger(__name__)
+
+#: Members drawn when `data.members` is not set (local: see `_default_members`).
+DEFAULT_MEMBERS: dict[str, int] = {
+    "xsum": 5000,  # Hou et al. 2025 fine-tune on 5,000 samples
+    "wikitext2": 1000,
+    "webnlg": 1000,
+    "pydoc": 150,  # ~350 unseen 128-token blocks (4k-vocab tokenizer): 150 + 150 + validation
+    "synthetic": 200,
+}
+LOCAL_MAX_DEFAULT_MEMBERS = 1000
+
+SYNTHETIC_RECORDS = 5000  # pool size of the `synthetic` dataset
 
 
-def _topic_part(key: str) -> Literal["pretrain", "finetune"]:
-    return "pretrain" if int(hashlib.sha256(key.encode()).hexdigest(), 16) % 2 == 0 else "finetune"
+# ---------------------------------------------------------------------------------------
+# Public types
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One text of a split."""
+
+    id: str  # stable within the dataset, e.g. "wikitext2/train/00042"
+    text: str
+    copies: int  # times it appears in the training data; 0 for non-members and validation
+
+
+@dataclass(frozen=True)
+class Split:
+    """The samples one trial trains on, scores as held-out, and validates on."""
+
+    members: list[Sample]  # every training sample once; duplication is in .copies
+    nonmembers: list[Sample]  # held-out samples scored as non-members; never trained on
+    validation: list[Sample]  # held-out samples for val loss / perplexity
+    split_hash: str  # sha256 of ids, texts and copies of all three lists
+
+    def training_texts(self) -> list[str]:
+        """Member texts with duplicates expanded (copies=5 appears 5 times), shuffled.
+
+        The shuffle is seeded by the split hash, so the order is fixed for a given split.
+        """
+        texts = [s.text for s in self.members for _ in range(s.copies)]
+        order = np.random.default_rng(int(self.split_hash[:16], 16)).permutation(len(texts))
+        return [texts[i] for i in order]
+
+
+def load_split(data: DataConfig, seed: int, tokenizer: Any, source: str = "config") -> Split:
+    """Draw the members, non-members and validation samples of one trial.
+
+    Takes the trial's data config, the trial seed (`data.split_seed` overrides it), a
+    Hugging Face tokenizer (used to cut wikitext2 and pydoc into `max_length`-token blocks)
+    and the name of the config source for error messages. Returns a `Split`; the same
+    inputs always give the same split. Raises ConfigError when the data cannot be loaded or
+    holds too few samples for the requested sizes.
+    """
+    split_seed = data.split_seed if data.split_seed is not None else seed
+    pool = _pool(data, tokenizer, source)
+    members = data.members or _default_members(data, pool)
+    nonmembers = data.nonmembers or members
+    if pool.size < members + nonmembers + 1:
+        raise _too_few(data, pool.label, pool.size, members, nonmembers, source)
+
+    rng = np.random.default_rng(split_seed % 2**64)  # numpy takes no negative seeds
+    drawn = _draw(pool, rng.permutation(pool.size), members + nonmembers + data.validation)
+    if len(drawn) < members + nonmembers + 1:
+        raise _too_few(data, pool.label, len(drawn), members, nonmembers, source)
+    validation = len(drawn) - members - nonmembers
+    if validation < data.validation:
+        log.warning("%s: data.validation: only %d samples left for validation after %d members "
+                    "and %d non-members (asked for %d)", source, validation, members, nonmembers,
+                    data.validation)
+
+    copies = _copies(members, data, rng)
+    member_samples = [Sample(i, t, c) for (i, t), c in zip(drawn[:members], copies)]
+    held_out = [Sample(i, t, 0) for i, t in drawn[members:]]
+    return _split(member_samples, held_out[:nonmembers], held_out[nonmembers:])
+
+
+# ---------------------------------------------------------------------------------------
+# Drawing
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Pool:
+    """Candidate samples of a dataset, read on demand (hub datasets can be large)."""
+
+    label: str  # for messages, e.g. "wikitext2 (train split, 128-token blocks)"
+    size: int
+    sample: Callable[[int], tuple[str, str]]  # index -> (id, text); text "" when unusable
+
+
+def _draw(pool: _Pool, order: np.ndarray, wanted: int) -> list[tuple[str, str]]:
+    """Walk `order`, keep non-blank texts not seen before, stop after `wanted`."""
+    drawn: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for index in order:
+        sample_id, text = pool.sample(int(index))
+        if not text.strip() or text in seen:
+            continue
+        seen.add(text)
+        drawn.append((sample_id, text))
+        if len(drawn) == wanted:
+            break
+    return drawn
+
+
+def _copies(members: int, data: DataConfig, rng: np.random.Generator) -> list[int]:
+    """Copies per member: round(fraction * members) members, chosen by `rng`, get the copy
+    counts in turn (equal shares per count); the others appear once."""
+    copies = [1] * members
+    if data.duplicates is None:
+        return copies
+    chosen = rng.choice(members, size=round(data.duplicates.fraction * members), replace=False)
+    for turn, index in enumerate(chosen):
+        copies[index] = data.duplicates.copies[turn % len(data.duplicates.copies)]
+    return copies
+
+
+def _split(members: list[Sample], nonmembers: list[Sample], validation: list[Sample]) -> Split:
+    payload = [[role, [[s.id, s.text, s.copies] for s in samples]]
+               for role, samples in (("members", members), ("nonmembers", nonmembers),
+                                     ("validation", validation))]
+    digest = hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
+    return Split(members, nonmembers, validation, digest)
+
+
+def _default_members(data: DataConfig, pool: _Pool) -> int:
+    if data.dataset != "local":
+        return DEFAULT_MEMBERS[data.dataset]
+    # Half of what validation leaves (validation takes at most a fifth of a small file).
+    reserved = min(data.validation, pool.size // 5)
+    return max(1, min(LOCAL_MAX_DEFAULT_MEMBERS, (pool.size - reserved) // 2))
+
+
+def _too_few(data: DataConfig, label: str, available: int, members: int, nonmembers: int,
+             source: str) -> ConfigError:
+    return ConfigError(
+        source, "data.members",
+        f"{label} has {available} usable samples, but {members} members + {nonmembers} "
+        f"non-members + at least 1 validation sample = {members + nonmembers + 1} were asked "
+        f"for; lower data.members / data.nonmembers"
+        + (" or data.max_length (shorter blocks make more samples)"
+           if data.dataset in ("wikitext2", "pydoc") else ""))
+
+
+def _pool(data: DataConfig, tokenizer: Any, source: str) -> _Pool:
+    if data.dataset == "pydoc":
+        return _pydoc_pool(data.max_length, tokenizer)
+    if data.dataset == "synthetic":
+        texts = synthetic_texts()
+        return _Pool("synthetic", len(texts), lambda i: (f"synthetic/{i:05d}", texts[i]))
+    if data.dataset == "local":
+        return _local_pool(data, source)
+    return _hub_pool(data, tokenizer, source)
+
+
+# ---------------------------------------------------------------------------------------
+# Chunking into token blocks
+# ---------------------------------------------------------------------------------------
+
+
+def _token_blocks(token_ids: Sequence[int], max_length: int) -> list[Sequence[int]]:
+    """Consecutive blocks of `max_length` tokens; a last block under max_length / 4 is dropped."""
+    blocks = [token_ids[start:start + max_length] for start in range(0, len(token_ids), max_length)]
+    if blocks and len(blocks[-1]) < max_length / 4:
+        blocks.pop()
+    return blocks
+
+
+def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    # verbose=False: long documents are cut into blocks here, so no "too long" warning.
+    return tokenizer(texts, add_special_tokens=False, verbose=False,
+                     return_attention_mask=False)["input_ids"]
+
+
+def _decode(tokenizer: Any, token_ids: Sequence[int]) -> str:
+    # No clean-up of spaces: the text must tokenize back to (nearly) the same block. A
+    # character whose bytes a block boundary splits decodes to U+FFFD; it is dropped.
+    text = tokenizer.decode(list(token_ids), clean_up_tokenization_spaces=False)
+    return text.strip("\ufffd")
+
+
+# ---------------------------------------------------------------------------------------
+# Built-in datasets: pydoc and synthetic
+# ---------------------------------------------------------------------------------------
+
+
+def _pydoc_topics(part: Literal["pretrain", "finetune"]) -> list[tuple[str, str]]:
+    if part not in ("pretrain", "finetune"):
+        raise ValueError(f"part must be 'pretrain' or 'finetune', not {part!r}")
+    from pydoc_data.topics import topics
+
+    def topic_part(key: str) -> str:
+        return "pretrain" if int(hashlib.sha256(key.encode()).hexdigest(), 16) % 2 == 0 else "finetune"
+
+    return [(key, " ".join(topics[key].split())) for key in sorted(topics) if topic_part(key) == part]
 
 
 def pydoc_texts(part: Literal["pretrain", "finetune"]) -> list[str]:
     """CPython's `pydoc_data.topics` documents of one part, whitespace-normalized, by topic key.
 
     A topic belongs to "pretrain" iff sha256(key) is even, else to "finetune". The built-in
-    tiny models are pretrained on "pretrain"; the `pydoc` dataset samples only "finetune",
-    so its members and non-members were never seen in pretraining.
+    tiny models are pretrained on "pretrain"; the `pydoc` dataset samples only "finetune"
+    (leaving out passages it repeats from "pretrain"), so its members and non-members were
+    never seen in pretraining.
     """
-    if part not in ("pretrain", "finetune"):
-        raise ValueError(f"part must be 'pretrain' or 'finetune', not {part!r}")
-    from pydoc_data.topics import topics
+    return [text for _, text in _pydoc_topics(part)]
 
-    return [" ".join(topics[key].split()) for key in sorted(topics) if _topic_part(key) == part]
+
+PRETRAIN_OVERLAP_WORDS = 13  # a shared run of 13 words counts as seen (GPT-3's contamination test)
+
+
+@functools.cache
+def _pretrain_word_runs() -> frozenset[tuple[str, ...]]:
+    words = " ".join(pydoc_texts("pretrain")).split()
+    n = PRETRAIN_OVERLAP_WORDS
+    return frozenset(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+
+
+def _seen_in_pretraining(text: str) -> bool:
+    words, n, runs = text.split(), PRETRAIN_OVERLAP_WORDS, _pretrain_word_runs()
+    return any(tuple(words[i:i + n]) in runs for i in range(len(words) - n + 1))
+
+
+def _pydoc_pool(max_length: int, tokenizer: Any) -> _Pool:
+    # Some topics repeat paragraphs of others (about a fifth of the finetune blocks share a
+    # 13-word run with the pretrain part); those blocks are left out, so that no member or
+    # non-member was seen in pretraining.
+    topics = _pydoc_topics("finetune")
+    samples: list[tuple[str, str]] = []
+    for (key, _), token_ids in zip(topics, _encode(tokenizer, [text for _, text in topics])):
+        for number, block in enumerate(_token_blocks(token_ids, max_length)):
+            text = _decode(tokenizer, block)
+            if not _seen_in_pretraining(text):
+                samples.append((f"pydoc/{key}/{number:03d}", text))
+    return _Pool(f"pydoc (finetune part, {max_length}-token blocks not seen in pretraining)",
+                 len(samples), samples.__getitem__)
+
+
+_FIRST_NAMES = """Ada Bela Cai Dara Emil Farah Gus Hana Ivo Jana Kofi Lena Mateo Nadia Otto Priya
+Quinn Rosa Soren Tamar Umar Vera Wren Xenia Yusuf Zora Alba Bruno Cleo Dmitri Esme Felix Greta
+Hugo Ines Jonas Kira Lior Maren Nils Olga Pavel Rhea Sami Thea Ugo Viggo Willa Yara Zeno Anouk
+Basil Carmen Darius Elin Fiona Goran Hedda Ilse Jorge Kaito Luz Mira Noor Oskar Petra Raul Sia
+Tomas Una Vito Wanda Xavi Ylva Zaid Agnes Boris Celia""".split()
+_LAST_NAMES = """Abara Brandt Castillo Dobrev Eklund Fonseca Grieve Halloran Ibsen Jovanovic
+Kowalczyk Lindqvist Moreau Nakashima Okafor Petrov Quist Rasmussen Santoro Takahashi Ulloa
+Varga Whitcombe Xu Yilmaz Zeller Amsel Boateng Carrow Delacroix Engstrom Ferreira Gallo Holt
+Iwasaki Jansen Kaur Lamberti Mwangi Novak Oyelaran Pastore Reyes Sandoval Tanaka Uribe
+Valente Wojcik Yamada Zamora Achterberg Bellamy Cuevas Dunmore Esposito Farkas Grimaldi
+Hartmann Ilves Jurado Kessler Laine Marchetti Nyberg Ortega Pacheco Rinaldi Strand Toivonen
+Urquhart Vasquez Weller Yoshida Zuniga Albescu Barros""".split()
+_CITIES = """Lisbon Tampere Oaxaca Dunedin Ghent Kraków Valparaíso Kisumu Porto Tbilisi Aarhus
+Bergen Cusco Durban Eindhoven Fukuoka Graz Halifax Izmir Jaipur Kaunas Leipzig Malmö Nantes
+Oulu Plovdiv Quito Rosario Split Trieste Uppsala Varna Windhoek Yerevan Zadar Arequipa
+Bologna Cork Dresden Esbjerg""".split()
+_OCCUPATIONS = (
+    "glassblower", "cartographer", "beekeeper", "luthier", "hydrologist", "archivist",
+    "bookbinder", "ferry pilot", "seismologist", "perfumer", "stonemason", "translator",
+    "botanist", "clockmaker", "radio operator", "cheesemaker", "lighthouse keeper", "puppeteer",
+    "geologist", "sommelier", "blacksmith", "orthodontist", "typesetter", "glaciologist",
+    "falconer", "locksmith", "violinist", "tailor", "surveyor", "potter",
+)
+_DOMAINS = ["mailbox.example", "post.example", "inbox.example", "letters.example"]
+
+
+def _pick(index: int, field: str, modulus: int) -> int:
+    """A number in [0, modulus) fixed by (index, field): the same on every machine and version."""
+    return int(hashlib.sha256(f"synthetic:{index}:{field}".encode()).hexdigest(), 16) % modulus
+
+
+def synthetic_texts() -> list[str]:
+    """The `synthetic` pool: 5,000 fictional people, one line each, every name unique.
+
+    e.g. "Name: Ada Moreau | Born: 1974 in Ghent | Occupation: luthier |
+    Email: ada.moreau74@post.example | Phone: +1-555-0142-3381". Derived from sha256 of the
+    record index, so it is the same everywhere without any random generator.
+    """
+    names = sorted(itertools.product(_FIRST_NAMES, _LAST_NAMES),
+                   key=lambda name: hashlib.sha256(" ".join(name).encode()).hexdigest())
+    texts = []
+    for index, (first, last) in enumerate(names[:SYNTHETIC_RECORDS]):
+        year = 1930 + _pick(index, "year", 76)
+        city = _CITIES[_pick(index, "city", len(_CITIES))]
+        job = _OCCUPATIONS[_pick(index, "job", len(_OCCUPATIONS))]
+        domain = _DOMAINS[_pick(index, "domain", len(_DOMAINS))]
+        phone = f"+1-555-{_pick(index, 'phone1', 10_000):04d}-{_pick(index, 'phone2', 10_000):04d}"
+        email = f"{first.lower()}.{last.lower()}{year % 100:02d}@{domain}"
+        texts.append(f"Name: {first} {last} | Born: {year} in {city} | Occupation: {job} | "
+                     f"Email: {email} | Phone: {phone}")
+    return texts
+
+
+# ---------------------------------------------------------------------------------------
+# Local files
+# ---------------------------------------------------------------------------------------
+
+
+def _local_pool(data: DataConfig, source: str) -> _Pool:
+    path = Path(data.path).expanduser()
+    if not path.is_file():
+        raise ConfigError(source, "data.path", f"{path}: no such file")
+    readers = {".jsonl": _read_jsonl, ".txt": _read_txt, ".csv": _read_csv}
+    reader = readers.get(path.suffix.lower())
+    if reader is None:
+        raise ConfigError(source, "data.path", f"{path}: must end in .jsonl, .txt or .csv")
+    try:
+        records = reader(path, data.text_field, source)
+    except UnicodeDecodeError as err:
+        raise ConfigError(source, "data.path", f"{path}: not UTF-8 text ({err.reason})") from None
+    usable: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for number, text in records:
+        if text.strip() and text not in seen:
+            seen.add(text)
+            usable.append((f"local/{path.stem}/{number:05d}", text))
+    if not usable:
+        raise ConfigError(source, "data.path", f"{path}: holds no non-empty texts")
+    return _Pool(f"{path}", len(usable), usable.__getitem__)
+
+
+def _read_txt(path: Path, text_field: str, source: str) -> list[tuple[int, str]]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [(number, line.strip()) for number, line in enumerate(lines, 1)]
+
+
+def _read_jsonl(path: Path, text_field: str, source: str) -> list[tuple[int, str]]:
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConfigError(source, "data.path", f"{path}, line {number}: not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict) or text_field not in record:
+            found = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+            raise ConfigError(source, "data.text_field",
+                              f"{text_field!r} is missing from {path}, line {number} (found: {found})")
+        value = record[text_field]
+        records.append((number, value.strip() if isinstance(value, str) else ""))
+    return records
+
+
+def _read_csv(path: Path, text_field: str, source: str) -> list[tuple[int, str]]:
+    with path.open(encoding="utf-8", newline="") as file:
+        reader = csv.DictReader(file)
+        columns = reader.fieldnames or []
+        if text_field not in columns:
+            raise ConfigError(source, "data.text_field",
+                              f"{text_field!r} is not a column of {path} (columns: {', '.join(columns) or 'none'})")
+        return [(number, (row[text_field] or "").strip()) for number, row in enumerate(reader, 1)]
+
+
+# ---------------------------------------------------------------------------------------
+# Hugging Face hub datasets
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Hub:
+    repo: str
+    config: str | None
+    columns: tuple[str, ...]  # columns the renderer reads, checked on load
+
+
+HUB: dict[str, _Hub] = {
+    "wikitext2": _Hub("Salesforce/wikitext", "wikitext-2-raw-v1", ("text",)),
+    "webnlg": _Hub("webnlg-challenge/web_nlg", "release_v3.0_en", ("modified_triple_sets", "lex")),
+    "xsum": _Hub("EdinburghNLP/xsum", None, ("document", "summary")),
+}
+
+
+def _field(records: Any, key: str) -> list[Any]:
+    """`key` of a hub sequence-of-records column, stored either as a dict of lists (the
+    hub's schema) or as a list of dicts (how datasets>=4 builds `Sequence({...})` of lists)."""
+    if isinstance(records, dict):
+        return list(records[key])
+    return [record[key] for record in records]
+
+
+def render_webnlg(entry: dict[str, Any]) -> str:
+    """One WebNLG entry as "Triples: s | p | o; ...\\nText: <first reference text>"."""
+    triple_sets = _field(entry["modified_triple_sets"], "mtriple_set")
+    texts = [t for t in _field(entry["lex"], "text") if t and t.strip()]
+    if not triple_sets or not texts:
+        return ""
+    return f"Triples: {'; '.join(triple_sets[0])}\nText: {texts[0].strip()}"
+
+
+def render_xsum(article: dict[str, Any]) -> str:
+    """One XSum article as "Document: ...\\nSummary: ..."."""
+    document, summary = (article["document"] or "").strip(), (article["summary"] or "").strip()
+    if not document or not summary:
+        return ""
+    return f"Document: {document}\nSummary: {summary}"
+
+
+_RENDER = {"webnlg": render_webnlg, "xsum": render_xsum}
+
+
+def _hub_pool(data: DataConfig, tokenizer: Any, source: str) -> _Pool:
+    train = _load_train(data, source)
+    name = data.dataset
+    if name == "wikitext2":
+        return _wikitext_pool(train, data.max_length, tokenizer)
+    render = _RENDER[name]
+    return _Pool(f"{name} (train split)", len(train),
+                 lambda i: (f"{name}/train/{i:06d}", render(train[i])))
+
+
+def _wikitext_pool(train: Any, max_length: int, tokenizer: Any) -> _Pool:
+    # The whole split as one text, then blocks. Pieces never cross a line end, which a
+    # byte-level BPE does not merge across either, so encoding line by line gives the same
+    # tokens as encoding the whole text, several times faster.
+    lines = "".join(train["text"]).splitlines(keepends=True)
+    token_ids = list(itertools.chain.from_iterable(_encode(tokenizer, lines)))
+    blocks = _token_blocks(token_ids, max_length)
+    return _Pool(f"wikitext2 (train split, {max_length}-token blocks)", len(blocks),
+                 lambda i: (f"wikitext2/train/{i:05d}", _decode(tokenizer, blocks[i])))
+
+
+def _download_hint(name: str) -> str:
+    return (f"on a machine with network run `python -m memray.data download {name} DIR`, "
+            f"copy DIR here and set data.path: DIR")
+
+
+def _reason(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    first = lines[0] if lines else ""
+    return f"{type(err).__name__}: {first[:200]}"
+
+
+def _load_train(data: DataConfig, source: str) -> Any:
+    """The train split of a hub dataset: from `data.path` when set, else the hub or its cache."""
+    hub = HUB[data.dataset]
+    if data.path:
+        train = _load_local_copy(Path(data.path).expanduser(), hub, source)
+        where = data.path
+    else:
+        try:
+            train = _hub_load(hub, split="train")
+        except Exception as err:  # any failure of the hub stack becomes one clear message
+            raise ConfigError(
+                source, "data.dataset",
+                f"{data.dataset}: could not load {hub.repo}"
+                f"{f' ({hub.config})' if hub.config else ''} from the Hugging Face hub or its "
+                f"cache ({_reason(err)}); {_download_hint(data.dataset)}") from None
+        where = hub.repo
+    missing = [c for c in hub.columns if c not in train.column_names]
+    if missing:
+        raise ConfigError(source, "data.path" if data.path else "data.dataset",
+                          f"{where} has no column {', '.join(map(repr, missing))} (columns: "
+                          f"{', '.join(train.column_names)}); is it a copy of {hub.repo}?")
+    return train
+
+
+def _load_local_copy(path: Path, hub: _Hub, source: str) -> Any:
+    """A `save_to_disk` folder, a folder of data files, or one data file (.parquet / .jsonl / .json / .csv / .arrow)."""
+    import datasets
+
+    builders = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".arrow": "arrow"}
+    try:
+        if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+            loaded = datasets.load_from_disk(str(path))
+        elif path.is_dir():
+            loaded = datasets.load_dataset(str(path), hub.config)
+        elif path.is_file() and path.suffix.lower() in builders:
+            loaded = datasets.load_dataset(builders[path.suffix.lower()], data_files=str(path), split="train")
+        elif path.is_file():
+            raise ConfigError(source, "data.path",
+                              f"{path}: a copy of {hub.repo} must be a folder (save_to_disk or data "
+                              f"files) or a {', '.join(builders)} file")
+        else:
+            raise ConfigError(source, "data.path", f"{path}: no such file or folder")
+    except ConfigError:
+        raise
+    except Exception as err:  # corrupt or foreign files: one clear message, not a traceback
+        raise ConfigError(source, "data.path", f"{path}: could not load it as a dataset ({_reason(err)})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise ConfigError(source, "data.path",
+                              f"{path} has no train split (splits: {', '.join(loaded)})")
+        return loaded["train"]
+    return loaded
+
+
+def _hub_load(hub: _Hub, split: str | None = None) -> Any:
+    """`datasets.load_dataset` of a hub dataset; a repo still holding a loading script
+    (which datasets>=4 cannot run) is read from the hub's Parquet export instead."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(hub.repo, hub.config, split=split)
+    except RuntimeError as err:
+        if "scripts are no longer supported" not in str(err):
+            raise
+        return datasets.load_dataset(hub.repo, hub.config, split=split, revision="refs/convert/parquet")
+
+
+def download(name: str, directory: str) -> None:
+    """Save every split of hub dataset `name` (wikitext2, webnlg, xsum) to `directory`."""
+    _hub_load(HUB[name]).save_to_disk(directory)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m memray.data download NAME DIR`: save a hub dataset for offline use."""
+    parser = argparse.ArgumentParser(prog="python -m memray.data",
+                                     description="Save a hub dataset for offline use (then set data.path: DIR).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    command = commands.add_parser("download", help="save every split of a hub dataset to DIR")
+    command.add_argument("name", choices=sorted(HUB))
+    command.add_argument("directory", metavar="DIR")
+    args = parser.parse_args(argv)
+    try:
+        download(args.name, args.directory)
+    except Exception as err:  # report, do not dump the hub stack's traceback
+        print(f"could not download {args.name}: {_reason(err)}", file=sys.stderr)
+        return 1
+    print(f"saved {args.name} to {args.directory}; set data.path: {args.directory}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -127,14 +127,15 @@ def wandb_runs(wandb_dir: Path) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize("path", sorted((REPO / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_sweep_file_validates_and_expands(path):
-    _, cells = load_sweep(path)
-    text = sweep.dry_run_text(path)
-    lines = text.splitlines()
-    assert lines[0] == f"{len(cells)} trials"
-    trial_lines = [line for line in lines if line.startswith("  ")]
-    assert len(trial_lines) == len(cells) > 0
-    for name in trial_names(cells).values():
-        assert sum(name in line for line in trial_lines) == 1
+    """Schema, every grid cell and the resource rules; each trial fits an 8-GPU node. (Hub
+    models need not be downloaded here: `memray run` checks them where the trials run.)"""
+    config, cells = load_sweep(path)
+    assert cells
+    sweep.check_rules(config.resources, cells, str(path))
+    node = {"CPU": 96.0, "GPU": 8.0}
+    plan = sweep.plan_sweep(config, cells, str(path), node, [node], strict=True)
+    assert sorted(plan.order) == [cell.index for cell in cells]
+    assert len(set(trial_names(cells).values())) == len(cells)  # one folder per trial
 
 
 def test_dry_run_lists_demo_cells_longest_first_with_resources():

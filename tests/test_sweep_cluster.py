@@ -143,3 +143,36 @@ def test_worker_node_killed_mid_trial_is_retried_and_the_sweep_completes(two_nod
     assert len(retried) == 1  # the trial on the lost node, resumed on the head
     text = (tmp_path / "driver.log").read_text()
     assert "3 success" in text
+
+
+def test_small_lora_trials_share_one_gpu_four_at_a_time(tmp_path, memray_cache):
+    """Default resources on a Ray with one GPU: a quarter GPU per tiny-model LoRA trial, so
+    four run at once. The GPU is a logical one here (Ray schedules by it; the trials, seeing
+    no CUDA device, train on the CPU)."""
+    import ray
+
+    from memray import sweep
+
+    path = tmp_path / "share.yaml"
+    path.write_text("""\
+name: share
+base:
+  model: {name: tiny-gpt2}
+  data: {dataset: pydoc, max_length: 64, members: 24, nonmembers: 24, validation: 12}
+  train: {epochs: 1, batch_size: 8}
+  method: {name: lora, rank: 4, lr: 0.003}
+  attacks: [loss]
+grid:
+  seed: [0, 1, 2, 3]
+wandb: {mode: disabled}
+""")
+    ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False)
+    try:
+        assert "gpus=0.25 [default]" in sweep.dry_run_text(path, address="auto")
+        assert sweep.run_sweep(path, storage=str(tmp_path / "out")) == 0
+    finally:
+        ray.shutdown()
+    results = [read_result(d) for d in trial_dirs(tmp_path / "out" / "share").values()]
+    assert all(r["status"] == "success" for r in results)
+    last_start = max(r["started"] for r in results)
+    assert all(r["finished"] > last_start for r in results)  # all four ran at the same time

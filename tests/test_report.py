@@ -1,0 +1,343 @@
+"""Reports: tables, figures, report.md / report.json and W&B from a sweep folder's result files.
+
+Most tests build a synthetic but realistic sweep folder with memray.results (the trial
+folder format the trial code writes): two models, four method variants (head, LoRA on
+attention and on MLP at two ranks, prefix), two seeds, duplicated members and extraction
+metrics, one failed trial, one unfinished trial and one grid cell not started. Its scores
+are drawn so that members score higher as epochs pass, and its metrics are computed from
+those scores with memray.metrics, as a trial does. The last test runs real tiny trials.
+"""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from matplotlib import image
+
+from memray import metrics
+from memray.config import ConfigError, load_sweep
+from memray.report import build_report, report_command, sweep_uses_wandb
+from memray.results import TrialRecord, read_result, write_scores
+from memray.sweep import SWEEP_FILE, trial_names
+
+REPO = Path(__file__).resolve().parent.parent
+EPOCHS = 3
+ATTACKS = ("loss", "zlib")
+BASE_PARAMS = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168}
+#: How fast members separate from non-members, per method label.
+STRENGTH = {"head": 0.4, "lora (attn, r4)": 0.8, "lora (mlp, r8)": 1.2, "prefix": 0.2}
+FAILED_CELL, RUNNING_CELL, PENDING_CELL = 5, 9, 15
+MEMBERS = 60  # 48 with one copy, 6 with two, 6 with five
+
+SWEEP = {
+    "name": "synth",
+    "base": {
+        "model": {"name": "gpt2"},
+        "data": {"dataset": "wikitext2", "max_length": 32, "members": MEMBERS, "nonmembers": MEMBERS,
+                 "duplicates": {"fraction": 0.2, "copies": [2, 5]}},
+        "train": {"epochs": EPOCHS},
+        "attacks": list(ATTACKS),
+        "extraction": {"enabled": True, "samples": 20, "prefix_tokens": 8, "suffix_tokens": 8},
+    },
+    "grid": {
+        "model.name": ["gpt2", "gpt2-medium"],
+        "method": [{"name": "head"}, {"name": "lora", "placement": "attn", "rank": 4},
+                   {"name": "lora", "placement": "mlp", "rank": 8}, {"name": "prefix"}],
+        "seed": [0, 1],
+    },
+    "wandb": {"mode": "disabled"},
+}
+
+
+def _label(method: dict) -> str:
+    return f"lora ({method['placement']}, r{method['rank']})" if method["name"] == "lora" else method["name"]
+
+
+def _method_info(model: str, method: dict) -> dict:
+    base = BASE_PARAMS[model]
+    trainable = {"head": 38_597_376, "lora": 147_456 * method.get("rank", 8), "prefix": 15_360}[method["name"]]
+    peft = method["name"] != "head"
+    # head trains an untied copy of the output layer: it adds to the total, but is not a PEFT adapter
+    return {"name": method["name"], "trainable_params": trainable, "total_params": base + trainable,
+            "trained": method["name"], "peft": peft, "virtual_tokens": 20 if method["name"] == "prefix" else 0,
+            "lr": 1e-4}
+
+
+def _epoch(rng, epoch: int, strength: float, copies: np.ndarray) -> tuple[dict, pd.DataFrame]:
+    member = np.r_[np.ones(MEMBERS, bool), np.zeros(MEMBERS, bool)]
+    shift = strength * epoch / EPOCHS * (1 + 0.5 * np.log2(copies))
+    loss_score = rng.normal(0, 1, 2 * MEMBERS) + np.where(member, shift, 0)
+    scores = {"loss": loss_score, "zlib": loss_score + rng.normal(0, 0.7, 2 * MEMBERS)}
+    val_loss = 3.2 - 0.2 * epoch + 0.08 * strength * epoch**2
+    row = {"epoch": epoch, "val/loss": val_loss, "val/ppl": math.exp(val_loss)}
+    if epoch:
+        row["train/loss"] = 3.0 - 0.3 * epoch * strength
+    for label, values in scores.items():
+        row.update(metrics.mia_metrics(label, values, member))
+        for level in (1, 2, 5):
+            chosen = member & (copies == level)
+            row[f"mia/{label}/auc@dup{level}"] = metrics.roc_auc(np.r_[values[chosen], values[~member]],
+                                                                 np.r_[np.ones(chosen.sum(), bool),
+                                                                       np.zeros(MEMBERS, bool)])
+    extracted = min(1.0, 0.1 * strength * epoch)
+    row.update({"extract/exact": extracted, "extract/lcp": 8 * extracted, "extract/rougeL": 0.3 + extracted / 2,
+                "extract/rougeL@0.5": extracted, "extract/samples": 20.0, "extract/nonmember/exact": 0.0,
+                "extract/nonmember/rougeL": 0.3, "extract/nonmember/rougeL@0.5": 0.05,
+                "extract/nonmember/samples": 20.0})
+    for level in (1, 2, 5):
+        row[f"extract/exact@dup{level}"] = min(1.0, extracted * level)
+        row[f"extract/rougeL@0.5@dup{level}"] = min(1.0, 1.5 * extracted * level)
+    frame = pd.DataFrame({"sample_id": [f"s{i}" for i in range(2 * MEMBERS)], "member": member, "copies": copies,
+                          **scores})
+    return row, frame
+
+
+def make_sweep(directory: Path, wandb_mode: str = "disabled") -> Path:
+    """A sweep folder as `memray run` leaves it: sweep.yaml and trials/<cell>-<slug>/."""
+    sweep_dir = directory / "synth"
+    sweep_dir.mkdir(parents=True)
+    (sweep_dir / SWEEP_FILE).write_text(yaml.safe_dump({**SWEEP, "wandb": {"mode": wandb_mode}}, sort_keys=False))
+    _, cells = load_sweep(sweep_dir / SWEEP_FILE)
+    names = trial_names(cells)
+    copies = np.r_[np.ones(48, int), np.full(6, 2), np.full(6, 5), np.ones(MEMBERS, int)]
+    for cell in cells:
+        if cell.index == PENDING_CELL:
+            continue
+        config = cell.config
+        method = config.method.model_dump()
+        record = TrialRecord.open(sweep_dir / "trials" / names[cell.index])
+        record.start(config.resolved(), config.trial_id(), cell.axes)
+        record.update(split_hash="abc123", method_info=_method_info(config.model.name, method),
+                      samples={"members": MEMBERS, "nonmembers": MEMBERS})
+        rng = np.random.default_rng(cell.index)
+        last = {FAILED_CELL: 1, RUNNING_CELL: 1}.get(cell.index, EPOCHS)
+        for epoch in range(last + 1):
+            row, frame = _epoch(rng, epoch, STRENGTH[_label(method)], copies)
+            write_scores(record.trial_dir, epoch, frame)
+            record.add_epoch(row)
+        if cell.index == FAILED_CELL:
+            record.finish("failed", "OutOfMemoryError: CUDA out of memory")
+        elif cell.index != RUNNING_CELL:
+            record.finish("success")
+    return sweep_dir
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    sweep_dir = make_sweep(tmp_path_factory.mktemp("report"))
+    path = build_report(sweep_dir)
+    report = json.loads((path.parent / "report.json").read_text())
+    return sweep_dir, path, report
+
+
+def _results(sweep_dir: Path) -> dict[str, dict]:
+    return {p.parent.name: read_result(p.parent) for p in (sweep_dir / "trials").glob("*/result.json")}
+
+
+def _csv(path: Path, name: str) -> pd.DataFrame:
+    return pd.read_csv(path.parent / "tables" / f"{name}.csv", float_precision="round_trip")
+
+
+def test_trials_table_numbers_equal_the_result_files(built):
+    sweep_dir, path, _ = built
+    results = _results(sweep_dir)
+    trials = _csv(path, "trials").set_index("trial")
+    assert len(trials) == 16 and set(results) < set(trials.index)
+    for name, result in results.items():
+        row, final = trials.loc[name], result["epochs"][-1]
+        best = min(result["epochs"], key=lambda r: r["val/ppl"])
+        assert row["status"] == result["status"]
+        assert row["epochs done"] == final["epoch"] and row["epochs planned"] == EPOCHS
+        assert row["final val ppl"] == final["val/ppl"]
+        assert (row["best val ppl"], row["best epoch"]) == (best["val/ppl"], best["epoch"])
+        for label in ATTACKS:
+            assert row[f"{label} auc"] == final[f"mia/{label}/auc"]
+    attacks = _csv(path, "attacks")
+    assert len(attacks) == 15 * len(ATTACKS)  # every trial with an epoch, every attack
+    for record in attacks.to_dict("records"):
+        final = results[record["trial"]]["epochs"][-1]
+        prefix = f"mia/{record['attack']}/"
+        assert record["auc"] == final[prefix + "auc"]
+        assert record["tpr@1%fpr"] == final[prefix + "tpr@1%fpr"]
+        assert record["tpr@0.1%fpr"] == final[prefix + "tpr@0.1%fpr"]
+        assert record["auc ci95 low"] < record["auc"] < record["auc ci95 high"]
+    text = path.read_text()
+    some = next(iter(results.values()))["epochs"][-1]
+    assert f"{some['mia/loss/auc']:.3f}" in text and f"{some['val/ppl']:.2f}" in text
+
+
+def test_bootstrap_interval_agrees_with_memray_metrics(built):
+    sweep_dir, path, _ = built
+    attacks = _csv(path, "attacks")
+    record = attacks[(attacks["status"] == "success") & (attacks["attack"] == "loss")].iloc[0]
+    trial_dir = sweep_dir / "trials" / record["trial"]
+    scores = pd.read_parquet(trial_dir / "scores" / f"epoch_{int(record['epoch']):03d}.parquet")
+    low, high = metrics.bootstrap_auc(scores["loss"], scores["member"], n=1000, seed=1)
+    assert record["auc ci95 low"] == pytest.approx(low, abs=0.025)
+    assert record["auc ci95 high"] == pytest.approx(high, abs=0.025)
+    assert 0.05 < record["auc ci95 high"] - record["auc ci95 low"] < 0.4  # 60 + 60 samples: a wide interval
+
+
+def test_seed_means_and_method_by_model_cells(built):
+    sweep_dir, path, _ = built
+    results = _results(sweep_dir)
+    seeds = _csv(path, "seeds")
+    assert len(seeds) == 8 * len(ATTACKS)  # 2 models x 4 methods, per attack
+    by_cell: dict[tuple, list[dict]] = {}
+    for result in results.values():
+        if result["status"] == "success":
+            key = (result["config"]["model"]["name"], _label(result["config"]["method"]))
+            by_cell.setdefault(key, []).append(result["epochs"][-1])
+    for record in seeds.to_dict("records"):
+        finals = by_cell[(record["model"], record["method"])]
+        values = [f[f"mia/{record['attack']}/auc"] for f in finals]
+        assert record["finished"] == len(values)
+        assert record["auc mean"] == pytest.approx(np.mean(values), abs=1e-12)
+        if len(values) > 1:
+            assert record["auc std"] == pytest.approx(np.std(values, ddof=1), abs=1e-12)
+            assert record["auc ci95 low"] < record["auc mean"] < record["auc ci95 high"]
+        else:
+            assert math.isnan(record["auc std"])
+        assert record["final val ppl mean"] == pytest.approx(np.mean([f["val/ppl"] for f in finals]))
+    table = _csv(path, "method_by_model_wikitext2")
+    assert list(table.columns) == ["metric", "method", "gpt2", "gpt2 std", "gpt2-medium", "gpt2-medium std"]
+    assert set(table["metric"]) == {"val/ppl", "mia/loss/auc", "mia/zlib/auc", "extract/exact"}
+    assert list(table["method"].unique()) == ["head", "lora (attn, r4)", "lora (mlp, r8)", "prefix"]
+    assert table[["gpt2", "gpt2-medium"]].notna().all().all()  # every cell has a finished trial
+    row = table[(table["metric"] == "mia/loss/auc") & (table["method"] == "lora (mlp, r8)")].iloc[0]
+    assert row["gpt2-medium"] == pytest.approx(np.mean([f["mia/loss/auc"] for f in by_cell[("gpt2-medium", "lora (mlp, r8)")]]))
+    markdown = (path.parent / "tables" / "method_by_model_wikitext2.md").read_text()
+    assert "gpt2 (124M)" in markdown and "gpt2-medium (355M)" in markdown  # base sizes, adapters excluded
+    assert f"{row['gpt2-medium']:.3f} ± {row['gpt2-medium std']:.3f}" in markdown
+
+
+def test_failed_running_and_pending_trials_are_reported_as_such(built):
+    sweep_dir, path, report = built
+    _, cells = load_sweep(sweep_dir / SWEEP_FILE)
+    names = trial_names(cells)
+    assert report["counts"] == {"success": 13, "running": 1, "failed": 1, "pending": 1}
+    unfinished = _csv(path, "unfinished").set_index("trial")
+    assert set(unfinished.index) == {names[FAILED_CELL], names[RUNNING_CELL], names[PENDING_CELL]}
+    assert unfinished.loc[names[FAILED_CELL], "reason"] == "failed: OutOfMemoryError: CUDA out of memory"
+    assert unfinished.loc[names[FAILED_CELL], "epochs"] == "1/3"
+    assert unfinished.loc[names[RUNNING_CELL], "reason"].startswith("unfinished")
+    assert unfinished.loc[names[PENDING_CELL], "status"] == "pending"
+    text = path.read_text()
+    assert "## Trials not finished" in text and "OutOfMemoryError: CUDA out of memory" in text
+    assert text.index("Trials not finished") < text.index("## Figures")  # seen first
+    seeds = _csv(path, "seeds")
+    failed_group = seeds[(seeds["model"] == cells[FAILED_CELL].config.model.name)
+                         & (seeds["method"] == _label(cells[FAILED_CELL].config.method.model_dump()))]
+    assert set(failed_group["finished"]) == {1} and set(failed_group["trials"]) == {2}  # not averaged in
+    assert "| 1/2 " in (path.parent / "tables" / "seeds.md").read_text()
+
+
+def _is_real_plot(path: Path) -> None:
+    pixels = image.imread(path)
+    assert pixels.ndim == 3 and pixels.shape[0] > 300 and pixels.shape[1] > 400
+    rgb = pixels[..., :3]
+    assert rgb.std() > 0.05
+    packed = (rgb * 255).astype(np.uint32) @ np.array([1 << 16, 1 << 8, 1], dtype=np.uint32)
+    assert len(np.unique(packed)) > 50  # lines, markers, text: not a blank or single-colour canvas
+    assert (rgb.min(axis=-1) < 0.9).mean() > 0.01  # more than a few non-white pixels
+
+
+def test_every_figure_is_a_real_png_and_in_report_md(built):
+    _, path, report = built
+    expected = {"auc_vs_epoch_wikitext2", "auc_vs_model_size_wikitext2", "ppl_vs_auc", "lora_placement_rank",
+                "roc_wikitext2_gpt2", "roc_wikitext2_gpt2-medium", "duplication_wikitext2"}
+    assert set(report["figures"]) == expected
+    text = path.read_text()
+    for relative in report["figures"].values():
+        figure = path.parent / relative
+        assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        _is_real_plot(figure)
+        assert f"]({relative})" in text
+
+
+def test_report_json_has_every_number(built):
+    sweep_dir, path, report = built
+    trials = {t["name"]: t for t in report["trials"]}
+    for name, result in _results(sweep_dir).items():
+        assert trials[name]["epochs"] == result["epochs"]  # every epoch metric as recorded
+        assert trials[name]["method_info"] == result["method_info"]
+    assert report["models"]["gpt2"] == {"params": BASE_PARAMS["gpt2"], "source": "trials"}
+    for name in ("trials", "attacks", "seeds", "method_by_model_wikitext2", "lora", "extraction", "duplication"):
+        table = _csv(path, name)
+        records = report["tables"][name]
+        assert len(records) == len(table)
+        for record, row in zip(records, table.to_dict("records")):
+            for column, value in row.items():
+                if isinstance(value, float) and math.isnan(value):
+                    assert record[column] is None or record[column] == ""
+                elif isinstance(value, float):
+                    assert record[column] == pytest.approx(value, rel=1e-12)
+    success = next(t for t in report["trials"] if t["status"] == "success")
+    roc = success["attacks"]["loss"]["roc"]
+    assert roc["fpr"][0] == 0 and roc["tpr"][-1] == 1 and len(roc["fpr"]) == len(roc["tpr"])
+    group = next(g for g in report["groups"] if len(g["finished"]) == 2)
+    assert group["final"]["mia/loss/auc@dup5"]["n"] == 2
+
+
+def test_lora_extraction_and_duplication_tables(built):
+    sweep_dir, path, _ = built
+    lora = _csv(path, "lora")
+    assert set(zip(lora["placement"], lora["rank"])) == {("attn", 4), ("mlp", 8)}
+    extraction = _csv(path, "extraction")
+    assert set(extraction["samples of"]) == {"members", "non-members"}
+    assert {"exact", "lcp", "rougeL", "rougeL@0.5", "samples"} <= set(extraction.columns)
+    duplication = _csv(path, "duplication")
+    assert set(duplication["copies"]) == {1, 2, 5}
+    name = duplication["trial"].iloc[0]
+    final = read_result(sweep_dir / "trials" / name)["epochs"][-1]
+    row = duplication[(duplication["trial"] == name) & (duplication["copies"] == 5)].iloc[0]
+    assert row["extract/exact"] == final["extract/exact@dup5"] and row["mia/loss/auc"] == final["mia/loss/auc@dup5"]
+
+
+def test_a_copied_folder_without_sweep_file_still_reports(tmp_path, built):
+    sweep_dir, _, _ = built
+    copy = tmp_path / "copy"
+    shutil.copytree(sweep_dir / "trials", copy / "somewhere" / "trials")
+    path = build_report(copy, tmp_path / "out", bootstrap=0)
+    report = json.loads((path.parent / "report.json").read_text())
+    assert report["counts"] == {"success": 13, "running": 1, "failed": 1}  # no sweep.yaml: no pending cells
+    assert report["sweep"]["name"] == "copy"
+    assert all(row["auc_ci95"] is None for t in report["trials"] for row in t["attacks"].values())
+
+
+def test_bad_folders_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no such folder"):
+        build_report(tmp_path / "missing")
+    with pytest.raises(ConfigError, match="no trial results"):
+        build_report(tmp_path)
+
+
+def test_report_command_logs_figures_to_a_wandb_report_run(tmp_path, capsys):
+    sweep_dir = make_sweep(tmp_path, wandb_mode="offline")
+    assert report_command(sweep_dir) == 0
+    printed = capsys.readouterr().out
+    assert f"report: {sweep_dir / 'report' / 'report.md'} (16 trials: 13 success, 1 running, 1 failed, 1 pending)" in printed
+    report = json.loads((sweep_dir / "report" / "report.json").read_text())
+    assert report["wandb"]["logged"] and report["wandb"]["mode"] == "offline"
+    (run_dir,) = (sweep_dir / "wandb").glob("offline-run-*")
+    assert f"wandb sync {run_dir}" in printed
+    images = sorted((run_dir / "files" / "media" / "images").rglob("*.png"))
+    assert len(images) == len(report["figures"])
+    logged = {image_file.read_bytes() for image_file in images}
+    assert logged == {(sweep_dir / "report" / p).read_bytes() for p in report["figures"].values()}
+    tables = list((run_dir / "files" / "media" / "table" / "report" / "table").glob("*.table.json"))
+    assert {t.name.split("_")[0] for t in tables} >= {"trials", "attacks", "seeds"}
+    (run_file,) = run_dir.glob("run-*.wandb")
+    content = run_file.read_bytes()
+    assert b"synth" in content and b"report" in content  # the sweep's group, job type report
+
+
+def test_a_sweep_with_wandb_disabled_is_not_logged(built):
+    sweep_dir, _, report = built  # built with wandb: {mode: disabled}
+    assert not sweep_uses_wandb(sweep_dir) and report["wandb"] is None
+    assert not (sweep_dir / "wandb").exists()

@@ -164,6 +164,16 @@ def write_scores(trial_dir: Path, epoch: int, frame: pd.DataFrame) -> Path:
     return path
 
 
+def write_table(trial_dir: Path, kind: str, epoch: int, frame: pd.DataFrame) -> Path:
+    """Other per-sample tables of an epoch (`extraction`, `canaries`): `scores/<kind>_epoch_NNN.parquet`."""
+    path = Path(trial_dir) / SCORES_DIR / f"{kind}_epoch_{epoch:03d}.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    frame.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
 def read_scores(trial_dir: Path, epoch: int) -> pd.DataFrame:
     return pd.read_parquet(scores_path(trial_dir, epoch))
 

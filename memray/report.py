@@ -40,6 +40,7 @@ import hashlib
 import json
 import math
 import re
+import shutil
 import sys
 import time
 import warnings
@@ -50,9 +51,16 @@ from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import LogFormatter, NullLocator
+from scipy import stats
 
 from memray.config import METHODS, Cell, ConfigError, SweepConfig, load_sweep
+from memray.metrics import roc_points
 from memray.results import RESULT_FILE, scores_path
+from memray.sweep import APPROX_PARAMS, SWEEP_FILE, resolve_wandb_mode, trial_names
 
 REPORT_DIR = "report"
 BOOTSTRAP_RESAMPLES = 1000  # percentile 95% bounds move by ~0.003 AUC between reruns at this count
@@ -79,7 +87,9 @@ class AttackResult:
     auc: float
     tpr_1: float  # TPR at 1% FPR
     tpr_01: float  # TPR at 0.1% FPR
-    auc_best: float  # AUC at the best-perplexity epoch
+    auc_best: float  # at the best-perplexity epoch
+    tpr_1_best: float
+    tpr_01_best: float
     ci: tuple[float, float] | None = None  # bootstrap 95% interval of the AUC
     resampled: np.ndarray | None = None  # the bootstrap AUCs, for intervals of seed means
     roc: tuple[np.ndarray, np.ndarray] | None = None  # (FPR, TPR) points
@@ -180,8 +190,6 @@ def find_trial_dirs(sweep_dir: Path, skip: Path | None = None) -> list[Path]:
 def read_sweep_file(sweep_dir: Path) -> tuple[SweepConfig | None, list[Cell], str | None]:
     """The sweep's `sweep.yaml` and its cells, or (None, [], why not) when it is missing or
     no longer validates (the report then works from the trial folders alone)."""
-    from memray.sweep import SWEEP_FILE
-
     path = Path(sweep_dir) / SWEEP_FILE
     if not path.is_file():
         return None, [], None
@@ -194,8 +202,6 @@ def read_sweep_file(sweep_dir: Path) -> tuple[SweepConfig | None, list[Cell], st
 
 def load_trials(sweep_dir: Path, cells: list[Cell], skip: Path | None = None) -> list[Trial]:
     """Trials of the folder, plus a pending entry for each grid cell that has no folder."""
-    from memray.sweep import trial_names
-
     sweep_dir = Path(sweep_dir)
     trials = []
     for trial_dir in find_trial_dirs(sweep_dir, skip):
@@ -263,8 +269,6 @@ def label_variants(trials: list[Trial]) -> None:
 
 def model_sizes(trials: list[Trial]) -> dict[str, dict[str, Any]]:
     """Model name -> {"params": base parameter count, "source": "trials" or "approx"}."""
-    from memray.sweep import APPROX_PARAMS
-
     counts: dict[str, list[float]] = defaultdict(list)
     for trial in trials:
         info = trial.method_info
@@ -288,8 +292,6 @@ def bootstrap_aucs(member_scores: np.ndarray, nonmember_scores: np.ndarray, resa
                    seed: int) -> np.ndarray:
     """AUCs of `resamples` stratified bootstrap resamples (members and non-members drawn
     separately with replacement); the AUC is the Mann-Whitney U over (members x non-members)."""
-    from scipy import stats
-
     def auc(members: np.ndarray, nonmembers: np.ndarray, axis: int) -> np.ndarray:
         u = stats.mannwhitneyu(members, nonmembers, axis=axis).statistic
         return u / (members.shape[axis] * nonmembers.shape[axis])
@@ -307,8 +309,6 @@ def _percentile_interval(values: np.ndarray) -> tuple[float, float]:
 def attack_results(trial: Trial, sweep_dir: Path, resamples: int) -> dict[str, AttackResult]:
     """Per attack: final AUC and TPRs from result.json, AUC at the best epoch, and from the
     final epoch's per-sample scores (when the file is there) the bootstrap interval and ROC."""
-    from memray.metrics import roc_points
-
     final, best = trial.final, trial.best
     if not final:
         return {}
@@ -318,9 +318,10 @@ def attack_results(trial: Trial, sweep_dir: Path, resamples: int) -> dict[str, A
         scores = pd.read_parquet(path)
     results = {}
     for label in trial.attack_labels():
-        result = AttackResult(label, final[f"mia/{label}/auc"], final.get(f"mia/{label}/tpr@1%fpr", math.nan),
-                              final.get(f"mia/{label}/tpr@0.1%fpr", math.nan),
-                              best.get(f"mia/{label}/auc", math.nan))
+        key = f"mia/{label}/"
+        result = AttackResult(label, final[key + "auc"], final.get(key + "tpr@1%fpr", math.nan),
+                              final.get(key + "tpr@0.1%fpr", math.nan), best.get(key + "auc", math.nan),
+                              best.get(key + "tpr@1%fpr", math.nan), best.get(key + "tpr@0.1%fpr", math.nan))
         if scores is not None and label in scores:
             values = scores[label].to_numpy(dtype=float)
             member = scores["member"].to_numpy(dtype=bool)
@@ -482,7 +483,8 @@ def attacks_table(trials: list[Trial]) -> Table:
                          "seed": t.seed, "status": t.status, "attack": label, "epoch": t.final.get("epoch"),
                          "auc": a.auc, "auc ci95 low": a.ci[0] if a.ci else None,
                          "auc ci95 high": a.ci[1] if a.ci else None, "tpr@1%fpr": a.tpr_1,
-                         "tpr@0.1%fpr": a.tpr_01, "best epoch": t.best.get("epoch"), "auc at best epoch": a.auc_best})
+                         "tpr@0.1%fpr": a.tpr_01, "best epoch": t.best.get("epoch"), "auc at best epoch": a.auc_best,
+                         "tpr@1%fpr at best epoch": a.tpr_1_best, "tpr@0.1%fpr at best epoch": a.tpr_01_best})
             text.append({"trial": t.name, "method": t.variant, "status": t.status, "attack": label,
                          "epoch": str(int(t.final["epoch"])), "AUC": _num(a.auc), "AUC 95% CI": _interval(a.ci),
                          "TPR@1%FPR": _num(a.tpr_1), "TPR@0.1%FPR": _num(a.tpr_01),
@@ -490,7 +492,8 @@ def attacks_table(trials: list[Trial]) -> Table:
     return Table("attacks", "Attacks per trial: AUC with bootstrap 95% interval, TPR at 1% and 0.1% FPR",
                  pd.DataFrame(rows), pd.DataFrame(text),
                  f"At the final epoch; intervals from {BOOTSTRAP_RESAMPLES} stratified bootstrap resamples of "
-                 "the per-sample scores; the last column is the AUC at the best-perplexity epoch.")
+                 "the per-sample scores; the last column is the AUC at the best-perplexity epoch (its TPRs are "
+                 "in the CSV).")
 
 
 def seeds_table(groups: list[Group], labels: list[str], sizes: dict[str, dict[str, Any]]) -> Table:
@@ -663,8 +666,6 @@ def _slug(text: str) -> str:
 
 
 def _colors(variants: list[str]) -> dict[str, Any]:
-    from matplotlib import colormaps
-
     cmap = colormaps["tab10" if len(variants) <= 10 else "tab20"]
     return {variant: cmap(index % cmap.N) for index, variant in enumerate(variants)}
 
@@ -673,8 +674,6 @@ MARKERS = "osD^vP*Xh<>p"
 
 
 def _figure(rows: int, cols: int, width: float = 4.4, height: float = 3.3):
-    from matplotlib.figure import Figure
-
     figure = Figure(figsize=(width * cols, height * rows + 0.9), layout="constrained", dpi=FIGURE_DPI)
     axes = figure.subplots(rows, cols, squeeze=False)
     return figure, axes
@@ -694,16 +693,12 @@ def _legend(figure, axes_grid, handles: dict[str, Any] | None = None) -> None:
 
 def _plain_log_ticks(axis) -> None:
     """Plain numbers (20, 30, 50) on a log axis instead of 2x10^1."""
-    from matplotlib.ticker import LogFormatter
-
     axis.set_major_formatter(LogFormatter(labelOnlyBase=False))
     axis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
 
 
 def _ticks_at(axis, values: list[float], labels: list[str]) -> None:
     """Ticks exactly at `values` (model sizes, copy counts) on a log axis, no minor ticks."""
-    from matplotlib.ticker import NullLocator
-
     axis.set_ticks(values, labels)
     axis.set_minor_locator(NullLocator())
 
@@ -807,8 +802,6 @@ def plot_ppl_vs_auc(trials: list[Trial], labels: list[str], models: list[str], c
             ax.set_xlabel("validation perplexity, final epoch (log scale)")
             ax.set_ylabel("membership AUC-ROC, final epoch")
             ax.grid(alpha=0.3, which="both")
-    from matplotlib.lines import Line2D
-
     shown = {t.variant for t in chosen}
     handles = {variant: Line2D([], [], color=color, marker="o", linestyle="") for variant, color in colors.items()
                if variant in shown}
@@ -1046,8 +1039,12 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _with_nulls(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.astype(object).where(frame.notna(), None)
+
+
 def _table_records(table: Table) -> list[dict[str, Any]]:
-    return table.data.astype(object).where(table.data.notna(), None).to_dict("records")
+    return _with_nulls(table.data).to_dict("records")
 
 
 def _trial_json(trial: Trial, sizes: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -1057,8 +1054,8 @@ def _trial_json(trial: Trial, sizes: dict[str, dict[str, Any]]) -> dict[str, Any
         "method": trial.method, "variant": trial.variant, "seed": trial.seed, "axes": trial.axes,
         "epochs_done": int(trial.final["epoch"]) if trial.final else None, "epochs_planned": trial.planned_epochs,
         "best_epoch": trial.best.get("epoch"), "final": trial.final, "best": trial.best,
-        "attacks": {label: {"auc": a.auc, "tpr@1%fpr": a.tpr_1, "tpr@0.1%fpr": a.tpr_01, "auc_best_epoch": a.auc_best,
-                            "auc_ci95": list(a.ci) if a.ci else None,
+        "attacks": {label: {"auc": a.auc, "tpr@1%fpr": a.tpr_1, "tpr@0.1%fpr": a.tpr_01, "auc_ci95": list(a.ci) if a.ci else None,
+                            "best_epoch": {"auc": a.auc_best, "tpr@1%fpr": a.tpr_1_best, "tpr@0.1%fpr": a.tpr_01_best},
                             "roc": {"fpr": a.roc[0], "tpr": a.roc[1]} if a.roc is not None else None}
                     for label, a in trial.attacks.items()},
         "method_info": trial.method_info, "split_hash": trial.split_hash, "config": trial.config,
@@ -1133,32 +1130,33 @@ def log_to_wandb(sweep_dir: Path, name: str, sweep: SweepConfig | None, figures:
     """Log the figures and tables to a W&B run of job type "report" in the sweep's group,
     in the sweep's W&B mode (offline where that is `disabled` or unknown). Never raises: a
     W&B problem is a warning and comes back as {"logged": False, "error": ...}."""
-    from memray.sweep import resolve_wandb_mode
-
     settings = sweep.wandb if sweep is not None else None
     mode = resolve_wandb_mode(settings) if settings is not None else "offline"
     mode = "offline" if mode == "disabled" else mode
-    try:
-        import wandb
+    error = ""
+    for attempt in [mode] + (["offline"] if mode == "online" else []):
+        try:
+            import wandb
 
-        run = wandb.init(project=settings.project if settings else "memray", entity=settings.entity if settings else None,
-                         group=name, job_type="report", name=f"{name}-report", dir=str(sweep_dir), mode=mode,
-                         config={"sweep": name, "sweep_dir": str(sweep_dir)},
-                         settings=wandb.Settings(init_timeout=120, console="off", silent=True))
-        logged: dict[str, Any] = {f"report/{key}": wandb.Image(str(figure.path), caption=figure.caption)
-                                  for key, figure in figures.items()}
-        for key, table in tables.items():
-            if not table.data.empty:
-                frame = table.data.astype(object).where(table.data.notna(), None)
-                logged[f"report/table/{key}"] = wandb.Table(dataframe=frame)
-        run.log(logged)
-        run_id, run_dir = run.id, run.dir
-        run.finish()
-        wandb.teardown()
-        return {"logged": True, "mode": mode, "run_id": run_id, "dir": str(Path(run_dir).parent)}
-    except Exception as err:  # noqa: BLE001 - a report must never fail because of W&B
-        warnings.warn(f"W&B report run not logged: {err}", stacklevel=2)
-        return {"logged": False, "mode": mode, "error": f"{type(err).__name__}: {err}"}
+            run = wandb.init(project=settings.project if settings else "memray",
+                             entity=settings.entity if settings else None, group=name, job_type="report",
+                             name=f"{name}-report", dir=str(sweep_dir), mode=attempt,
+                             config={"sweep": name, "sweep_dir": str(sweep_dir)},
+                             settings=wandb.Settings(init_timeout=120, console="off", silent=True))
+            logged: dict[str, Any] = {f"report/{key}": wandb.Image(str(figure.path), caption=figure.caption)
+                                      for key, figure in figures.items()}
+            for key, table in tables.items():
+                if not table.data.empty:
+                    logged[f"report/table/{key}"] = wandb.Table(dataframe=_with_nulls(table.data))
+            run.log(logged)
+            run_id, run_dir = run.id, run.dir
+            run.finish()
+            wandb.teardown()
+            return {"logged": True, "mode": attempt, "run_id": run_id, "dir": str(Path(run_dir).parent)}
+        except Exception as err:  # noqa: BLE001 - a report must never fail because of W&B
+            error = f"{type(err).__name__}: {err}"
+            warnings.warn(f"W&B {attempt} report run not logged: {error}", stacklevel=2)
+    return {"logged": False, "mode": mode, "error": error}
 
 
 # ---------------------------------------------------------------------------------------
@@ -1171,7 +1169,7 @@ def build_report(sweep_dir: Path, out_dir: Path | None = None, *, wandb: bool = 
     """Write the report of a sweep folder and return the path of its report.md.
 
     sweep_dir: a sweep folder (or any folder holding trial folders). out_dir: where to
-    write (default `<sweep_dir>/report`; earlier files there are overwritten). wandb: also
+    write (default `<sweep_dir>/report`; its figures/ and tables/ are replaced). wandb: also
     log the figures and tables to a W&B "report" run of the sweep's group. bootstrap:
     resamples for the AUC intervals (0: none). A folder that does not exist, or holds
     neither trial results nor a sweep.yaml, is a ConfigError.
@@ -1207,6 +1205,8 @@ def build_report(sweep_dir: Path, out_dir: Path | None = None, *, wandb: bool = 
     tables["trials"] = trials_table(trials, labels)
     tables["attacks"] = attacks_table(trials)
 
+    for stale in (out_dir / "figures", out_dir / "tables"):
+        shutil.rmtree(stale, ignore_errors=True)  # figures of an earlier report that no longer apply
     figures = make_figures(trials, groups, labels, sizes, out_dir / "figures")
     if not labels:
         notes.append("No trial has recorded an epoch yet: no attack numbers or figures.")

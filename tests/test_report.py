@@ -97,11 +97,11 @@ def _epoch(rng, epoch: int, strength: float, copies: np.ndarray) -> tuple[dict, 
     return row, frame
 
 
-def make_sweep(directory: Path, wandb_mode: str = "disabled") -> Path:
+def make_sweep(directory: Path) -> Path:
     """A sweep folder as `memray run` leaves it: sweep.yaml and trials/<cell>-<slug>/."""
     sweep_dir = directory / "synth"
     sweep_dir.mkdir(parents=True)
-    (sweep_dir / SWEEP_FILE).write_text(yaml.safe_dump({**SWEEP, "wandb": {"mode": wandb_mode}}, sort_keys=False))
+    (sweep_dir / SWEEP_FILE).write_text(yaml.safe_dump(SWEEP, sort_keys=False))
     _, cells = load_sweep(sweep_dir / SWEEP_FILE)
     names = trial_names(cells)
     copies = np.r_[np.ones(48, int), np.full(6, 2), np.full(6, 5), np.ones(MEMBERS, int)]
@@ -317,8 +317,10 @@ def test_bad_folders_are_config_errors(tmp_path):
         build_report(tmp_path)
 
 
-def test_report_command_logs_figures_to_a_wandb_report_run(tmp_path, capsys):
-    sweep_dir = make_sweep(tmp_path, wandb_mode="offline")
+def test_report_command_logs_figures_to_a_wandb_report_run(tmp_path, capsys, built):
+    sweep_dir = tmp_path / "synth"
+    shutil.copytree(built[0], sweep_dir, ignore=shutil.ignore_patterns("report"))
+    (sweep_dir / SWEEP_FILE).write_text(yaml.safe_dump({**SWEEP, "wandb": {"mode": "offline"}}, sort_keys=False))
     assert report_command(sweep_dir) == 0
     printed = capsys.readouterr().out
     assert f"report: {sweep_dir / 'report' / 'report.md'} (16 trials: 13 success, 1 running, 1 failed, 1 pending)" in printed
@@ -341,3 +343,56 @@ def test_a_sweep_with_wandb_disabled_is_not_logged(built):
     sweep_dir, _, report = built  # built with wandb: {mode: disabled}
     assert not sweep_uses_wandb(sweep_dir) and report["wandb"] is None
     assert not (sweep_dir / "wandb").exists()
+
+
+def test_report_of_a_small_real_sweep(tmp_path):
+    """Three real tiny trials of the demo grid (one epoch, a few samples): two finish, one
+    fails at epoch 1; the other four cells are pending."""
+    from memray.config import apply_overrides, load_yaml
+    from memray.trial import run_trial
+
+    sweep_dir = tmp_path / "demo"
+    sweep_dir.mkdir()
+    tree = load_yaml(REPO / "sweeps" / "demo.yaml")
+    tree["base"] = apply_overrides(tree["base"], {
+        "train.epochs": 1, "train.checkpoints": False, "model.pretrained": False, "attacks": ["loss", "zlib", "mink"],
+        "data.members": 16, "data.nonmembers": 16, "data.validation": 8, "data.max_length": 32})
+    tree["wandb"] = {"mode": "disabled"}
+    (sweep_dir / SWEEP_FILE).write_text(yaml.safe_dump(tree, sort_keys=False))
+    _, cells = load_sweep(sweep_dir / SWEEP_FILE)
+    names = trial_names(cells)
+    by_method = {(c.config.method.name, getattr(c.config.method, "placement", None)): c for c in cells}
+    full, lora, head = by_method[("full", None)], by_method[("lora", "attn")], by_method[("head", None)]
+
+    def fail_after_epoch_1(epoch_metrics, checkpoint):
+        if epoch_metrics["epoch"] == 1:
+            raise RuntimeError("fault injected at epoch 1")
+
+    for cell in (full, lora):
+        run_trial(cell.config, trial_dir=sweep_dir / "trials" / names[cell.index], axes=cell.axes, progress=False)
+    with pytest.raises(RuntimeError):
+        run_trial(head.config, fail_after_epoch_1, trial_dir=sweep_dir / "trials" / names[head.index],
+                  axes=head.axes, progress=False)
+
+    path = build_report(sweep_dir, bootstrap=200)
+    report = json.loads((path.parent / "report.json").read_text())
+    assert report["counts"] == {"success": 2, "failed": 1, "pending": 4}
+    results = _results(sweep_dir)
+    trials = _csv(path, "trials").set_index("trial")
+    for name, result in results.items():
+        final = result["epochs"][-1]
+        assert trials.loc[name, "status"] == result["status"] and trials.loc[name, "final val ppl"] == final["val/ppl"]
+        for label in ("loss", "zlib", "mink"):
+            assert trials.loc[name, f"{label} auc"] == final[f"mia/{label}/auc"]
+    assert results[names[head.index]]["status"] == "failed"
+    assert "failed: RuntimeError: fault injected at epoch 1" in path.read_text()
+    attacks = _csv(path, "attacks")
+    finished = attacks[attacks["status"] == "success"]
+    assert len(finished) == 6 and (finished["auc ci95 low"] <= finished["auc"]).all()
+    assert (finished["auc"] <= finished["auc ci95 high"]).all()
+    full_info = results[names[full.index]]["method_info"]
+    assert report["models"]["tiny-gpt2"] == {"params": full_info["total_params"], "source": "trials"}
+    assert set(report["figures"]) == {"auc_vs_epoch_pydoc", "auc_vs_model_size_pydoc", "ppl_vs_auc",
+                                      "lora_placement_rank", "roc_pydoc_tiny-gpt2"}
+    for relative in report["figures"].values():
+        _is_real_plot(path.parent / relative)

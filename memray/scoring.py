@@ -48,6 +48,9 @@ _POST_HEAD_ATTRIBUTES = ("final_logit_softcapping", "logit_scale", "logits_scali
 
 #: Positions per float32 tile on the real-logits paths: 256 x 128k vocab x 4 B = 128 MB.
 _ROWS_PER_TILE = 256
+#: Positions per float32 tile on the vocabulary-chunked path: 1024 x 8192 columns x 4 B =
+#: 32 MB, large enough for the matrix units, small next to a batch's full logits.
+_TILE_ROWS = 1024
 
 
 @dataclass
@@ -105,8 +108,8 @@ def score_tokens(
     model: a Hugging Face causal LM, or a PEFT model wrapping one.
     token_ids: one list of ids per sample (at least 2 tokens each), e.g. from `tokenize_texts`.
     batch_size: samples per forward pass; samples are sorted by length so batches pad little.
-    vocab_chunk: vocabulary columns projected at a time; the float32 tile is
-        (tokens in the batch) x vocab_chunk.
+    vocab_chunk: vocabulary columns projected at a time; the float32 tile is at most
+        1024 positions x vocab_chunk, whatever the batch size.
     need_vocab_stats: also compute mu and sigma (only Min-K%++ reads them).
     virtual_tokens: positions a prompt-based PEFT method (prompt tuning, P-tuning) prepends
         to the model's output; they are dropped before the targets are aligned. Prefix
@@ -226,21 +229,40 @@ def _stats_by_vocab_chunks(
     vocab_chunk: int,
     need_vocab_stats: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(target log-prob, mu, sigma) per row of `hidden` [N, D], projecting `vocab_chunk`
-    columns of the output layer at a time in float32.
+    """(target log-prob, mu, sigma) per row of `hidden` [N, D], `_TILE_ROWS` rows at a
+    time, projecting `vocab_chunk` columns of the output layer at a time in float32: the
+    float32 tile is at most _TILE_ROWS x vocab_chunk whatever the batch size."""
+    parts = [
+        _vocab_chunked_block(weight, bias, hidden[start : start + _TILE_ROWS].float(),
+                             targets[start : start + _TILE_ROWS], vocab_chunk, need_vocab_stats)
+        for start in range(0, hidden.shape[0], _TILE_ROWS)
+    ]
+    return tuple(torch.cat(column) if column[0] is not None else None for column in zip(*parts))  # type: ignore[return-value]
 
-    Online accumulation with max-rescaling: with running max m and w = exp(l - m),
-    s0 = sum w, s1 = sum w (l - m), s2 = sum w (l - m)^2. Sums are centred on the running
-    max (not on 0) so that E[l^2] - E[l]^2 does not cancel catastrophically for large
-    logits. Then log Z = m + log s0, mu = E_p[log p] = s1/s0 + m - log Z and
-    sigma^2 = Var_p[log p] = Var_p[l] = s2/s0 - (s1/s0)^2.
+
+def _vocab_chunked_block(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    vocab_chunk: int,
+    need_vocab_stats: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(target log-prob, mu, sigma) per row of the float32 `hidden` [rows, D].
+
+    Online softmax over the vocabulary chunks: with running max m, weights w = exp(l - m)
+    and s0 = sum w, log Z = m + log s0 and p = w / s0. For Min-K%++ the p-weighted mean
+    and spread of the logits l are merged chunk by chunk (Chan et al.'s parallel variance):
+    each chunk's mean and sum of squared deviations are computed around the chunk's own
+    mean (two passes over the tile), never as E[l^2] - E[l]^2, which cancels in float32.
+    Then mu = E_p[log p] = E_p[l] - log Z and sigma^2 = Var_p[log p] = Var_p[l]. The
+    per-row merge runs in float64; two float32 tiles are alive at a time.
     """
-    hidden = hidden.float()
     rows = hidden.shape[0]
     running_max = torch.full((rows,), -math.inf, device=hidden.device)
-    s0 = torch.zeros(rows, device=hidden.device)
-    s1 = torch.zeros(rows, device=hidden.device) if need_vocab_stats else None
-    s2 = torch.zeros(rows, device=hidden.device) if need_vocab_stats else None
+    s0 = torch.zeros(rows, device=hidden.device, dtype=torch.float64)
+    mean = torch.zeros(rows, device=hidden.device, dtype=torch.float64)  # E_p[l] of the chunks so far
+    spread = torch.zeros(rows, device=hidden.device, dtype=torch.float64)  # s0 * Var_p[l] of the chunks so far
     target_logit = torch.zeros(rows, device=hidden.device)
     for start in range(0, weight.shape[0], vocab_chunk):
         stop = min(start + vocab_chunk, weight.shape[0])
@@ -251,27 +273,28 @@ def _stats_by_vocab_chunks(
         local = (targets - start).clamp(0, stop - start - 1)
         target_logit += torch.where(in_chunk, logits.gather(1, local[:, None])[:, 0], 0.0)
 
-        new_max = torch.maximum(running_max, logits.max(dim=1).values)
-        shift = running_max - new_max  # <= 0; -inf on the first chunk
-        scale = torch.exp(shift)
-        centred = logits - new_max[:, None]
+        new_max = torch.maximum(running_max, logits.amax(dim=1))
+        scale = torch.exp(running_max - new_max).double()  # rescales the old sums; 0 on the first chunk
+        centred = logits.sub_(new_max[:, None])
         weights = torch.exp(centred)
+        chunk_s0 = weights.sum(dim=1)
+        old_s0, s0 = s0 * scale, s0 * scale + chunk_s0.double()
         if need_vocab_stats:
-            shift = torch.nan_to_num(shift, neginf=0.0)  # first chunk: s0 = s1 = s2 = 0 anyway
-            # re-centre the old sums from the old max to the new one, then rescale them
-            s2 = scale * (s2 + 2 * shift * s1 + shift**2 * s0) + (weights * centred**2).sum(dim=1)
-            s1 = scale * (s1 + shift * s0) + (weights * centred).sum(dim=1)
-        s0 = scale * s0 + weights.sum(dim=1)
+            chunk_centre = torch.einsum("ij,ij->i", weights, centred) / chunk_s0
+            deviations = centred.sub_(chunk_centre[:, None])
+            chunk_spread = torch.einsum("ij,ij->i", weights.mul_(deviations), deviations).double()
+            chunk_mean = new_max.double() + chunk_centre.double()
+            delta = chunk_mean - mean
+            share = chunk_s0.double() / s0
+            spread = spread * scale + chunk_spread + delta**2 * old_s0 * share
+            mean = mean + delta * share
         running_max = new_max
 
-    log_z = running_max + torch.log(s0)
-    logprobs = target_logit - log_z
+    log_z = running_max.double() + torch.log(s0)
+    logprobs = (target_logit.double() - log_z).float()
     if not need_vocab_stats:
         return logprobs, None, None
-    mean_centred = s1 / s0
-    mu = mean_centred + running_max - log_z
-    sigma = (s2 / s0 - mean_centred**2).clamp_min(0.0).sqrt()
-    return logprobs, mu, sigma
+    return logprobs, (mean - log_z).float(), (spread / s0).clamp_min(0.0).sqrt().float()
 
 
 def _stats_by_rows(

@@ -31,6 +31,36 @@ def _trial(args: argparse.Namespace) -> int:
     return 0 if final else 1
 
 
+def _run(args: argparse.Namespace) -> int:
+    from memray import sweep
+
+    if args.dry_run:
+        print(sweep.dry_run_text(args.file, args.overrides, address=args.address, num_cpus=args.num_cpus))
+        return 0
+    return sweep.run_sweep(args.file, args.overrides, storage=args.storage, address=args.address,
+                           num_cpus=args.num_cpus, max_failures=args.max_failures)
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from memray import sweep
+
+    return sweep.resume_sweep(args.sweep_dir, address=args.address, num_cpus=args.num_cpus,
+                              max_failures=args.max_failures)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from memray import sweep
+
+    print(sweep.sweep_status(args.sweep_dir))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from memray import report
+
+    return report.report_command(args.sweep_dir, args.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memray", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -44,6 +74,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="ignore checkpoints in the trial folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     p.set_defaults(handler=_trial)
+
+    def ray_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--address", default=None, help="Ray cluster address (e.g. auto); default: a local Ray")
+        p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+        p.add_argument("--max-failures", type=int, default=2, help="retries of a failing trial")
+
+    p = commands.add_parser("run", help="run every grid cell of a sweep file as a Ray Tune trial")
+    p.add_argument("file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="applied to the sweep's base")
+    p.add_argument("--storage", default=None, help="folder or s3:// / gs:// URI holding <sweep name>/ (default ./results)")
+    p.add_argument("--dry-run", action="store_true", help="validate and list the trials and their resources")
+    ray_options(p)
+    p.set_defaults(handler=_run)
+
+    p = commands.add_parser("resume", help="finish the errored and unfinished trials of a sweep")
+    p.add_argument("sweep_dir")
+    ray_options(p)
+    p.set_defaults(handler=_resume)
+
+    p = commands.add_parser("status", help="a table of a sweep's trials, from its folder")
+    p.add_argument("sweep_dir")
+    p.set_defaults(handler=_status)
+
+    p = commands.add_parser("report", help="tables and plots from a sweep folder")
+    p.add_argument("sweep_dir")
+    p.add_argument("--out", default=None, help="output folder (default <sweep dir>/report)")
+    p.set_defaults(handler=_report)
     return parser
 
 

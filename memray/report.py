@@ -212,14 +212,22 @@ def load_trials(sweep_dir: Path, cells: list[Cell], skip: Path | None = None) ->
             epochs=sorted(data.get("epochs") or [], key=lambda row: row["epoch"]),
             method_info=data.get("method_info") or {}, split_hash=data.get("split_hash"),
         ))
-    present = {trial.name for trial in trials}
-    if cells:
-        names = trial_names(cells)
-        for cell in cells:
-            if names[cell.index] not in present:
-                trials.append(Trial(name=names[cell.index], path="", status="pending", reason=None,
-                                    config=cell.config.resolved(), axes=dict(cell.axes), epochs=[]))
+    names = trial_names(cells) if cells else {}
+    for cell in cells:
+        if not any(_is_cell_folder(trial, names[cell.index], cell.axes) for trial in trials):
+            trials.append(Trial(name=names[cell.index], path="", status="pending", reason=None,
+                                config=cell.config.resolved(), axes=dict(cell.axes), epochs=[]))
     return trials
+
+
+def _is_cell_folder(trial: Trial, name: str, axes: dict[str, Any]) -> bool:
+    """Whether a trial folder belongs to a grid cell: the same folder name, or the same
+    cell index and axes (a config schema that grew new keys since the run changes the
+    trial id, and so the name, of the same cell)."""
+    if trial.name == name:
+        return True
+    same_index = trial.name.split("-", 1)[0] == name.split("-", 1)[0]
+    return same_index and json.dumps(trial.axes, sort_keys=True) == json.dumps(axes, sort_keys=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -257,7 +265,8 @@ def label_variants(trials: list[Trial]) -> None:
         by_cell[(method_label(trial.config), trial.model, trial.dataset)].append(index)
     differing: dict[str, set[str]] = defaultdict(set)
     for (label, _, _), indices in by_cell.items():
-        keys = set().union(*(flats[i] for i in indices))
+        # keys every trial has: a key only newer configs have is a schema change, not an axis
+        keys = set.intersection(*(set(flats[i]) for i in indices))
         for key in keys:
             if len({json.dumps(flats[i].get(key), sort_keys=True, default=str) for i in indices}) > 1:
                 differing[label].add(key)
@@ -768,6 +777,8 @@ def plot_auc_vs_model_size(groups: list[Group], dataset: str, labels: list[str],
             x, y, err = (np.array(v, dtype=float) for v in zip(*points))
             ax.errorbar(x, y, yerr=np.nan_to_num(err), marker="o", capsize=3, color=colors[variant], label=variant)
         ax.set_xscale("log")
+        if models:  # room either side of the outer models, also when there is only one
+            ax.set_xlim(sizes[models[0]]["params"] / 1.6, sizes[models[-1]]["params"] * 1.6)
         _ticks_at(ax.xaxis, [sizes[m]["params"] for m in models],
                   [f"{m}\n{params_text(sizes[m]['params'])}" for m in models])
         ax.axhline(CHANCE_AUC, color="grey", linestyle=":", linewidth=1)

@@ -21,7 +21,7 @@ from matplotlib import image
 
 from memray import metrics
 from memray.config import ConfigError, load_sweep
-from memray.report import build_report, report_command, sweep_uses_wandb
+from memray.report import build_report, label_variants, load_trials, report_command, sweep_uses_wandb
 from memray.results import TrialRecord, read_result, write_scores
 from memray.sweep import SWEEP_FILE, trial_names
 
@@ -308,6 +308,25 @@ def test_a_copied_folder_without_sweep_file_still_reports(tmp_path, built):
     assert report["counts"] == {"success": 13, "running": 1, "failed": 1}  # no sweep.yaml: no pending cells
     assert report["sweep"]["name"] == "copy"
     assert all(row["auc_ci95"] is None for t in report["trials"] for row in t["attacks"].values())
+
+
+def test_trials_run_before_the_config_schema_grew_still_match_their_cells(tmp_path, built):
+    """A key added to the schema since the run changes the cells' trial ids and folder names:
+    the old folders still belong to their cells (not pending), and the missing key is no axis."""
+    sweep_dir = tmp_path / "synth"
+    shutil.copytree(built[0], sweep_dir, ignore=shutil.ignore_patterns("report"))
+    _, cells = load_sweep(sweep_dir / SWEEP_FILE)
+    names = trial_names(cells)
+    for cell in cells[:3]:  # cell 2 and not its other seed, cell 3
+        old = sweep_dir / "trials" / names[cell.index]
+        result = json.loads((old / "result.json").read_text())
+        del result["config"]["train"]["scheduler"]  # as if written before train.scheduler existed
+        (old / "result.json").write_text(json.dumps(result))
+        old.rename(old.with_name(names[cell.index][:-8] + "00000000"))
+    trials = load_trials(sweep_dir, cells)
+    label_variants(trials)
+    assert len(trials) == 16 and sum(t.status == "pending" for t in trials) == 1
+    assert {t.variant for t in trials} == set(STRENGTH)
 
 
 def test_bad_folders_are_config_errors(tmp_path):

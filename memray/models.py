@@ -101,8 +101,17 @@ def build_tokenizer(directory: Path = TOKENIZER_DIR) -> Path:
 
 
 def builtin_tokenizer() -> PreTrainedTokenizerFast:
-    """The shipped tokenizer of the built-in models (eos = bos = pad = `<|endoftext|>`)."""
-    return PreTrainedTokenizerFast.from_pretrained(str(TOKENIZER_DIR))
+    """The shipped tokenizer of the built-in models (eos = bos = pad = `<|endoftext|>`).
+
+    The special tokens are set here, not only in the shipped `tokenizer_config.json`, so
+    that a tokenizer without them (and ids of None in every sample) cannot happen.
+    """
+    special = "<|endoftext|>"
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(
+        str(TOKENIZER_DIR), bos_token=special, eos_token=special, pad_token=special, unk_token=special,
+        model_max_length=BUILTIN_CONTEXT, padding_side="right")
+    assert tokenizer.eos_token_id is not None, f"{TOKENIZER_DIR}: no {special} token in the shipped tokenizer"
+    return tokenizer
 
 
 def load_tokenizer(model: ModelConfig, source: str = "config") -> PreTrainedTokenizerFast:

@@ -19,6 +19,9 @@ import pytest
 
 from test_sweep import file_states, read_result, trial_dirs, write_small_sweep
 
+#: The `ray` command of this environment (installed beside the interpreter; the venv need not be on PATH).
+RAY = str(Path(sys.executable).with_name("ray"))
+
 RUN = "import sys; from memray.sweep import run_sweep; sys.exit(run_sweep(sys.argv[1], storage=sys.argv[2], {extra}))"
 RESUME = "import sys; from memray.sweep import resume_sweep; sys.exit(resume_sweep(sys.argv[1]))"
 FAKE_KEY = "memray-test-key-" + "0123456789abcdef" * 2  # must never be written anywhere
@@ -96,12 +99,12 @@ def two_node_cluster(tmp_path):
     port = str(20000 + secrets.randbelow(20000))
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     common = ["--num-cpus=1", "--disable-usage-stats", "--block"]
-    head = subprocess.Popen(["ray", "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
+    head = subprocess.Popen([RAY, "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
                             env=env, stdout=(tmp_path / "head.log").open("w"), stderr=subprocess.STDOUT)
     started = [head]
     try:
         _wait_for(lambda: "Ray runtime started" in (tmp_path / "head.log").read_text(), 60, "the head node")
-        worker = subprocess.Popen(["ray", "start", f"--address=127.0.0.1:{port}", *common], env=env,
+        worker = subprocess.Popen([RAY, "start", f"--address=127.0.0.1:{port}", *common], env=env,
                                   stdout=(tmp_path / "worker.log").open("w"), stderr=subprocess.STDOUT)
         started.append(worker)
         _wait_for(lambda: "Ray runtime started" in (tmp_path / "worker.log").read_text(), 60, "the worker node")

@@ -838,6 +838,7 @@ def plot_lora(groups: list[Group], labels: list[str], path: Path) -> Path | None
     for row, (dataset, model) in enumerate(panels):
         for col, label in enumerate(labels):
             ax = axes[row][col]
+            tops = [CHANCE_AUC]  # bar ends with their error bars, for the y range
             for index, placement in enumerate(placements):
                 x, heights, errors = [], [], []
                 for position, rank in enumerate(ranks):
@@ -854,6 +855,10 @@ def plot_lora(groups: list[Group], labels: list[str], path: Path) -> Path | None
                 if x:
                     ax.bar(x, heights, width=width, bottom=CHANCE_AUC, yerr=errors, capsize=2,
                            color=colors[placement], label=f"LoRA on {placement}")
+                    tops += [CHANCE_AUC + h + e for h, e in zip(heights, errors)]
+                    tops += [CHANCE_AUC + h - e for h, e in zip(heights, errors)]
+            span = max(tops) - min(tops) or 0.1
+            ax.set_ylim(min(tops) - 0.1 * span, max(tops) + 0.1 * span)
             ax.set_xticks(range(len(ranks)), [str(r) for r in ranks])
             ax.axhline(CHANCE_AUC, color="grey", linewidth=1)
             ax.set_title(f"{dataset}, {model}, {_attack_title(label)}", fontsize="medium")

@@ -285,7 +285,8 @@ def local_ray(memray_cache):
     ray.shutdown()
 
 
-DEMO_OVERRIDES = ["train.epochs=2"]
+#: The demo grid as shipped (every method), shrunk to seconds per trial.
+DEMO_OVERRIDES = ["train.epochs=2", "data.members=16", "data.nonmembers=16", "data.validation=8", "data.max_length=32"]
 
 
 def test_demo_grid_reports_every_epoch_to_tune_results_and_wandb(local_ray, tmp_path, capsys):

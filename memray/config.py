@@ -245,6 +245,8 @@ class TrainConfig(Schema):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where the GPU has it
     checkpoints: bool = True  # save after every epoch so that a trial can resume
     keep_checkpoints: int = Field(1, ge=1)  # only the newest N epoch checkpoints are kept
+    group_by_length: bool = True  # batches of similar lengths (seeded shuffle of mega-batches): little padding
+    compile: bool = False  # torch.compile the model: faster steps on a GPU after a compile of minutes
 
 
 class AttackConfig(Schema):

@@ -131,6 +131,7 @@ def fit(
     checkpoint folder written by an earlier call (its epoch, optimizer and RNG state).
     """
     saving = train.checkpoints
+    on_gpu = torch.cuda.is_available()
     args = TrainingArguments(
         output_dir=str(checkpoints_dir),
         num_train_epochs=train.epochs,
@@ -151,13 +152,21 @@ def fit(
         report_to="none",  # metrics go through memray's own report (W&B is the sweep's job)
         disable_tqdm=not progress,
         dataloader_num_workers=0,  # samples are pre-tokenized: a worker process costs more than it saves
+        # page-locked batches copied without blocking: the next batch's copy overlaps this step
+        dataloader_pin_memory=on_gpu,
+        accelerator_config={"non_blocking": on_gpu},
+        # similar lengths in a batch: little padding, so little compute spent on pad tokens
+        train_sampling_strategy="group_by_length" if train.group_by_length else "random",
+        torch_compile=train.compile,
         remove_unused_columns=False,
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=not on_gpu,
         deepspeed=deepspeed,
         logging_nan_inf_filter=False,  # a NaN loss must fail the trial, not be hidden
         save_only_model=False,
     )
-    collator = DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False)
+    # on a GPU, lengths padded to a multiple of 8 keep matrix shapes tensor-core friendly
+    # (and the number of distinct shapes torch.compile sees small)
+    collator = DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False, pad_to_multiple_of=8 if on_gpu else None)
     trainer = Trainer(
         model=model,
         args=args,

@@ -61,7 +61,7 @@ def attack_scores(
     return scores
 
 
-def _lowest_mean(values: np.ndarray, k: float) -> float:
+def lowest_mean(values: np.ndarray, k: float) -> float:
     """Mean of the ceil(k * n) lowest values (at least one)."""
     # a tiny slack so that e.g. 0.1 * 30 = 3.0000000000000004 counts 3 tokens, not 4
     count = max(1, math.ceil(k * len(values) - 1e-9))
@@ -114,7 +114,7 @@ def min_k_score(config: AttackConfig, target: TokenStats, text: str, reference: 
     Shi et al. 2024, "Detecting Pretraining Data from Large Language Models",
     https://arxiv.org/abs/2310.16789
     """
-    return _lowest_mean(target.logprobs, config.k)
+    return lowest_mean(target.logprobs, config.k)
 
 
 @attack("mink++")
@@ -131,4 +131,4 @@ def min_k_plus_plus_score(config: AttackConfig, target: TokenStats, text: str, r
     # sigma is 0 only for a one-hot distribution, where logprob == mu: the token scores 0
     sigma = np.maximum(target.sigma.astype(np.float64), 1e-6)
     standardized = (target.logprobs.astype(np.float64) - target.mu) / sigma
-    return _lowest_mean(standardized, config.k)
+    return lowest_mean(standardized, config.k)

@@ -61,6 +61,30 @@ def _report(args: argparse.Namespace) -> int:
     return report.report_command(args.sweep_dir, args.out)
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from memray import bench
+
+    return bench.command(args)
+
+
+#: `memray bench` defaults (kept here so that the parser needs no torch import; bench checks them).
+BENCH_SECTIONS = "scoring,training,sweep,reference_cache"
+BENCH_METHODS = "full,head,lora,prefix,prompt,ptuning"
+
+
+def bench_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `memray bench` (also `python -m memray.bench`)."""
+    p.add_argument("--model", default="tiny-gpt2",
+                   help="alias (gpt2 ... llama-2-7b), built-in, hub id in the local cache or local folder; "
+                        "random weights from its config, nothing downloaded")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    p.add_argument("--out", default="bench.json", help="where the record goes ('' for none)")
+    p.add_argument("--quick", action="store_true", help="small sizes: a quick check, not a measurement")
+    p.add_argument("--methods", default=BENCH_METHODS, help="training methods, comma-separated")
+    p.add_argument("--sections", default=BENCH_SECTIONS, help="sections to run, comma-separated")
+    p.add_argument("--compile", action="store_true", help="memray's training loop with train.compile")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memray", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -101,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sweep_dir")
     p.add_argument("--out", default=None, help="output folder (default <sweep dir>/report)")
     p.set_defaults(handler=_report)
+
+    p = commands.add_parser("bench", help="speed of scoring, training, sweeps, each beside its baseline")
+    bench_arguments(p)
+    p.set_defaults(handler=_bench)
     return parser
 
 

@@ -1,0 +1,764 @@
+"""`memray bench`: how fast memray scores and trains, each figure beside its baseline.
+
+Owns the speed benchmark. Every figure is measured in one run next to a baseline measured
+in the same run (the two interleaved where it is repeated), so that the ratio holds on a
+busy machine even when the absolute numbers drift:
+
+- **scoring**: memray's scorer (`memray.scoring.score_tokens`: one batched forward pass
+  gives every attack's statistics, length-sorted batches, vocabulary statistics in
+  float32 tiles) at the trial defaults and at a low-memory setting, against a naive scorer
+  as existing MIA tools score (one sample per forward pass, full float32 logits, one pass
+  per attack). Tokens/s, peak memory, on a GPU model-FLOPs utilization, and the largest
+  difference between the two scorers' attack scores.
+- **training**: tokens/s of memray's training loop (`memray.train.fit`) per method and,
+  on a GPU, MFU, against a default `transformers.Trainer` set-up of the same model (fp32,
+  random sampler, the standard causal-LM collator).
+- **sweep**: N tiny trials through Ray Tune (`memray.sweep.run_sweep`) against the same
+  trials run one after the other in this process (`memray.trial.run_trial`).
+- **reference cache**: the reference model's statistics for N trials of a sweep, scored
+  once and cached (`memray.scoring.reference_stats`), against scored once per trial.
+
+Models: any alias, built-in or config (`--model`). The weights are random (speed does not
+depend on them) and nothing is downloaded: the study aliases are built from their
+published shapes (`MODEL_SHAPES`), a hub id or local path from its config (local cache or
+folder). Token ids are random, sample lengths uniform in [L/2, L] with L = 128 for the
+built-ins (the trial default) and 512 for the rest (the studies' length); the built-in
+tokenizer serves only to pad.
+
+Peak memory is the peak above what was in use when a part started: on CUDA
+`torch.cuda.max_memory_allocated`; on CPU the process's peak resident set size (Linux
+`VmHWM`), reset through `/proc/self/clear_refs` after `malloc_trim` gives freed heap back,
+so each part's peak is its own (None where that is not available).
+
+MFU counts 2N FLOPs per token for a forward pass, N the parameters used in matrix products
+(embedding tables excluded, the output layer included): 6N for full fine-tuning, 4N plus
+2 x trainable for methods that back-propagate through a frozen body (LoRA, prefix,
+prompt, P-tuning), 2N plus 2 x output layer for head-only; attention adds
+12 x layers x hidden x context per token when trained (4 x ... forward only), context
+being the token-weighted mean sample length (PaLM's convention, causal masking not
+discounted). Peak rates are dense bf16 from the vendors' datasheets (`PEAK_BF16_TFLOPS`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import io
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import TypeAdapter
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    DataCollatorForLanguageModeling,
+    GPT2Config,
+    LlamaConfig,
+    PretrainedConfig,
+    PrinterCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from memray import attacks, methods, models, scoring
+from memray.config import (BUILTIN_MODELS, AttackConfig, ConfigError, EvalConfig, MethodConfig, ModelConfig, TrainConfig,
+                           validate)
+from memray.train import TokenDataset, fit
+
+SECTIONS = ("scoring", "training", "sweep", "reference_cache")
+METHOD_NAMES = ("full", "head", "lora", "prefix", "prompt", "ptuning")
+
+#: The study models' shapes (from their published config.json), so that a model of the
+#: right size can be built with random weights and no download.
+MODEL_SHAPES: dict[str, Callable[[], PretrainedConfig]] = {
+    "gpt2": lambda: GPT2Config(n_layer=12, n_embd=768, n_head=12),
+    "gpt2-medium": lambda: GPT2Config(n_layer=24, n_embd=1024, n_head=16),
+    "gpt2-large": lambda: GPT2Config(n_layer=36, n_embd=1280, n_head=20),
+    "gpt2-xl": lambda: GPT2Config(n_layer=48, n_embd=1600, n_head=25),
+    "llama-3.2-1b": lambda: LlamaConfig(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+        rope_theta=500000.0, tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001),
+    "llama-2-7b": lambda: LlamaConfig(
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, tie_word_embeddings=False),
+}
+
+#: Dense bf16 peak TFLOP/s by GPU name (vendors' datasheets); the first matching key wins.
+PEAK_BF16_TFLOPS: tuple[tuple[tuple[str, ...], float], ...] = (
+    (("H200",), 989.4),
+    (("H100", "PCIe"), 756.0),
+    (("H100",), 989.4),  # SXM (nvidia-smi: "H100 80GB HBM3")
+    (("A100",), 312.0),
+    (("L40S",), 362.1),
+    (("L4",), 121.0),
+)
+
+#: Attacks both scorers compute on the target model (`ref` needs a second model: its cost
+#: is the reference-cache section's subject).
+SCORED_ATTACKS = ("loss", "zlib", "mink", "mink++")
+#: The low-memory scorer setting: fewer samples per pass, narrower vocabulary tiles.
+LEAN_BATCH, LEAN_VOCAB_CHUNK = 4, 1024
+#: Score agreement required between the two scorers where both run in float32 (CPU).
+AGREEMENT_ATOL = 1e-5
+
+
+# ---------------------------------------------------------------------------------------
+# Models and data
+# ---------------------------------------------------------------------------------------
+
+
+def bench_model_config(name: str) -> PretrainedConfig:
+    """The config of `name` (alias, built-in, hub id in the local cache, or local folder)."""
+    model = validate(ModelConfig, {"name": name}, "--model", "model")
+    if name in BUILTIN_MODELS:
+        return models.tiny_config(name)
+    if name in MODEL_SHAPES:
+        return MODEL_SHAPES[name]()
+    return models.model_config(model, "--model")
+
+
+def random_model(config: PretrainedConfig, device: torch.device, seed: int = 0) -> nn.Module:
+    """A causal LM of `config` with random float32 weights on `device`, SDPA attention."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+
+
+def sample_length(name: str) -> int:
+    """Longest sample: the trial default for built-ins, the studies' 512 for real models."""
+    return 128 if name in BUILTIN_MODELS else 512
+
+
+def random_samples(count: int, max_length: int, vocab_size: int, seed: int) -> list[list[int]]:
+    """`count` samples of random ids in [1, vocab), lengths uniform in [max_length/2, max_length]."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(max_length // 2, max_length + 1, size=count)
+    return [rng.integers(1, vocab_size, size=int(n)).tolist() for n in lengths]
+
+
+def stand_in_text(ids: list[int]) -> str:
+    """A text for zlib's compressed length: random ids have no tokenizer to decode them."""
+    return " ".join(map(str, ids))
+
+
+def matmul_params(model: nn.Module) -> int:
+    """Parameters used in matrix products: all but embedding tables, the output layer included."""
+    embeddings = {id(p) for module in model.modules() if isinstance(module, nn.Embedding) for p in module.parameters()}
+    head = model.get_output_embeddings().weight
+    return sum(p.numel() for p in model.parameters() if id(p) not in embeddings or p is head)
+
+
+def attention_flops(config: PretrainedConfig, context: float, trained: bool) -> float:
+    """Attention-score FLOPs per token (QK^T and AV), x3 when back-propagated."""
+    text = config.get_text_config()
+    forward = 4 * text.num_hidden_layers * text.hidden_size * context
+    return 3 * forward if trained else forward
+
+
+def train_flops_per_token(method: str, n_matmul: int, n_trainable: int, n_head: int, config: PretrainedConfig,
+                          context: float) -> float:
+    """Model FLOPs per trained token (see the module docstring)."""
+    if method == "full":
+        return 6 * n_matmul + attention_flops(config, context, trained=True)
+    if method == "head":
+        return 2 * n_matmul + 2 * n_head + attention_flops(config, context, trained=False)
+    return 4 * n_matmul + 2 * n_trainable + attention_flops(config, context, trained=True)
+
+
+def mean_context(token_ids: list[list[int]]) -> float:
+    """Token-weighted mean sample length: the context an average token attends over."""
+    return sum(len(ids) ** 2 for ids in token_ids) / max(sum(len(ids) for ids in token_ids), 1)
+
+
+def peak_tflops(device: torch.device) -> tuple[float | None, str | None]:
+    """(dense bf16 peak TFLOP/s, GPU name) of a CUDA device; (None, name) when unknown."""
+    if device.type != "cuda":
+        return None, None
+    name = torch.cuda.get_device_name(device)
+    for keys, tflops in PEAK_BF16_TFLOPS:
+        if all(key in name for key in keys):
+            return tflops, name
+    return None, name
+
+
+# ---------------------------------------------------------------------------------------
+# Measuring
+# ---------------------------------------------------------------------------------------
+
+
+class PeakMemory:
+    """Peak memory (bytes) above the level at entry, of CUDA allocations or of the process (CPU)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak: int | None = None
+
+    def __enter__(self) -> "PeakMemory":
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            self.start = _reset_peak_rss()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.start
+        elif self.start is not None:
+            self.peak = max(_proc_status_bytes("VmHWM") - self.start, 0)
+
+
+def _proc_status_bytes(field: str) -> int:
+    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    if not match:
+        raise OSError(f"/proc/self/status has no {field}")
+    return int(match.group(1)) * 1024
+
+
+def _reset_peak_rss() -> int | None:
+    """Give freed heap back to the OS and reset the peak RSS; the RSS now, or None off Linux."""
+    try:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak resident set size
+        return _proc_status_bytes("VmRSS")
+    except OSError:
+        return None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _megabytes(value: int | None) -> float | None:
+    return None if value is None else round(value / 2**20, 1)
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------
+# Scoring
+# ---------------------------------------------------------------------------------------
+
+
+def naive_scores(model: nn.Module, token_ids: list[list[int]], texts: list[str],
+                 attack_configs: list[AttackConfig]) -> dict[str, np.ndarray]:
+    """Attack scores as existing MIA tools compute them: for each attack, one forward pass per
+    sample (no batching), the full float32 logits, log-softmax over the whole vocabulary.
+
+    The same score definitions as `memray.attacks` (higher = more likely a member). Takes
+    the target model, token ids, the texts (zlib) and the attacks (not `ref`); returns
+    label -> float64 array, one score per sample.
+    """
+    device = next(model.parameters()).device
+    model.eval()
+    scores: dict[str, np.ndarray] = {}
+    with torch.no_grad():
+        for config in attack_configs:
+            values = []
+            for ids, text in zip(token_ids, texts):
+                input_ids = torch.tensor([ids], device=device)
+                output = model(input_ids=input_ids, labels=input_ids)
+                log_probs = torch.log_softmax(output.logits[0, :-1].float(), dim=-1)
+                token_log_probs = log_probs.gather(1, input_ids[0, 1:, None])[:, 0]
+                if config.name == "loss":
+                    values.append(-output.loss.item())
+                elif config.name == "zlib":
+                    values.append(-output.loss.item() / len(zlib.compress(text.encode("utf-8"))))
+                elif config.name == "mink":
+                    values.append(attacks.lowest_mean(token_log_probs.double().cpu().numpy(), config.k))
+                elif config.name == "mink++":
+                    probs = log_probs.exp()
+                    mu = (probs * log_probs).sum(-1)
+                    sigma = (probs * (log_probs - mu[:, None]) ** 2).sum(-1).sqrt()
+                    standardized = (token_log_probs - mu) / sigma.clamp_min(1e-6)
+                    values.append(attacks.lowest_mean(standardized.double().cpu().numpy(), config.k))
+                else:
+                    raise ValueError(f"the naive scorer has no attack {config.name!r}")
+            scores[config.label] = np.array(values, dtype=np.float64)
+    return scores
+
+
+def memray_scores(model: nn.Module, token_ids: list[list[int]], texts: list[str],
+                  attack_configs: list[AttackConfig], batch_size: int, vocab_chunk: int) -> dict[str, np.ndarray]:
+    """Attack scores from memray's scorer: one batched pass for every attack's statistics."""
+    need_vocab_stats = any(config.name == "mink++" for config in attack_configs)
+    stats = scoring.score_tokens(model, token_ids, batch_size=batch_size, vocab_chunk=vocab_chunk,
+                                 need_vocab_stats=need_vocab_stats)
+    return attacks.attack_scores(attack_configs, stats, texts, None)
+
+
+def max_score_difference(left: dict[str, np.ndarray], right: dict[str, np.ndarray]) -> dict[str, float]:
+    """Largest absolute difference per attack label."""
+    return {label: float(np.max(np.abs(left[label] - right[label]))) for label in left}
+
+
+def bench_scoring(model: nn.Module, config: PretrainedConfig, device: torch.device, token_ids: list[list[int]],
+                  repeats: int) -> dict[str, Any]:
+    """Scoring section: the naive scorer and memray's at two settings, interleaved `repeats` times."""
+    texts = [stand_in_text(ids) for ids in token_ids]
+    attack_configs = [AttackConfig(name=name) for name in SCORED_ATTACKS]
+    defaults = EvalConfig()
+    scorers: dict[str, tuple[dict[str, Any], Callable[[], dict[str, np.ndarray]]]] = {
+        "naive": ({"batch_size": 1, "passes": len(attack_configs), "logits": "full float32"},
+                  lambda: naive_scores(model, token_ids, texts, attack_configs)),
+        "memray": ({"batch_size": defaults.batch_size, "vocab_chunk": defaults.vocab_chunk, "passes": 1},
+                   lambda: memray_scores(model, token_ids, texts, attack_configs, defaults.batch_size,
+                                         defaults.vocab_chunk)),
+        "memray-lean": ({"batch_size": LEAN_BATCH, "vocab_chunk": LEAN_VOCAB_CHUNK, "passes": 1},
+                        lambda: memray_scores(model, token_ids, texts, attack_configs, LEAN_BATCH, LEAN_VOCAB_CHUNK)),
+    }
+    warm = token_ids[:2]
+    naive_scores(model, warm, texts[:2], attack_configs)  # first-call costs (kernels, allocator) out of the timings
+    memray_scores(model, warm, texts[:2], attack_configs, defaults.batch_size, defaults.vocab_chunk)
+    seconds: dict[str, list[float]] = {name: [] for name in scorers}
+    peaks: dict[str, list[int]] = {name: [] for name in scorers}
+    results: dict[str, dict[str, np.ndarray]] = {}
+    for _ in range(repeats):
+        for name, (_, run) in scorers.items():
+            with PeakMemory(device) as memory:
+                started = time.perf_counter()
+                results[name] = run()
+                _sync(device)
+                seconds[name].append(time.perf_counter() - started)
+            if memory.peak is not None:
+                peaks[name].append(memory.peak)
+    tokens = sum(len(ids) - 1 for ids in token_ids)  # scored target tokens
+    peak, gpu = peak_tflops(device)
+    flops_per_token = 2 * matmul_params(model) + attention_flops(config, mean_context(token_ids), trained=False)
+    rows = []
+    for name, (settings, _) in scorers.items():
+        elapsed = statistics.median(seconds[name])
+        rate = tokens / elapsed
+        row = {"scorer": name, **settings, "seconds": round(elapsed, 4), "tokens_per_s": round(rate, 1),
+               "peak_mem_mb": _megabytes(max(peaks[name])) if peaks[name] else None}
+        if peak is not None:
+            # the naive scorer's passes each run a forward: count them all as work done
+            passes = settings["passes"]
+            row["mfu"] = round(rate * passes * flops_per_token / (peak * 1e12), 4)
+        rows.append(row)
+    by_name = {row["scorer"]: row for row in rows}
+    naive = by_name["naive"]
+    for row in rows:
+        row["speedup"] = round(row["tokens_per_s"] / naive["tokens_per_s"], 2)
+        if row["peak_mem_mb"] is not None and naive["peak_mem_mb"]:
+            row["memory_ratio"] = round(row["peak_mem_mb"] / naive["peak_mem_mb"], 3)
+    differences = max_score_difference(results["memray"], results["naive"])
+    # on a GPU memray's forward runs under bf16 autocast: the scores differ by bf16 rounding
+    tolerance = AGREEMENT_ATOL if device.type == "cpu" else None
+    return {
+        "samples": len(token_ids), "tokens": tokens, "repeats": repeats, "attacks": list(SCORED_ATTACKS),
+        "rows": rows, "max_score_difference": differences,
+        "scores_agree": None if tolerance is None else max(differences.values()) <= tolerance,
+        "agreement_atol": tolerance, "gpu": gpu, "peak_tflops": peak,
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------
+
+
+class _EpochClock(TrainerCallback):
+    """Timestamps at the end of every epoch (after the device has finished its work)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.ends: list[float] = []
+
+    def tick(self) -> None:
+        _sync(self.device)
+        self.ends.append(time.perf_counter())
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.tick()
+
+
+def _method_config(name: str) -> Any:
+    """The method's config with its defaults; ConfigError for a name that is not a method."""
+    if name not in METHOD_NAMES:
+        raise ConfigError("--methods", "", f"{name!r} is not one of {', '.join(METHOD_NAMES)}")
+    return TypeAdapter(MethodConfig).validate_python({"name": name})
+
+
+def _train_memray(model: nn.Module, token_ids: list[list[int]], batch_size: int, lr: float, device: torch.device,
+                  workdir: Path, compile_model: bool) -> list[float]:
+    clock = _EpochClock(device)
+    train = TrainConfig(epochs=2, batch_size=batch_size, checkpoints=False, compile=compile_model)
+    fit(model, models.builtin_tokenizer(), token_ids, train, lr=lr, seed=0, checkpoints_dir=workdir,
+        evaluate=lambda epoch: clock.tick(), on_epoch_end=lambda end: None, progress=False)
+    return clock.ends
+
+
+def _train_default(model: nn.Module, token_ids: list[list[int]], batch_size: int, lr: float, device: torch.device,
+                   workdir: Path) -> list[float]:
+    """A default `transformers.Trainer` set-up: the standard causal-LM collator, fp32, random sampler."""
+    clock = _EpochClock(device)
+    args = TrainingArguments(output_dir=str(workdir), num_train_epochs=2, per_device_train_batch_size=batch_size,
+                             learning_rate=lr, report_to="none", save_strategy="no", disable_tqdm=True,
+                             use_cpu=device.type == "cpu", seed=0)
+    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(token_ids),
+                      data_collator=DataCollatorForLanguageModeling(models.builtin_tokenizer(), mlm=False),
+                      callbacks=[clock])
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    return clock.ends
+
+
+def bench_training(config: PretrainedConfig, device: torch.device, token_ids: list[list[int]], batch_size: int,
+                   method_names: list[str], compile_model: bool) -> dict[str, Any]:
+    """Training section: per method, memray's `fit` and a default Trainer, two epochs each;
+    the second epoch is timed (the first pays for start-up, optimizer state and compilation)."""
+    tokens = sum(len(ids) for ids in token_ids)
+    context = mean_context(token_ids)
+    peak, gpu = peak_tflops(device)
+    rows = []
+    for method_name in method_names:
+        for loop in ("memray", "default-trainer"):
+            model = random_model(config, device)
+            n_matmul, n_head = matmul_params(model), model.get_output_embeddings().weight.numel()
+            wrapped, info = methods.apply_method(model, _method_config(method_name), "--methods")
+            row: dict[str, Any] = {"method": method_name, "loop": loop, "trainable_params": info.trainable_params}
+            try:
+                with tempfile.TemporaryDirectory() as workdir, PeakMemory(device) as memory:
+                    if loop == "memray":
+                        ends = _train_memray(wrapped, token_ids, batch_size, info.lr, device, Path(workdir),
+                                             compile_model)
+                    else:
+                        ends = _train_default(wrapped, token_ids, batch_size, info.lr, device, Path(workdir))
+                elapsed = ends[1] - ends[0]
+                rate = tokens / elapsed
+                row.update(seconds_per_epoch=round(elapsed, 4), tokens_per_s=round(rate, 1),
+                           peak_mem_mb=_megabytes(memory.peak))
+                if peak is not None:
+                    flops = train_flops_per_token(method_name, n_matmul, info.trainable_params, n_head, config, context)
+                    row["mfu"] = round(rate * flops / (peak * 1e12), 4)
+            except torch.OutOfMemoryError:
+                row["error"] = "out of memory"
+            del model, wrapped
+            _free(device)
+            rows.append(row)
+    for row in rows:
+        baseline = next(r for r in rows if r["method"] == row["method"] and r["loop"] == "default-trainer")
+        if "tokens_per_s" in row and "tokens_per_s" in baseline:
+            row["speedup"] = round(row["tokens_per_s"] / baseline["tokens_per_s"], 2)
+    return {"samples": len(token_ids), "tokens_per_epoch": tokens, "batch_size": batch_size,
+            "mean_context": round(context, 1), "compile": compile_model, "rows": rows, "gpu": gpu,
+            "peak_tflops": peak}
+
+
+# ---------------------------------------------------------------------------------------
+# Sweep overhead
+# ---------------------------------------------------------------------------------------
+
+
+def _sweep_trial_base(quick: bool) -> dict[str, Any]:
+    """One tiny trial: built-in GPT-2 with random weights, pydoc data, one epoch."""
+    size = 16 if quick else 32
+    return {
+        "model": {"name": "tiny-gpt2", "pretrained": False},
+        "data": {"dataset": "pydoc", "max_length": 64, "members": size, "nonmembers": size, "validation": size},
+        "train": {"epochs": 1, "batch_size": 8, "checkpoints": False},
+        "attacks": ["loss", "zlib"],
+    }
+
+
+def bench_sweep(trials: int, quick: bool) -> dict[str, Any]:
+    """Sweep section: `trials` tiny trials through Ray Tune (one at a time: each takes every
+    CPU, so the difference is overhead, not parallelism) against the same trials run one
+    after the other in this process. Skipped, with the reason, when Ray is not installed."""
+    try:
+        import ray  # noqa: F401  (only to learn whether the sweep can run here)
+    except ImportError as err:
+        return {"skipped": f"Ray is not installed ({err})"}
+    import yaml
+
+    from memray import sweep, trial
+    from memray.config import load_sweep
+
+    cpus = os.cpu_count() or 1
+    sweep_file = {"name": "bench-overhead", "base": _sweep_trial_base(quick), "grid": {"seed": list(range(trials))},
+                  "resources": [{"cpus": cpus}], "wandb": {"mode": "disabled"}}
+    with tempfile.TemporaryDirectory() as workdir:
+        root = Path(workdir)
+        path = root / "bench-overhead.yaml"
+        path.write_text(yaml.safe_dump(sweep_file))
+        _, cells = load_sweep(path)
+        with _environment(MEMRAY_CACHE=str(root / "cache")):
+            started = time.perf_counter()
+            for cell in cells:
+                config = cell.config.model_copy(update={"output_dir": str(root / "in-process")})
+                trial.run_trial(config, progress=False, cache_dir=root / "cache")
+            in_process = time.perf_counter() - started
+            started = time.perf_counter()
+            with contextlib.redirect_stdout(io.StringIO()) as tune_output:
+                code = sweep.run_sweep(path, storage=str(root / "tune"), num_cpus=cpus)
+            through_tune = time.perf_counter() - started
+    if code != 0:
+        return {"trials": trials, "error": "a trial failed under Ray Tune", "log_tail": tune_output.getvalue()[-2000:]}
+    return {"trials": trials, "cpus": cpus, "trial": _sweep_trial_base(quick),
+            "in_process_s": round(in_process, 2), "ray_tune_s": round(through_tune, 2),
+            "overhead_per_trial_s": round((through_tune - in_process) / trials, 2),
+            "ratio": round(through_tune / in_process, 2)}
+
+
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+# ---------------------------------------------------------------------------------------
+# Reference cache
+# ---------------------------------------------------------------------------------------
+
+
+def bench_reference_cache(model: nn.Module, token_ids: list[list[int]], trials: int, device: torch.device) -> dict[str, Any]:
+    """Reference-cache section: a sweep's `trials` trials each need the reference model's
+    statistics on the same samples; scored once per trial, or once and then read from the
+    cache (`memray.scoring.reference_stats`, as memray's trials do)."""
+    defaults = EvalConfig()
+    kwargs = {"batch_size": defaults.batch_size, "vocab_chunk": defaults.vocab_chunk, "need_vocab_stats": False}
+    started = time.perf_counter()
+    for _ in range(trials):
+        scoring.score_tokens(model, token_ids, **kwargs)
+    _sync(device)
+    uncached = time.perf_counter() - started
+    hits = 0
+    with tempfile.TemporaryDirectory() as cache_dir:
+        started = time.perf_counter()
+        for _ in range(trials):
+            _, hit = scoring.reference_stats({"bench": "reference"}, token_ids, lambda: model, Path(cache_dir), **kwargs)
+            hits += hit
+        _sync(device)
+        cached = time.perf_counter() - started
+    return {"trials": trials, "samples": len(token_ids), "cache_hits": hits,
+            "once_per_trial_s": round(uncached, 3), "cached_s": round(cached, 3),
+            "speedup": round(uncached / cached, 2)}
+
+
+# ---------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """`cpu`, `cuda` (ConfigError when no GPU is visible) or None: cuda when there is one."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda"):
+        raise ConfigError("--device", "", f"{device!r} is not one of cpu, cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device", "", "cuda: no CUDA GPU is visible to this process")
+    return torch.device(device)
+
+
+def _machine(device: torch.device) -> dict[str, Any]:
+    from memray.results import provenance
+
+    info = provenance()
+    cpu = platform.processor()
+    with contextlib.suppress(OSError):
+        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+        cpu = found.group(1).strip() if found else cpu
+    info["hardware"]["cpu"] = cpu
+    with contextlib.suppress(OSError):
+        info["hardware"]["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    info["torch_threads"] = torch.get_num_threads()
+    info["device"] = str(device)
+    return info
+
+
+def run_bench(model: str = "tiny-gpt2", device: str | None = None, *, quick: bool = False,
+              method_names: list[str] | None = None, sections: list[str] | None = None,
+              compile_model: bool = False, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the benchmark and return its record (what `bench.json` holds).
+
+    model: alias, built-in, hub id (local cache) or local folder; random weights.
+    device: "cpu", "cuda" or None (cuda when available). quick: small sizes (seconds to a
+    minute or two on a laptop CPU; for tests). method_names: training methods (default all).
+    sections: a subset of SECTIONS (default all). compile_model: memray's training loop
+    with `train.compile`. progress: called with a line as each section starts.
+    Raises ConfigError for an unknown model, method, section or device.
+    """
+    say = progress or (lambda line: None)
+    torch_device = resolve_device(device)
+    sections = list(sections or SECTIONS)
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        raise ConfigError("--sections", "", f"{', '.join(unknown)}: not one of {', '.join(SECTIONS)}")
+    method_names = list(method_names or METHOD_NAMES)
+    for name in method_names:
+        _method_config(name)
+    config = bench_model_config(model)
+    vocab, length = config.get_text_config().vocab_size, sample_length(model)
+    on_gpu = torch_device.type == "cuda"
+    score_samples = (8 if quick else 32) if not on_gpu else (16 if quick else 64)
+    train_samples = (16 if quick else 64) if not on_gpu else (32 if quick else 128)
+    repeats = 1 if quick else 3
+
+    record: dict[str, Any] = {
+        "command": "memray bench " + " ".join(sys.argv[1:]) if sys.argv[0].endswith(("memray", "bench.py")) else None,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "quick": quick, "model": model, **_machine(torch_device),
+    }
+    reference = random_model(config, torch_device)
+    n_params = sum(p.numel() for p in reference.parameters())
+    record["model_shape"] = {"params": n_params, "matmul_params": matmul_params(reference), "vocab_size": vocab,
+                             "layers": config.get_text_config().num_hidden_layers,
+                             "hidden": config.get_text_config().hidden_size, "max_length": length,
+                             "attention": reference.config._attn_implementation}
+    score_ids = random_samples(score_samples, length, vocab, seed=1)
+    if "scoring" in sections:
+        say(f"scoring: {score_samples} samples of up to {length} tokens")
+        record["scoring"] = bench_scoring(reference, config, torch_device, score_ids, repeats)
+    if "reference_cache" in sections:
+        say("reference cache")
+        record["reference_cache"] = bench_reference_cache(reference, score_ids, trials=4, device=torch_device)
+    del reference
+    _free(torch_device)
+    if "training" in sections:
+        say(f"training: {', '.join(method_names)}; {train_samples} samples, 2 epochs per run")
+        train_ids = random_samples(train_samples, length, vocab, seed=2)
+        record["training"] = bench_training(config, torch_device, train_ids, EvalConfig().batch_size // 2,
+                                            method_names, compile_model)
+    if "sweep" in sections:
+        say("sweep overhead (Ray Tune)")
+        record["sweep"] = bench_sweep(trials=2 if quick else 4, quick=quick)
+    return record
+
+
+# ---------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    cells = [header, *([_cell(v) for v in row] for row in rows)]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(header))]
+    lines = ["  ".join(text.ljust(width) for text, width in zip(line, widths)).rstrip() for line in cells]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def format_record(record: dict[str, Any]) -> str:
+    """The tables `memray bench` prints."""
+    shape = record["model_shape"]
+    hardware = record["hardware"]
+    where = hardware.get("gpus")[0]["name"] if record["device"] == "cuda" and hardware.get("gpus") else hardware.get("cpu")
+    parts = [f"memray bench: {record['model']} ({shape['params'] / 1e6:,.1f}M parameters, vocab {shape['vocab_size']:,}, "
+             f"samples up to {shape['max_length']} tokens) on {record['device']} ({where}), {record['date']}"]
+    if "scoring" in record:
+        s = record["scoring"]
+        parts.append(f"\nscoring: {s['samples']} samples, {s['tokens']:,} target tokens, attacks "
+                     f"{', '.join(s['attacks'])}; median of {s['repeats']}")
+        parts.append(_table(
+            ["scorer", "batch", "vocab chunk", "passes", "tokens/s", "x naive", "peak MB", "x naive mem", "MFU"],
+            [[r["scorer"], r["batch_size"], r.get("vocab_chunk"), r["passes"], r["tokens_per_s"], r["speedup"],
+              r["peak_mem_mb"], r.get("memory_ratio"), r.get("mfu")] for r in s["rows"]]))
+        worst = max(s["max_score_difference"].values())
+        verdict = "" if s["scores_agree"] is None else (" (agree)" if s["scores_agree"] else " (DISAGREE)")
+        parts.append(f"largest score difference memray vs naive: {worst:.2e}{verdict}")
+    if "training" in record:
+        t = record["training"]
+        parts.append(f"\ntraining: {t['samples']} samples ({t['tokens_per_epoch']:,} tokens) per epoch, batch "
+                     f"{t['batch_size']}, second of two epochs timed")
+        parts.append(_table(
+            ["method", "loop", "trainable", "tokens/s", "x default", "peak MB", "MFU"],
+            [[r["method"], r["loop"], r["trainable_params"], r.get("tokens_per_s", r.get("error")), r.get("speedup"),
+              r.get("peak_mem_mb"), r.get("mfu")] for r in t["rows"]]))
+    if "reference_cache" in record:
+        c = record["reference_cache"]
+        parts.append(f"\nreference cache: {c['trials']} trials' reference statistics: once per trial "
+                     f"{c['once_per_trial_s']:.2f} s, cached {c['cached_s']:.2f} s ({c['speedup']}x)")
+    if "sweep" in record:
+        w = record["sweep"]
+        if "skipped" in w:
+            parts.append(f"\nsweep overhead: skipped: {w['skipped']}")
+        elif "error" in w:
+            parts.append(f"\nsweep overhead: error: {w['error']}")
+        else:
+            parts.append(f"\nsweep overhead: {w['trials']} tiny trials: in one process {w['in_process_s']:.1f} s, "
+                         f"through Ray Tune {w['ray_tune_s']:.1f} s ({w['overhead_per_trial_s']:+.1f} s per trial)")
+    return "\n".join(parts)
+
+
+def bench_command(model: str = "tiny-gpt2", device: str | None = None, out: Path | str | None = "bench.json",
+                  quick: bool = False, method_names: list[str] | None = None, sections: list[str] | None = None,
+                  compile_model: bool = False) -> int:
+    """`memray bench`: run, print the tables, write the record to `out` (None: no file). Returns 0."""
+    record = run_bench(model, device, quick=quick, method_names=method_names, sections=sections,
+                       compile_model=compile_model, progress=lambda line: print(f"[memray bench] {line}", file=sys.stderr,
+                                                                                flush=True))
+    print(format_record(record))
+    if out is not None:
+        Path(out).write_text(json.dumps(record, indent=2) + "\n")
+        print(f"\nwritten: {out}")
+    return 0
+
+
+def command(args: argparse.Namespace) -> int:
+    """Run `memray bench` from parsed arguments."""
+    return bench_command(args.model, args.device, args.out or None, args.quick,
+                         [m for m in args.methods.split(",") if m], [s for s in args.sections.split(",") if s],
+                         args.compile)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m memray.bench", description=__doc__.splitlines()[0])
+    from memray.cli import bench_arguments
+
+    bench_arguments(parser)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return command(parser.parse_args(argv))
+    except ConfigError as err:
+        print(f"memray bench: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""`memray bench`: its two scorers compute the same attack scores, and the command prints
+and writes every figure beside its baseline. Speed itself is not asserted here."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from memray import bench, cli
+from memray.config import AttackConfig
+
+
+@pytest.fixture(scope="module")
+def model_and_samples():
+    config = bench.bench_model_config("tiny-llama")
+    model = bench.random_model(config, torch.device("cpu"))
+    ids = bench.random_samples(12, 64, config.vocab_size, seed=3)
+    return model, ids, [bench.stand_in_text(i) for i in ids]
+
+
+def test_memray_scorer_equals_the_naive_scorer_to_1e_5(model_and_samples):
+    model, ids, texts = model_and_samples
+    attacks = [AttackConfig(name="loss"), AttackConfig(name="zlib"), AttackConfig(name="mink", k=0.2),
+               AttackConfig(name="mink++", k=0.2)]
+    naive = bench.naive_scores(model, ids, texts, attacks)
+    for batch, chunk in ((16, 8192), (4, 1000)):  # one tile / uneven vocabulary chunks
+        ours = bench.memray_scores(model, ids, texts, attacks, batch_size=batch, vocab_chunk=chunk)
+        assert set(ours) == set(naive) == {a.label for a in attacks}
+        for label in naive:
+            assert naive[label].shape == (12,)
+            np.testing.assert_allclose(ours[label], naive[label], atol=1e-5, rtol=0)
+    # the scores are not degenerate: samples differ
+    assert np.ptp(naive["loss"]) > 0.01
+
+
+def test_flops_per_token_follow_the_stated_convention():
+    config = bench.bench_model_config("gpt2")
+    n, layers, hidden = 85_000_000, 12, 768
+    attention = 4 * layers * hidden * 256
+    assert bench.train_flops_per_token("full", n, n, 1, config, 256) == 6 * n + 3 * attention
+    assert bench.train_flops_per_token("lora", n, 1000, 1, config, 256) == 4 * n + 2000 + 3 * attention
+    assert bench.train_flops_per_token("head", n, 1, 500, config, 256) == 2 * n + 1000 + attention
+    # a sample of length 2L weighs twice in the token-weighted context
+    assert bench.mean_context([[0] * 10, [0] * 30]) == (100 + 900) / 40
+
+
+def test_study_model_shapes_have_the_published_sizes():
+    counts = {}
+    for name in ("gpt2", "gpt2-xl", "llama-3.2-1b"):
+        with torch.device("meta"):
+            model = bench.AutoModelForCausalLM.from_config(bench.bench_model_config(name))
+        counts[name] = sum(p.numel() for p in model.parameters())
+    assert 124e6 < counts["gpt2"] < 125e6
+    assert 1.55e9 < counts["gpt2-xl"] < 1.56e9
+    assert 1.23e9 < counts["llama-3.2-1b"] < 1.24e9
+
+
+def test_bench_command_prints_and_writes_each_figure_beside_its_baseline(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = cli.main(["bench", "--model", "tiny-gpt2", "--quick", "--sections", "scoring,training,reference_cache",
+                     "--methods", "lora", "--out", str(out)])
+    assert code == 0
+    record = json.loads(out.read_text())
+    scoring = record["scoring"]
+    scorers = {row["scorer"]: row for row in scoring["rows"]}
+    assert set(scorers) == {"naive", "memray", "memray-lean"}
+    assert scorers["naive"]["speedup"] == 1 and scorers["naive"]["passes"] == 4  # one pass per attack
+    assert scorers["memray"]["passes"] == 1
+    for row in scorers.values():
+        assert row["tokens_per_s"] > 0 and row["peak_mem_mb"] is not None
+    assert scorers["memray"]["speedup"] == pytest.approx(
+        scorers["memray"]["tokens_per_s"] / scorers["naive"]["tokens_per_s"], rel=0.01)
+    assert scoring["scores_agree"] is True and max(scoring["max_score_difference"].values()) < 1e-5
+    loops = {row["loop"]: row for row in record["training"]["rows"]}
+    assert set(loops) == {"memray", "default-trainer"} and loops["memray"]["method"] == "lora"
+    assert loops["memray"]["tokens_per_s"] > 0 and loops["default-trainer"]["speedup"] == 1
+    cache = record["reference_cache"]
+    assert cache["cache_hits"] == cache["trials"] - 1  # scored once, then read back
+    printed = capsys.readouterr().out
+    assert "x naive" in printed and "x default" in printed and "reference cache" in printed
+    assert record["model_shape"]["params"] == sum(
+        p.numel() for p in bench.random_model(bench.bench_model_config("tiny-gpt2"), torch.device("cpu")).parameters())
+
+
+def test_unknown_section_or_method_is_a_clear_error(capsys):
+    assert cli.main(["bench", "--sections", "scoring,speed", "--out", ""]) == 2
+    assert "--sections: speed: not one of scoring, training, sweep, reference_cache" in capsys.readouterr().err
+    assert cli.main(["bench", "--methods", "lora,qlora", "--out", ""]) == 2
+    assert "--methods: 'qlora' is not one of full, head" in capsys.readouterr().err

@@ -279,7 +279,7 @@ def pretrain_tiny(name: str, steps: int = PRETRAIN_STEPS) -> tuple[PreTrainedMod
 
     tokenizer = builtin_tokenizer()
     stream: list[int] = []
-    for token_ids in tokenizer(pydoc_texts("pretrain"))["input_ids"]:
+    for token_ids in tokenizer(pydoc_texts("pretrain"), verbose=False)["input_ids"]:  # long texts, cut into blocks below
         stream += token_ids + [tokenizer.eos_token_id]
     usable = len(stream) // PRETRAIN_BLOCK * PRETRAIN_BLOCK
     blocks = torch.tensor(stream[:usable]).view(-1, PRETRAIN_BLOCK)

@@ -247,6 +247,9 @@ class TrainConfig(Schema):
     keep_checkpoints: int = Field(1, ge=1)  # only the newest N epoch checkpoints are kept
     group_by_length: bool = True  # batches of similar lengths (seeded shuffle of mega-batches): little padding
     compile: bool = False  # torch.compile the model: faster steps on a GPU after a compile of minutes
+    # next-token loss computed a block of positions at a time from the final hidden states,
+    # so the batch's full (float32) logits never exist: auto = for vocabularies >= 32k
+    chunked_loss: Literal["auto", "on", "off"] = "auto"
 
 
 class AttackConfig(Schema):

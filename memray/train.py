@@ -12,11 +12,14 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from torch.utils.data import Dataset
 from transformers import (
     DataCollatorForLanguageModeling,
@@ -48,6 +51,110 @@ class TokenDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, list[int]]:
         return {"input_ids": self.token_ids[index]}
+
+
+#: Vocabulary size from which `train.chunked_loss: auto` computes the loss in blocks
+#: (GPT-2's 50k, Llama-3's 128k; a batch of 8 x 512 tokens has 1.6-4 GB of float32 logits).
+CHUNKED_LOSS_VOCAB = 32768
+#: Positions per block of the chunked loss: 1024 x 128k vocabulary x 4 B = 512 MB at most.
+CHUNKED_LOSS_ROWS = 1024
+#: Config attributes of models that change the logits after the output layer (the chunked
+#: loss would skip that step): those models keep the standard loss.
+_POST_HEAD_ATTRIBUTES = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier")
+
+
+class ChunkedLoss:
+    """Next-token cross-entropy without the batch's full logits.
+
+    While the model runs, its output layer returns its input (the final hidden states);
+    the loss then projects `CHUNKED_LOSS_ROWS` positions at a time onto the vocabulary,
+    each block under activation checkpointing, so that the backward pass recomputes one
+    block's logits at a time too. The output layer's weight (tied or not, trained or not)
+    gets its gradient through those blocks. The sum over tokens is divided exactly as
+    transformers' own causal-LM loss divides it (by the tokens of the whole accumulated
+    batch when the Trainer counts them), so the two give the same loss and gradients.
+    """
+
+    def __init__(self, head: torch.nn.Linear):
+        self.head = head
+
+    @staticmethod
+    def applies(model: torch.nn.Module, train: TrainConfig, deepspeed: dict | None) -> bool:
+        """Whether the trial's training uses it (`train.chunked_loss`, and a model it fits)."""
+        if train.chunked_loss == "off" or deepspeed is not None or train.compile:
+            return False  # ZeRO partitions the head's weight; compile traces the forward
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        head = base.get_output_embeddings()
+        config = base.config.get_text_config()
+        if not isinstance(head, torch.nn.Linear) or any(getattr(config, a, None) is not None
+                                                         for a in _POST_HEAD_ATTRIBUTES):
+            return False
+        return train.chunked_loss == "on" or head.out_features >= CHUNKED_LOSS_VOCAB
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> "ChunkedLoss":
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        return cls(base.get_output_embeddings())
+
+    @contextmanager
+    def hidden_states(self) -> Iterator[None]:
+        """The output layer passes its input through (its weights stay where they are, so
+        checkpoints and the per-epoch evaluation see the model unchanged)."""
+        self.head.forward = _identity
+        try:
+            yield
+        finally:
+            del self.head.forward
+
+    def __call__(self, hidden: torch.Tensor, labels: torch.Tensor,
+                 num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor:
+        # prompt tuning / P-tuning put virtual tokens in front (the last one predicts the first
+        # real token): their labels are -100, as PEFT pads them
+        virtual = hidden.shape[1] - labels.shape[1]
+        targets = torch.nn.functional.pad(labels, (virtual, 0), value=-100)[:, 1:]
+        keep = targets != -100
+        states, targets = hidden[:, :-1][keep], targets[keep]
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, states.shape[0], CHUNKED_LOSS_ROWS):
+            stop = start + CHUNKED_LOSS_ROWS
+            total = total + checkpoint(_block_loss, states[start:stop], targets[start:stop], self.head.weight,
+                                       self.head.bias, use_reentrant=False)
+        count = num_items_in_batch if num_items_in_batch is not None else keep.sum()
+        if torch.is_tensor(count):
+            count = count.to(total.device)
+        return total / count
+
+
+def _identity(hidden: torch.Tensor) -> torch.Tensor:
+    return hidden
+
+
+def _block_loss(states: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """Summed cross-entropy of one block of positions (logits upcast to float32, as
+    transformers' loss does)."""
+    logits = torch.nn.functional.linear(states, weight, bias).float()
+    return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+
+
+class _Trainer(Trainer):
+    """`Trainer` whose loss is the chunked loss when one is given."""
+
+    def __init__(self, *args, chunked_loss: ChunkedLoss | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.chunked_loss = chunked_loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.chunked_loss is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        with self.chunked_loss.hidden_states():
+            outputs = model(**inputs)
+        loss = self.chunked_loss(outputs.logits, labels, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss scales a summed loss
+        return (loss, outputs) if return_outputs else loss
 
 
 @dataclass
@@ -167,12 +274,13 @@ def fit(
     # on a GPU, lengths padded to a multiple of 8 keep matrix shapes tensor-core friendly
     # (and the number of distinct shapes torch.compile sees small)
     collator = DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False, pad_to_multiple_of=8 if on_gpu else None)
-    trainer = Trainer(
+    trainer = _Trainer(
         model=model,
         args=args,
         train_dataset=TokenDataset(train_ids),
         data_collator=collator,
         callbacks=[_EpochHook(evaluate, on_epoch_end, saving)],
+        chunked_loss=ChunkedLoss.of(model) if ChunkedLoss.applies(model, train, deepspeed) else None,
     )
     if not progress:
         trainer.remove_callback(PrinterCallback)  # no per-step log lines

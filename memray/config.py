@@ -234,6 +234,26 @@ MethodConfig = Annotated[
 ]
 
 
+class DeepSpeedConfig(Schema):
+    """DeepSpeed ZeRO for a trial whose resource rule has workers > 1 (Rajbhandari et al.
+    2020, "ZeRO", arXiv 1910.02054). Unset knobs take a default by model size
+    (memray.distributed.resolve_zero); bf16 follows train.precision, the batch sizes and
+    gradient clipping follow train."""
+
+    # 1: optimizer states partitioned over the workers; 2: + gradients; 3: + weights.
+    # None: 2 below 1B parameters (every worker holds the weights; least communication), else 3.
+    stage: Literal[1, 2, 3] | None = None
+    offload_optimizer: bool = False  # optimizer states (and the update) on CPU: less GPU memory, slower steps
+    offload_params: bool = False  # stage 3 only: weights on CPU between uses
+    activation_checkpointing: bool | None = None  # recompute activations in backward; None: on from 3B parameters
+
+    @model_validator(mode="after")
+    def _offload_params_needs_stage_3(self) -> "DeepSpeedConfig":
+        if self.offload_params and self.stage is not None and self.stage != 3:
+            raise ValueError(f"offload_params needs stage 3 (weights are partitioned only there), not stage {self.stage}")
+        return self
+
+
 class TrainConfig(Schema):
     epochs: int = Field(3, ge=0)
     batch_size: int = Field(8, gt=0)
@@ -245,6 +265,8 @@ class TrainConfig(Schema):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where the GPU has it
     checkpoints: bool = True  # save after every epoch so that a trial can resume
     keep_checkpoints: int = Field(1, ge=1)  # only the newest N epoch checkpoints are kept
+    # ZeRO settings of a multi-worker trial (batch_size is then per worker); None: defaults by model size
+    deepspeed: DeepSpeedConfig | None = None
 
 
 class AttackConfig(Schema):
@@ -372,6 +394,8 @@ class TrialConfig(Schema):
     def trial_id(self) -> str:
         """Short stable hash of everything that changes the result (not where it is written)."""
         payload = {k: v for k, v in self.resolved().items() if k != "output_dir"}
+        if payload["train"]["deepspeed"] is None:
+            del payload["train"]["deepspeed"]  # added later: trials without it keep their ids (and folders)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
 
     def slug(self) -> str:
@@ -401,6 +425,7 @@ class ResourceRule(Schema):
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: int = Field(0, ge=0)  # whole GPUs: ZeRO workers do not share a GPU
     strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # bundle placement
+    gpu_memory_gb: float = Field(80, gt=0)  # memory of one GPU, for the dry run's does-it-fit check
 
     @field_validator("match")
     @classmethod
@@ -409,6 +434,13 @@ class ResourceRule(Schema):
             if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", key):
                 raise ValueError(f"{key!r} is not a dotted config key such as model.name")
         return match
+
+    @field_validator("gpus_per_worker", mode="before")
+    @classmethod
+    def _whole_gpus(cls, gpus: Any) -> Any:
+        if isinstance(gpus, float) and gpus != int(gpus):
+            raise ValueError(f"{gpus:g}: a worker takes whole GPUs (ZeRO workers do not share one)")
+        return gpus
 
     @field_validator("gpus")
     @classmethod

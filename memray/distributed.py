@@ -18,6 +18,7 @@ CPU) and prints tokens/s, peak memory and the inputs of MFU; under
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -49,8 +50,45 @@ class Distributed:
 
     @property
     def lead(self) -> bool:
-        """Rank 0 writes the trial folder and prints progress."""
+        """Rank 0 evaluates, writes the trial folder and prints progress."""
         return self.rank == 0
+
+    def from_lead(self, *values: Any) -> list[Any]:
+        """Rank 0's values on every rank (a broadcast): decisions all ranks must share."""
+        objects = list(values)
+        torch.distributed.broadcast_object_list(objects, src=0)
+        return objects
+
+
+class EvalReplica:
+    """Rank 0's plain copy of a ZeRO-3 model, refreshed from the partitioned weights for
+    each evaluation. Under ZeRO-3 no rank holds whole weights between forward passes, and
+    the partitioned module runs only when every rank runs it; the copy lets rank 0
+    evaluate alone, with the single-process code, on exactly the trained weights. It is
+    made before DeepSpeed takes the model (afterwards transformers would build any new
+    model partitioned, a collective) and waits on CPU between evaluations."""
+
+    def __init__(self, model: torch.nn.Module, lead: bool):
+        self.lead = lead
+        self.model = copy.deepcopy(model).to("cpu") if lead else None
+
+    def refresh(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module | None:
+        """Gather `model`'s weights one tensor at a time (a collective: every rank calls
+        this) into the copy on `device`; the copy on rank 0, None elsewhere."""
+        import deepspeed
+
+        if self.lead:
+            self.model.to(device)
+            replica = dict(self.model.named_parameters())
+        for name, param in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None), torch.no_grad():
+                if self.lead:
+                    replica[name].copy_(param.data.view(replica[name].shape))
+        return self.model
+
+    def offload(self) -> None:
+        if self.model is not None:
+            self.model.to("cpu")
 
 
 # ---------------------------------------------------------------------------------------

@@ -123,12 +123,16 @@ def fit(
     resume_from: Path | None = None,
     progress: bool = True,
     deepspeed: dict | None = None,
+    gradient_checkpointing: bool = False,
 ) -> None:
     """Train `model` on `train_ids` for `train.epochs` epochs.
 
     `evaluate(epoch)` runs after each epoch on the model in memory; `on_epoch_end` runs
     after that epoch's checkpoint (if any) is written. `resume_from` continues from a
     checkpoint folder written by an earlier call (its epoch, optimizer and RNG state).
+    `deepspeed`: a DeepSpeed config (memray.distributed.deepspeed_config) when this is one
+    worker of a data-parallel trial; torch.distributed must already be set up.
+    `gradient_checkpointing`: recompute activations in the backward pass.
     """
     saving = train.checkpoints
     args = TrainingArguments(
@@ -154,6 +158,7 @@ def fit(
         remove_unused_columns=False,
         use_cpu=not torch.cuda.is_available(),
         deepspeed=deepspeed,
+        gradient_checkpointing=gradient_checkpointing,
         logging_nan_inf_filter=False,  # a NaN loss must fail the trial, not be hidden
         save_only_model=False,
     )

@@ -265,7 +265,8 @@ class TrainConfig(Schema):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where the GPU has it
     checkpoints: bool = True  # save after every epoch so that a trial can resume
     keep_checkpoints: int = Field(1, ge=1)  # only the newest N epoch checkpoints are kept
-    # ZeRO settings of a multi-worker trial (batch_size is then per worker); None: defaults by model size
+    # ZeRO settings of a trial whose resource rule has workers > 1 (batch_size is then per worker;
+    # single-process trials do not read it, so a sweep's base may set it for its large cells); None: by model size
     deepspeed: DeepSpeedConfig | None = None
 
 

@@ -31,6 +31,9 @@ from transformers.utils import logging as hf_logging
 from memray.config import TrainConfig
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+# transformers 5 renamed `gradient_checkpointing` (deprecated) to `activation_checkpointing`
+_CHECKPOINTING_ARG = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+                      else "gradient_checkpointing")
 
 
 class TrainingDiverged(RuntimeError):
@@ -158,7 +161,7 @@ def fit(
         remove_unused_columns=False,
         use_cpu=not torch.cuda.is_available(),
         deepspeed=deepspeed,
-        gradient_checkpointing=gradient_checkpointing,
+        **({_CHECKPOINTING_ARG: True} if gradient_checkpointing else {}),
         logging_nan_inf_filter=False,  # a NaN loss must fail the trial, not be hidden
         save_only_model=False,
     )

@@ -608,14 +608,27 @@ def run_cell(params: dict[str, Any], context: SweepContext) -> None:
 
 def _run_workers(index: int, rule: ResourceRule, context: SweepContext) -> None:
     """Run cell `index` as a Ray Train job of `rule.workers` DeepSpeed workers, from its
-    Tune trial; Tune gets rank 0's per-epoch metrics. Raises when the workers fail more
-    than `context.max_failures` times (Tune then retries the trial, which resumes too)."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    Tune trial, and report rank 0's per-epoch metrics to Tune as they come. Raises when the
+    workers fail more than `context.max_failures` times (Tune then retries the trial, which
+    resumes too). The epoch checkpoints stay in the trial folder (sharded, possibly large):
+    they are not copied into Tune's storage as a single-process trial's are."""
+    import threading
+
+    from ray import tune
+    from ray.train import FailureConfig, RunConfig, ScalingConfig, UserCallback
     from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
+    from ray.util.queue import Queue
+
+    class ForwardEpochs(UserCallback):
+        """Puts rank 0's metrics of every `ray.train.report` on the queue this trial reads
+        (it runs in Ray Train's controller, which cannot report to Tune itself)."""
+
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            epochs.put(dict(metrics[0]))
 
     use_gpu = rule.gpus_per_worker > 0
     per_worker = {"CPU": rule.cpus_per_worker, **({"GPU": rule.gpus_per_worker} if use_gpu else {})}
+    epochs = Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={"cell": index, "context": context},
@@ -627,10 +640,45 @@ def _run_workers(index: int, rule: ResourceRule, context: SweepContext) -> None:
             name=f"{context.trial_names[index]}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}",
             storage_path=context.folder.path(TRAIN_DIR),
             failure_config=FailureConfig(max_failures=context.max_failures),
-            callbacks=[TuneReportCallback()],
+            callbacks=[ForwardEpochs()],
         ),
     )
-    trainer.fit()
+    failure: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as err:  # noqa: BLE001 - raised again in the trial below
+            failure.append(err)
+        finally:
+            epochs.put(None)
+
+    trial_dir = Path(context.local_root) / TRIALS_DIR / context.trial_names[index]
+    last = _recorded_epochs(trial_dir)[-1:]  # what an earlier attempt finished (and reported)
+    last_epoch = int(last[0]["epoch"]) if last else -1
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    while (metrics := epochs.get()) is not None:
+        # a worker lost right after an epoch may take that epoch's report with it, though
+        # rank 0 recorded it: forward such epochs from the trial folder first
+        for row in _recorded_epochs(trial_dir):
+            if last_epoch < int(row["epoch"]) < int(metrics["epoch"]):
+                tune.report(dict(row))
+        tune.report(metrics)
+        last_epoch = int(metrics["epoch"])
+    thread.join()
+    if failure:
+        raise failure[0]
+
+
+def _recorded_epochs(trial_dir: Path) -> list[dict[str, Any]]:
+    """The epochs in a trial folder's result.json (none if this node cannot see it)."""
+    from memray.results import read_result
+
+    try:
+        return (read_result(trial_dir) or {}).get("epochs", [])
+    except (OSError, ValueError):
+        return []
 
 
 def _train_worker(params: dict[str, Any]) -> None:

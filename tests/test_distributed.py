@@ -386,4 +386,4 @@ def test_a_failed_multi_worker_trial_is_finished_by_resume_from_its_last_epoch(r
     assert resumed["status"] == "success" and [int(e["epoch"]) for e in resumed["epochs"]] == [0, 1, 2, 3]
     assert resumed["attempts"] == 2
     assert (trial_dir / "scores" / "epoch_001.parquet").stat().st_mtime_ns == epoch_1_scores, "epoch 1 not re-run"
-    assert sorted(p.name for p in (trial_dir / "checkpoints").iterdir()) == ["checkpoint-12"]  # 24 / 8 x 3 epochs
+    assert sorted(p.name for p in (trial_dir / "checkpoints").iterdir()) == ["checkpoint-9"]  # 24 samples / 8 per step x 3 epochs

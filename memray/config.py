@@ -234,6 +234,26 @@ MethodConfig = Annotated[
 ]
 
 
+class DeepSpeedConfig(Schema):
+    """DeepSpeed ZeRO for a trial whose resource rule has workers > 1 (Rajbhandari et al.
+    2020, "ZeRO", arXiv 1910.02054). Unset knobs take a default by model size
+    (memray.distributed.resolve_zero); bf16 follows train.precision, the batch sizes and
+    gradient clipping follow train."""
+
+    # 1: optimizer states partitioned over the workers; 2: + gradients; 3: + weights.
+    # None: 2 below 1B parameters (every worker holds the weights; least communication), else 3.
+    stage: Literal[1, 2, 3] | None = None
+    offload_optimizer: bool = False  # optimizer states (and the update) on CPU: less GPU memory, slower steps
+    offload_params: bool = False  # stage 3 only: weights on CPU between uses
+    activation_checkpointing: bool | None = None  # recompute activations in backward; None: on from 3B parameters
+
+    @model_validator(mode="after")
+    def _offload_params_needs_stage_3(self) -> "DeepSpeedConfig":
+        if self.offload_params and self.stage is not None and self.stage != 3:
+            raise ValueError(f"offload_params needs stage 3 (weights are partitioned only there), not stage {self.stage}")
+        return self
+
+
 class TrainConfig(Schema):
     epochs: int = Field(3, ge=0)
     batch_size: int = Field(8, gt=0)
@@ -250,6 +270,9 @@ class TrainConfig(Schema):
     # next-token loss computed a block of positions at a time from the final hidden states,
     # so the batch's full (float32) logits never exist: auto = for vocabularies >= 32k
     chunked_loss: Literal["auto", "on", "off"] = "auto"
+    # ZeRO settings of a trial whose resource rule has workers > 1 (batch_size is then per worker;
+    # single-process trials do not read it, so a sweep's base may set it for its large cells); None: by model size
+    deepspeed: DeepSpeedConfig | None = None
 
 
 class AttackConfig(Schema):
@@ -323,6 +346,14 @@ def _default_attacks() -> list[AttackConfig]:
     return [AttackConfig(name=n) for n in ATTACKS]
 
 
+#: Keys added to the schema after trials were run with it, and their defaults: a trial that
+#: leaves one at its default has the id (and folder) it had before the key existed.
+ADDED_LATER: dict[tuple[str, str], Any] = {
+    ("train", "group_by_length"): True, ("train", "compile"): False, ("train", "chunked_loss"): "auto",
+    ("train", "deepspeed"): None,
+}
+
+
 class TrialConfig(Schema):
     """One fine-tuning trial: the resolved config the trial code runs."""
 
@@ -377,6 +408,9 @@ class TrialConfig(Schema):
     def trial_id(self) -> str:
         """Short stable hash of everything that changes the result (not where it is written)."""
         payload = {k: v for k, v in self.resolved().items() if k != "output_dir"}
+        for (section, key), default in ADDED_LATER.items():
+            if payload[section][key] == default:
+                del payload[section][key]  # trials that leave it at its default keep their ids (and folders)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
 
     def slug(self) -> str:
@@ -406,6 +440,7 @@ class ResourceRule(Schema):
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: int = Field(0, ge=0)  # whole GPUs: ZeRO workers do not share a GPU
     strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # bundle placement
+    gpu_memory_gb: float = Field(80, gt=0)  # memory of one GPU, for the dry run's does-it-fit check
 
     @field_validator("match")
     @classmethod
@@ -414,6 +449,13 @@ class ResourceRule(Schema):
             if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", key):
                 raise ValueError(f"{key!r} is not a dotted config key such as model.name")
         return match
+
+    @field_validator("gpus_per_worker", mode="before")
+    @classmethod
+    def _whole_gpus(cls, gpus: Any) -> Any:
+        if isinstance(gpus, float) and gpus != int(gpus):
+            raise ValueError(f"{gpus:g}: a worker takes whole GPUs (ZeRO workers do not share one)")
+        return gpus
 
     @field_validator("gpus")
     @classmethod

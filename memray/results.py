@@ -5,7 +5,9 @@
   config.yaml              resolved trial config
   result.json              status, reason, provenance, split hash, method info, per-epoch metrics
   scores/epoch_003.parquet per-sample scores: sample_id, member, copies, one column per attack
-  checkpoints/             Trainer checkpoints (adapter weights only for PEFT methods)
+  checkpoints/             Trainer checkpoints (adapter weights only for PEFT methods; sharded
+                           DeepSpeed checkpoints for a data-parallel trial)
+  deepspeed.json           a data-parallel trial's resolved DeepSpeed config
 ```
 `result.json` is rewritten atomically after every epoch, so a killed trial leaves a
 readable record of every epoch it finished. Readers (`memray status`, `memray report`)
@@ -88,6 +90,7 @@ class TrialRecord:
 
     path: Path
     data: dict[str, Any] = field(default_factory=dict)
+    readonly: bool = False  # a data-parallel trial's other ranks: kept in memory, never written
 
     @classmethod
     def open(cls, trial_dir: Path) -> "TrialRecord":
@@ -116,7 +119,8 @@ class TrialRecord:
             "provenance": provenance(), "started": self.data.get("started", time.time()),
             "finished": None,
         })
-        atomic_write_text(self.trial_dir / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False))
+        if not self.readonly:
+            atomic_write_text(self.trial_dir / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False))
         self.save()
 
     def keep_epochs_up_to(self, last_epoch: int) -> None:
@@ -139,6 +143,8 @@ class TrialRecord:
         self.save()
 
     def save(self) -> None:
+        if self.readonly:
+            return
         atomic_write_text(self.path, json.dumps(self.data, indent=2, default=_jsonable))
 
 

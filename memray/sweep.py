@@ -8,6 +8,7 @@ This is the only module that imports Ray. It owns:
   sweep.json      when and from what the sweep was made, and its W&B id seed
   trials/<cell>-<slug>/   one trial folder per grid cell (memray.results), checkpoints included
   tune/           Ray Tune's experiment state, per-trial results and its copy of the last checkpoint
+  train/          Ray Train's run state of multi-worker trials (one run per attempt)
   wandb/          offline W&B runs, one per trial, for `wandb sync`
   cache/          reference-model statistics, computed once per sweep (unless MEMRAY_CACHE is set)
   ```
@@ -16,7 +17,11 @@ This is the only module that imports Ray. It owns:
   which travel as Ray Tune checkpoints); W&B and the cache stay on the nodes.
 - the Tune trainable: a function that receives only its cell index, rebuilds the cell's
   `TrialConfig` and calls `memray.trial.run_trial`, reporting every epoch to Tune with the
-  epoch's checkpoint and to the trial's W&B run;
+  epoch's checkpoint and to the trial's W&B run. A cell whose resource rule has
+  `workers > 1` starts a Ray Train `TorchTrainer` from that function instead: each worker
+  calls `run_trial` as one rank of a DeepSpeed ZeRO job, rank 0's metrics reach Tune
+  through Ray Train's `TuneReportCallback`, and a lost worker restarts the group, which
+  resumes from the trial folder's last epoch checkpoint (Ray Train's FailureConfig);
 - resources per trial by rule (`SweepConfig.resources`, first match wins) or by a default
   from the model's size and the method, and the Tune settings derived from them;
 - `memray run / resume / status` (`run_sweep`, `resume_sweep`, `sweep_status`, `dry_run_text`).
@@ -61,13 +66,16 @@ SWEEP_FILE = "sweep.yaml"
 STATE_FILE = "sweep.json"
 TRIALS_DIR = "trials"
 TUNE_DIR = "tune"
+TRAIN_DIR = "train"  # Ray Train's run state of multi-worker trials (their checkpoints stay in the trial folders)
 CHECKPOINTS_DIR = "checkpoints"  # inside a trial folder (memray.results)
 DEFAULT_MAX_FAILURES = 2  # retries per trial: enough for a lost node, cheap for a real bug (it resumes)
-FAULT_ENV = "MEMRAY_FAULT"  # "<cell>:<epoch>": that trial raises after reporting that epoch (tests)
+# "<cell>:<epoch>": that trial raises after reporting that epoch (tests); in a multi-worker
+# trial its last worker process dies instead, as on a lost node
+FAULT_ENV = "MEMRAY_FAULT"
 
 #: Environment variables handed from the driver to every trial (never a secret such as WANDB_API_KEY).
 FORWARDED_ENV = ("MEMRAY_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
-                 "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM", "WANDB_BASE_URL")
+                 "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM", "WANDB_BASE_URL", "DS_ACCELERATOR")
 
 #: Approximate parameter counts: the default resources and the longest-first order use them.
 APPROX_PARAMS: dict[str, float] = {
@@ -228,9 +236,13 @@ def check_rules(rules: list[ResourceRule], cells: list[Cell], source: str) -> No
                     seen = sorted({json.dumps(v, sort_keys=True) for v in values})
                     raise ConfigError(source, field_name, f"no trial has {json.dumps(option)} "
                                                           f"(the sweep has {', '.join(seen[:8])})")
-        if rule.workers > 1:
+    for cell in cells:
+        index, rule = next(((i, r) for i, r in enumerate(rules) if rule_matches(r, cell.config)), (None, None))
+        workers = rule.workers if rule else 1
+        if workers > 1 and cell.config.method.name != "full":
             raise ConfigError(source, f"resources.{index}.workers",
-                              "multi-worker trials (Ray Train + DeepSpeed) are not in this version: use workers: 1")
+                              f"grid cell {cell.index} uses method {cell.config.method.name}: multi-worker trials "
+                              "(DeepSpeed ZeRO) fine-tune all weights; match only method.name: full")
 
 
 @dataclass(frozen=True)
@@ -262,6 +274,33 @@ class TrialResources:
             text = (f"cpus={rule.cpus:g} + {rule.workers} workers x (cpus={rule.cpus_per_worker:g} "
                     f"gpus={rule.gpus_per_worker})")
         return f"{text} [{self.source}]"
+
+
+def memory_estimate(config: TrialConfig, rule: ResourceRule, shape: Any) -> Any:
+    """GPU memory per worker of a trial under `rule` (memray.distributed.estimate_memory):
+    ZeRO by train.deepspeed (or its default for the size) when the rule has workers > 1;
+    bf16 where the trial has GPUs and train.precision allows it. PEFT methods train few
+    weights: the output layer for `head`, about 1% of the weights for the others (rough)."""
+    from memray.distributed import estimate_memory, resolve_zero
+
+    trainable = {"full": shape.params, "head": shape.vocab * shape.hidden}.get(config.method.name, 0.01 * shape.params)
+    on_gpu = rule.gpus_per_worker > 0 if rule.workers > 1 else rule.gpus > 0
+    bf16 = on_gpu and config.train.precision != "fp32"
+    stage, zero = 0, None
+    if rule.workers > 1:
+        zero = resolve_zero(config.train.deepspeed, shape.params)
+        stage = zero.stage
+    return estimate_memory(shape, trainable_params=trainable, workers=rule.workers, stage=stage,
+                           offload_optimizer=bool(zero and zero.offload_optimizer),
+                           offload_params=bool(zero and zero.offload_params), batch_size=config.train.batch_size,
+                           seq_len=config.data.max_length, bf16=bf16,
+                           activation_checkpointing=bool(zero and zero.activation_checkpointing))
+
+
+def gpu_budget_gb(rule: ResourceRule) -> float | None:
+    """GPU memory one worker of the rule may use: its share of one GPU; None without GPUs."""
+    share = rule.gpus_per_worker if rule.workers > 1 else min(rule.gpus, 1.0)
+    return rule.gpu_memory_gb * min(share, 1.0) if share else None
 
 
 def trial_resources(config: TrialConfig, rules: list[ResourceRule], has_gpus: bool) -> TrialResources:
@@ -467,6 +506,8 @@ class SweepContext:
     workdir: str  # where `memray run` started: relative paths in the sweep mean what they meant there
     env: dict[str, str] = field(default_factory=dict)
     fault: tuple[int, int] | None = None
+    resources: dict[int, ResourceRule] = field(default_factory=dict)  # cell -> its rule (workers > 1: Ray Train)
+    max_failures: int = DEFAULT_MAX_FAILURES  # Ray Train's restarts of a multi-worker trial's workers
 
 
 def _fault(text: str | None) -> tuple[int, int] | None:
@@ -533,6 +574,10 @@ def run_cell(params: dict[str, Any], context: SweepContext) -> None:
         # finished before Tune recorded it (a driver killed in between): report, touch nothing
         tune.report(dict(done["epochs"][-1]))
         return
+    rule = context.resources.get(index)
+    if rule is not None and rule.workers > 1:
+        _run_workers(index, rule, context)
+        return
     run = WandbTrial.start(context.wandb, cell, trial_name, Path(context.local_root))
 
     def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
@@ -551,6 +596,133 @@ def run_cell(params: dict[str, Any], context: SweepContext) -> None:
     try:
         final = run_trial(cell.config, report, trial_dir=trial_dir, resume=True, cache_dir=Path(context.cache_dir),
                           axes=cell.axes, progress=False)
+    except BaseException:
+        run.finish(trial_dir, None)
+        if mirror:
+            mirror.upload()
+        raise
+    run.finish(trial_dir, final)
+    if mirror:
+        mirror.upload()
+
+
+def _run_workers(index: int, rule: ResourceRule, context: SweepContext) -> None:
+    """Run cell `index` as a Ray Train job of `rule.workers` DeepSpeed workers, from its
+    Tune trial, and report rank 0's per-epoch metrics to Tune as they come. Raises when the
+    workers fail more than `context.max_failures` times (Tune then retries the trial, which
+    resumes too). The epoch checkpoints stay in the trial folder (sharded, possibly large):
+    they are not copied into Tune's storage as a single-process trial's are."""
+    import threading
+
+    from ray import tune
+    from ray.train import FailureConfig, RunConfig, ScalingConfig, UserCallback
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Queue
+
+    class ForwardEpochs(UserCallback):
+        """Puts rank 0's metrics of every `ray.train.report` on the queue this trial reads
+        (it runs in Ray Train's controller, which cannot report to Tune itself)."""
+
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            epochs.put(dict(metrics[0]))
+
+    use_gpu = rule.gpus_per_worker > 0
+    per_worker = {"CPU": rule.cpus_per_worker, **({"GPU": rule.gpus_per_worker} if use_gpu else {})}
+    epochs = Queue(actor_options={"num_cpus": 0})
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"cell": index, "context": context},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=rule.workers, use_gpu=use_gpu, resources_per_worker=per_worker,
+                                     placement_strategy=rule.strategy),
+        run_config=RunConfig(
+            # a fresh Ray Train run per attempt: the trial folder, not Ray Train, holds what resumes
+            name=f"{context.trial_names[index]}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}",
+            storage_path=context.folder.path(TRAIN_DIR),
+            failure_config=FailureConfig(max_failures=context.max_failures),
+            callbacks=[ForwardEpochs()],
+        ),
+    )
+    failure: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as err:  # noqa: BLE001 - raised again in the trial below
+            failure.append(err)
+        finally:
+            epochs.put(None)
+
+    trial_dir = Path(context.local_root) / TRIALS_DIR / context.trial_names[index]
+    last = _recorded_epochs(trial_dir)[-1:]  # what an earlier attempt finished (and reported)
+    last_epoch = int(last[0]["epoch"]) if last else -1
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    while (metrics := epochs.get()) is not None:
+        # a worker lost right after an epoch may take that epoch's report with it, though
+        # rank 0 recorded it: forward such epochs from the trial folder first
+        for row in _recorded_epochs(trial_dir):
+            if last_epoch < int(row["epoch"]) < int(metrics["epoch"]):
+                tune.report(dict(row))
+        tune.report(metrics)
+        last_epoch = int(metrics["epoch"])
+    thread.join()
+    if failure:
+        raise failure[0]
+
+
+def _recorded_epochs(trial_dir: Path) -> list[dict[str, Any]]:
+    """The epochs in a trial folder's result.json (none if this node cannot see it)."""
+    from memray.results import read_result
+
+    try:
+        return (read_result(trial_dir) or {}).get("epochs", [])
+    except (OSError, ValueError):
+        return []
+
+
+def _train_worker(params: dict[str, Any]) -> None:
+    """One Ray Train worker of a multi-worker trial: one rank of `run_trial` under DeepSpeed."""
+    import ray.train
+
+    context: SweepContext = params["context"]
+    index = int(params["cell"])
+    os.environ.update(context.env)
+    if Path(context.workdir).is_dir():
+        os.chdir(context.workdir)
+    import torch
+
+    if torch.cuda.is_available():
+        from ray.train.torch import get_device
+
+        torch.cuda.set_device(get_device())
+    else:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU backend, before deepspeed is imported
+    from memray.distributed import Distributed
+    from memray.trial import run_trial
+
+    train_context = ray.train.get_context()
+    rank, world = train_context.get_world_rank(), train_context.get_world_size()
+    cell, trial_name = context.cells[index], context.trial_names[index]
+    trial_dir = Path(context.local_root) / TRIALS_DIR / trial_name
+    lead = rank == 0
+    mirror = _Mirror(context.folder, trial_name, trial_dir) if context.folder.is_uri and lead else None
+    if mirror:
+        mirror.download(None)
+    run = WandbTrial.start(context.wandb, cell, trial_name, Path(context.local_root)) if lead else WandbTrial(None)
+
+    def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        # every rank reports each epoch (Ray Train's barrier); Tune keeps rank 0's metrics
+        run.log(metrics)
+        if mirror:
+            mirror.upload()
+        ray.train.report(dict(metrics))
+        if context.fault == (index, int(metrics["epoch"])) and rank == world - 1:
+            os._exit(1)  # a worker process lost, as when its node goes away
+
+    try:
+        final = run_trial(cell.config, report, trial_dir=trial_dir, resume=True, cache_dir=Path(context.cache_dir),
+                          axes=cell.axes, progress=False, distributed=Distributed(rank, world))
     except BaseException:
         run.finish(trial_dir, None)
         if mirror:
@@ -661,7 +833,8 @@ def _cluster_capacity() -> tuple[dict[str, float], list[dict[str, float]]]:
     return dict(ray.cluster_resources()), nodes
 
 
-def _context(folder: SweepFolder, plan: SweepPlan, state: dict[str, Any]) -> SweepContext:
+def _context(folder: SweepFolder, plan: SweepPlan, state: dict[str, Any],
+             max_failures: int = DEFAULT_MAX_FAILURES) -> SweepContext:
     sweep = plan.sweep
     local_root = (Path(folder.location) if not folder.is_uri
                   else Path(tempfile.gettempdir()) / "memray" / f"{sweep.name}-{state['uid']}")
@@ -676,6 +849,7 @@ def _context(folder: SweepFolder, plan: SweepPlan, state: dict[str, Any]) -> Swe
         wandb=WandbSettings(mode, sweep.wandb.project, sweep.wandb.entity, sweep.name, state["uid"]),
         local_root=str(local_root), cache_dir=cache_dir, workdir=state.get("workdir", os.getcwd()), env=env,
         fault=_fault(os.environ.get(FAULT_ENV)),
+        resources={index: r.rule for index, r in plan.resources.items()}, max_failures=max_failures,
     )
 
 
@@ -695,7 +869,7 @@ def _trainable(context: SweepContext, plan: SweepPlan) -> Any:
 def _fit(folder: SweepFolder, plan: SweepPlan, state: dict[str, Any], max_failures: int, restore: bool) -> int:
     from ray import tune
 
-    context = _context(folder, plan, state)
+    context = _context(folder, plan, state, max_failures)
     trainable = _trainable(context, plan)
     # Tune snapshots its state at every checkpoint (num_to_keep=1) and warns when that is
     # frequent; with epochs of seconds (the demo) that is expected, not a bottleneck
@@ -782,10 +956,32 @@ def dry_run_text(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] 
     cap = plan.max_concurrent or "no cap (every trial reserves all it uses)"
     lines = [f"{len(cells)} trials", f"sweep folder: <storage>/{sweep.name}   Ray: {_capacity_text(capacity)}; "
                                      f"concurrent trials: {cap}; longest first"]
+    shapes: dict[str, Any] = {}
+    too_big = []
     for index in plan.order:
-        axes = _axes_text(plan.cells[index].axes) or "(base)"
-        lines.append(f"  {names[index]}  {axes}  {plan.resources[index].describe()}")
+        cell, resources = plan.cells[index], plan.resources[index]
+        axes = _axes_text(cell.axes) or "(base)"
+        estimate = memory_estimate(cell.config, resources.rule, _model_shape(cell.config, shapes))
+        budget = gpu_budget_gb(resources.rule)
+        fits = "" if budget is None or estimate.total <= budget else f"  DOES NOT FIT {budget:g} GB"
+        lines.append(f"  {names[index]}  {axes}  {resources.describe()}  mem {estimate.describe()}{fits}")
+        if fits:
+            too_big.append(names[index])
+    if too_big:
+        lines.append(f"warning: {len(too_big)} trial(s) will not fit on their GPUs ({', '.join(too_big)}): "
+                     "more workers, ZeRO stage 3, offload (train.deepspeed) or a smaller batch")
     return "\n".join(lines)
+
+
+def _model_shape(config: TrialConfig, shapes: dict[str, Any]) -> Any:
+    """The model's shape (parameters counted without weights), once per model."""
+    from memray import models
+    from memray.distributed import ModelShape
+
+    key = json.dumps(config.model.model_dump(mode="json"), sort_keys=True)
+    if key not in shapes:
+        shapes[key] = ModelShape.from_config(models.model_config(config.model))
+    return shapes[key]
 
 
 def run_sweep(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] | None = None,

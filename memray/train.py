@@ -34,6 +34,9 @@ from transformers.utils import logging as hf_logging
 from memray.config import TrainConfig
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+# transformers 5 renamed `gradient_checkpointing` (deprecated) to `activation_checkpointing`
+_CHECKPOINTING_ARG = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+                      else "gradient_checkpointing")
 
 
 class TrainingDiverged(RuntimeError):
@@ -230,12 +233,16 @@ def fit(
     resume_from: Path | None = None,
     progress: bool = True,
     deepspeed: dict | None = None,
+    gradient_checkpointing: bool = False,
 ) -> None:
     """Train `model` on `train_ids` for `train.epochs` epochs.
 
     `evaluate(epoch)` runs after each epoch on the model in memory; `on_epoch_end` runs
     after that epoch's checkpoint (if any) is written. `resume_from` continues from a
     checkpoint folder written by an earlier call (its epoch, optimizer and RNG state).
+    `deepspeed`: a DeepSpeed config (memray.distributed.deepspeed_config) when this is one
+    worker of a data-parallel trial; torch.distributed must already be set up.
+    `gradient_checkpointing`: recompute activations in the backward pass.
     """
     saving = train.checkpoints
     on_gpu = torch.cuda.is_available()
@@ -268,6 +275,7 @@ def fit(
         remove_unused_columns=False,
         use_cpu=not on_gpu,
         deepspeed=deepspeed,
+        **({_CHECKPOINTING_ARG: True} if gradient_checkpointing else {}),
         logging_nan_inf_filter=False,  # a NaN loss must fail the trial, not be hidden
         save_only_model=False,
     )

@@ -8,6 +8,11 @@ Every epoch (epoch 0 = before training) it measures validation loss / perplexity
 the membership-inference attacks on the same scored members and non-members, writes the
 per-sample scores, appends the metrics to `result.json`, and reports them together with
 the epoch's checkpoint folder. A trial that raises is marked failed with its reason.
+
+A data-parallel trial (`distributed`) runs this in every worker process: each trains its
+share of every batch under DeepSpeed ZeRO, rank 0 alone evaluates and writes the trial
+folder, and every rank calls `report` once per epoch (with rank 0's metrics there, the
+epoch alone elsewhere).
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ from transformers import set_seed
 
 from memray import attacks, data, extraction, methods, metrics, models, scoring
 from memray.config import TrialConfig
-from memray.results import CHECKPOINTS_DIR, TrialRecord, write_scores, write_table
-from memray.train import EpochEnd, fit, latest_checkpoint
+from memray.distributed import DEEPSPEED_FILE, Distributed, EvalReplica, deepspeed_config, resolve_zero
+from memray.results import CHECKPOINTS_DIR, TrialRecord, atomic_write_text, write_scores, write_table
+from memray.train import EpochEnd, fit, latest_checkpoint, use_bf16
 
 Report = Callable[[dict[str, float], "Path | None"], None]
 
@@ -50,6 +56,7 @@ def run_trial(
     cache_dir: Path | None = None,
     axes: dict[str, Any] | None = None,
     progress: bool = True,
+    distributed: Distributed | None = None,
 ) -> dict[str, float]:
     """Run one trial; return the metrics of its last epoch.
 
@@ -59,20 +66,27 @@ def run_trial(
     from the newest checkpoint in trial_dir, keeping the epochs already recorded.
     cache_dir: reference statistics and built-in base models (default `models.cache_dir()`).
     axes: the grid-cell values, recorded in result.json for reports.
+    distributed: this process's rank in a data-parallel trial (torch.distributed set up by
+    the caller; every rank passes the same arguments); None: a single-process trial.
     """
     trial_dir = Path(trial_dir) if trial_dir else default_trial_dir(config)
     record = TrialRecord.open(trial_dir) if resume else TrialRecord(trial_dir / "result.json")
-    if resume and _finished(record, config):
-        return dict(record.epochs[-1])  # already done: nothing is re-run
+    finished = resume and _finished(record, config)
     checkpoints_dir = trial_dir / CHECKPOINTS_DIR
-    resume_from = latest_checkpoint(checkpoints_dir) if resume else None
+    resume_from = latest_checkpoint(checkpoints_dir) if resume and not finished else None
+    if distributed is not None:  # what rank 0 found before it writes anything
+        finished, resume_from, record.data = distributed.from_lead(finished, resume_from, record.data)
+        record.readonly = not distributed.lead
+    if finished:
+        return dict(record.epochs[-1])  # already done: nothing is re-run
     if resume_from is None:
         record.data["epochs"] = []
     record.start(config.resolved(), config.trial_id(), axes)
     if resume_from is not None:
         record.keep_epochs_up_to(_checkpoint_epoch(resume_from))
     try:
-        final = _run(config, record, report, resume_from, Path(cache_dir) if cache_dir else None, progress)
+        final = _run(config, record, report, resume_from, Path(cache_dir) if cache_dir else None, progress,
+                     distributed)
     except BaseException as err:  # KeyboardInterrupt too: the record must say why it stopped
         record.finish("failed", f"{type(err).__name__}: {err}")
         raise
@@ -91,10 +105,13 @@ def _checkpoint_epoch(checkpoint: Path) -> int:
 
 
 def _run(config: TrialConfig, record: TrialRecord, report: Report | None, resume_from: Path | None,
-         cache_dir: Path | None, progress: bool) -> dict[str, float]:
+         cache_dir: Path | None, progress: bool, distributed: Distributed | None) -> dict[str, float]:
     set_seed(config.seed)
     source = str(record.trial_dir / "config.yaml")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # a worker of a data-parallel trial has had its GPU set as the current one
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    lead = distributed is None or distributed.lead
+    progress = progress and lead
     tokenizer = models.load_tokenizer(config.model)
     split = data.load_split(config.data, config.seed, tokenizer, source)
     max_length = config.data.max_length
@@ -109,7 +126,7 @@ def _run(config: TrialConfig, record: TrialRecord, report: Report | None, resume
 
     model = models.load_model(config.model, dtype=_dtype(config)).to(device)
     reference = None
-    if any(a.name == "ref" for a in config.attacks):
+    if lead and any(a.name == "ref" for a in config.attacks):
         reference = _reference_stats(config, split.split_hash, scored, scored_ids, model, cache_dir)
     model, info = methods.apply_method(model, config.method, source)
     record.update(split_hash=split.split_hash, method_info=info.__dict__,
@@ -119,11 +136,23 @@ def _run(config: TrialConfig, record: TrialRecord, report: Report | None, resume
     if progress:
         print(f"[memray] {record.trial_dir.name}: {info.trained}; "
               f"{info.trainable_params:,} of {info.total_params:,} parameters trained", file=sys.stderr)
+    zero, replica, deepspeed = None, None, None
+    if distributed is not None:
+        zero = resolve_zero(config.train.deepspeed, info.total_params)
+        deepspeed = deepspeed_config(config.train, zero, distributed.world_size, use_bf16(config.train.precision), info.lr)
+        record.update(distributed={"workers": distributed.world_size, "zero": zero.model_dump(mode="json"),
+                                   "global_batch_size": deepspeed["train_batch_size"]})
+        if lead:
+            atomic_write_text(record.trial_dir / DEEPSPEED_FILE, json.dumps(deepspeed, indent=2) + "\n")
+        if zero.stage == 3:
+            replica = EvalReplica(model, lead)
 
     is_member = np.array([True] * len(scored_members) + [False] * len(scored_nonmembers))
     copies = np.array([s.copies for s in scored])
 
-    def evaluate(epoch: int) -> dict[str, float]:
+    def evaluate(epoch: int, model: torch.nn.Module) -> dict[str, float]:
+        if not lead:
+            return {"epoch": epoch}  # rank 0 measures; the others only keep in step
         was_training = model.training
         model.eval()  # dropout off for every measurement of this epoch
         score_kwargs = dict(batch_size=config.eval.batch_size, vocab_chunk=config.eval.vocab_chunk,
@@ -173,11 +202,15 @@ def _run(config: TrialConfig, record: TrialRecord, report: Report | None, resume
             report(dict(epoch_metrics), checkpoint)
 
     if 0 not in record.done_epochs():
-        finish_epoch(evaluate(0), None)
+        finish_epoch(evaluate(0, model), None)
 
     def evaluate_after_training(epoch: int) -> None:
         elapsed = time.perf_counter() - clock["start"]
-        pending.update(evaluate(epoch))
+        if replica is None:
+            pending.update(evaluate(epoch, model))
+        else:  # ZeRO-3: every rank gathers the weights into rank 0's copy
+            pending.update(evaluate(epoch, replica.refresh(model, device)))
+            replica.offload()
         pending["perf/train_tokens_per_s"] = tokens_per_epoch / max(elapsed, 1e-9)
         pending["perf/peak_mem_gb"] = _peak_memory_gb()
 
@@ -191,7 +224,8 @@ def _run(config: TrialConfig, record: TrialRecord, report: Report | None, resume
         clock["start"] = time.perf_counter()
         fit(model, tokenizer, train_ids, config.train, lr=info.lr, seed=config.seed,
             checkpoints_dir=record.trial_dir / CHECKPOINTS_DIR, evaluate=evaluate_after_training,
-            on_epoch_end=on_epoch_end, resume_from=resume_from, progress=progress)
+            on_epoch_end=on_epoch_end, resume_from=resume_from, progress=progress, deepspeed=deepspeed,
+            gradient_checkpointing=bool(zero and zero.activation_checkpointing))
     return dict(record.epochs[-1])
 
 

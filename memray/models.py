@@ -201,6 +201,18 @@ def _unavailable(model: ModelConfig, source: str, err: Exception) -> ConfigError
 # ---------------------------------------------------------------------------------------
 
 
+#: Config attributes of models that change the logits after the output layer (Gemma's final
+#: logit soft-capping, Cohere's logit_scale, Granite's logits_scaling, Falcon-H1's multiplier).
+POST_HEAD_ATTRIBUTES = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier")
+
+
+def transforms_logits_after_head(config: PretrainedConfig) -> bool:
+    """Whether the model's logits are more than its output layer's output (so code that
+    applies the output layer's weight itself must not be used on it)."""
+    text = config.get_text_config()
+    return any(getattr(text, name, None) is not None for name in POST_HEAD_ATTRIBUTES)
+
+
 def load_model(model: ModelConfig, dtype: torch.dtype = torch.float32, source: str = "config") -> PreTrainedModel:
     """The model a trial starts from, on CPU, in `dtype`.
 

@@ -42,9 +42,8 @@ import torch
 from filelock import FileLock
 from torch import nn
 
-#: Config attributes of models that change the logits after the output layer; for these
-#: the Identity trick would skip that step, so they are scored on real logits.
-_POST_HEAD_ATTRIBUTES = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier")
+from memray.models import transforms_logits_after_head
+
 
 #: Positions per float32 tile on the real-logits paths: 256 x 128k vocab x 4 B = 128 MB.
 _ROWS_PER_TILE = 256
@@ -166,7 +165,7 @@ def _output_layer(model: nn.Module) -> Iterator[nn.Module | None]:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT -> HF model
     head = base.get_output_embeddings()
     config = base.config.get_text_config()
-    if head is None or any(getattr(config, name, None) is not None for name in _POST_HEAD_ATTRIBUTES):
+    if head is None or transforms_logits_after_head(config):  # the Identity trick would skip that step
         yield None
         return
     base.set_output_embeddings(nn.Identity())

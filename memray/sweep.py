@@ -593,17 +593,9 @@ def run_cell(params: dict[str, Any], context: SweepContext) -> None:
         if context.fault == (index, int(metrics["epoch"])):
             raise RuntimeError(f"fault injected by {FAULT_ENV} at epoch {int(metrics['epoch'])}")
 
-    try:
-        final = run_trial(cell.config, report, trial_dir=trial_dir, resume=True, cache_dir=Path(context.cache_dir),
-                          axes=cell.axes, progress=False)
-    except BaseException:
-        run.finish(trial_dir, None)
-        if mirror:
-            mirror.upload()
-        raise
-    run.finish(trial_dir, final)
-    if mirror:
-        mirror.upload()
+    _run_and_finish(run, mirror, trial_dir, lambda: run_trial(
+        cell.config, report, trial_dir=trial_dir, resume=True, cache_dir=Path(context.cache_dir), axes=cell.axes,
+        progress=False))
 
 
 def _run_workers(index: int, rule: ResourceRule, context: SweepContext) -> None:
@@ -720,9 +712,16 @@ def _train_worker(params: dict[str, Any]) -> None:
         if context.fault == (index, int(metrics["epoch"])) and rank == world - 1:
             os._exit(1)  # a worker process lost, as when its node goes away
 
+    _run_and_finish(run, mirror, trial_dir, lambda: run_trial(
+        cell.config, report, trial_dir=trial_dir, resume=True, cache_dir=Path(context.cache_dir), axes=cell.axes,
+        progress=False, distributed=Distributed(rank, world)))
+
+
+def _run_and_finish(run: "WandbTrial", mirror: "_Mirror | None", trial_dir: Path,
+                    trial: Callable[[], Mapping[str, float] | None]) -> None:
+    """Run the trial; whatever happens, close its W&B run and mirror its folder to storage."""
     try:
-        final = run_trial(cell.config, report, trial_dir=trial_dir, resume=True, cache_dir=Path(context.cache_dir),
-                          axes=cell.axes, progress=False, distributed=Distributed(rank, world))
+        final = trial()
     except BaseException:
         run.finish(trial_dir, None)
         if mirror:

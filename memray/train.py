@@ -32,6 +32,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from memray.config import TrainConfig
+from memray.models import transforms_logits_after_head
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 # transformers 5 renamed `gradient_checkpointing` (deprecated) to `activation_checkpointing`
@@ -61,9 +62,6 @@ class TokenDataset(Dataset):
 CHUNKED_LOSS_VOCAB = 32768
 #: Positions per block of the chunked loss: 1024 x 128k vocabulary x 4 B = 512 MB at most.
 CHUNKED_LOSS_ROWS = 1024
-#: Config attributes of models that change the logits after the output layer (the chunked
-#: loss would skip that step): those models keep the standard loss.
-_POST_HEAD_ATTRIBUTES = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier")
 
 
 class ChunkedLoss:
@@ -89,9 +87,8 @@ class ChunkedLoss:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         head = base.get_output_embeddings()
         config = base.config.get_text_config()
-        if not isinstance(head, torch.nn.Linear) or any(getattr(config, a, None) is not None
-                                                         for a in _POST_HEAD_ATTRIBUTES):
-            return False
+        if not isinstance(head, torch.nn.Linear) or transforms_logits_after_head(config):
+            return False  # the chunked loss would skip what such a model does after its output layer
         return train.chunked_loss == "on" or head.out_features >= CHUNKED_LOSS_VOCAB
 
     @classmethod

@@ -20,7 +20,7 @@ busy machine even when the absolute numbers drift:
 
 Models: any alias, built-in or config (`--model`). The weights are random (speed does not
 depend on them) and nothing is downloaded: the study aliases are built from their
-published shapes (`MODEL_SHAPES`), a hub id or local path from its config (local cache or
+published shapes (`memray.models.PUBLISHED_CONFIGS`), a hub id or local path from its config (local cache or
 folder). Token ids are random, sample lengths uniform in [L/2, L] with L = 128 for the
 built-ins (the trial default) and 512 for the rest (the studies' length); the built-in
 tokenizer serves only to pad.
@@ -67,8 +67,6 @@ from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     DataCollatorForLanguageModeling,
-    GPT2Config,
-    LlamaConfig,
     PretrainedConfig,
     PrinterCallback,
     Trainer,
@@ -83,22 +81,6 @@ from memray.train import TokenDataset, fit
 
 SECTIONS = ("scoring", "training", "sweep", "reference_cache")
 METHOD_NAMES = ("full", "head", "lora", "prefix", "prompt", "ptuning")
-
-#: The study models' shapes (from their published config.json), so that a model of the
-#: right size can be built with random weights and no download.
-MODEL_SHAPES: dict[str, Callable[[], PretrainedConfig]] = {
-    "gpt2": lambda: GPT2Config(n_layer=12, n_embd=768, n_head=12),
-    "gpt2-medium": lambda: GPT2Config(n_layer=24, n_embd=1024, n_head=16),
-    "gpt2-large": lambda: GPT2Config(n_layer=36, n_embd=1280, n_head=20),
-    "gpt2-xl": lambda: GPT2Config(n_layer=48, n_embd=1600, n_head=25),
-    "llama-3.2-1b": lambda: LlamaConfig(
-        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
-        rope_theta=500000.0, tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001),
-    "llama-2-7b": lambda: LlamaConfig(
-        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, tie_word_embeddings=False),
-}
 
 #: Dense bf16 peak TFLOP/s by GPU name (vendors' datasheets); the first matching key wins.
 PEAK_BF16_TFLOPS: tuple[tuple[tuple[str, ...], float], ...] = (
@@ -127,11 +109,7 @@ AGREEMENT_ATOL = 1e-5
 def bench_model_config(name: str) -> PretrainedConfig:
     """The config of `name` (alias, built-in, hub id in the local cache, or local folder)."""
     model = validate(ModelConfig, {"name": name}, "--model", "model")
-    if name in BUILTIN_MODELS:
-        return models.tiny_config(name)
-    if name in MODEL_SHAPES:
-        return MODEL_SHAPES[name]()
-    return models.model_config(model, "--model")
+    return models.model_config(model, "--model", published=True)
 
 
 def random_model(config: PretrainedConfig, device: torch.device, seed: int = 0) -> nn.Module:

@@ -253,29 +253,22 @@ def estimate_memory(shape: ModelShape, *, trainable_params: float | None = None,
 # ZeRO throughput benchmark
 # ---------------------------------------------------------------------------------------
 
-#: Model shapes for the benchmark (random weights, nothing downloaded).
-BENCH_SHAPES: dict[str, dict[str, Any]] = {
-    "tiny": {"kind": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 4, "vocab_size": 1024,
-             "bos_token_id": 0, "eos_token_id": 0},
-    "gpt2": {"kind": "gpt2", "n_layer": 12, "n_embd": 768, "n_head": 12},
-    "gpt2-medium": {"kind": "gpt2", "n_layer": 24, "n_embd": 1024, "n_head": 16},
-    "gpt2-large": {"kind": "gpt2", "n_layer": 36, "n_embd": 1280, "n_head": 20},
-    "gpt2-xl": {"kind": "gpt2", "n_layer": 48, "n_embd": 1600, "n_head": 25},
-    "llama-1b": {"kind": "llama", "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
-                 "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256},
-    "llama-7b": {"kind": "llama"},  # LlamaConfig's defaults are Llama-2-7B's shape
-}
+#: A shape for quick runs on a CPU, beside the study aliases' published shapes.
+TINY_SHAPE = {"n_layer": 2, "n_embd": 128, "n_head": 4, "vocab_size": 1024, "bos_token_id": 0, "eos_token_id": 0}
 
 
 def bench_config(name: str) -> Any:
-    """The transformers config of a BENCH_SHAPES entry."""
-    from transformers import GPT2Config, LlamaConfig
+    """The transformers config of `tiny` or a study alias (its published shape; random
+    weights, nothing downloaded)."""
+    from transformers import GPT2Config
 
-    if name not in BENCH_SHAPES:
-        raise ValueError(f"{name!r} is not one of {', '.join(BENCH_SHAPES)}")
-    fields = dict(BENCH_SHAPES[name])
-    kind = fields.pop("kind")
-    return GPT2Config(**fields) if kind == "gpt2" else LlamaConfig(**fields)
+    from memray.models import PUBLISHED_CONFIGS
+
+    if name == "tiny":
+        return GPT2Config(**TINY_SHAPE)
+    if name not in PUBLISHED_CONFIGS:
+        raise ValueError(f"{name!r} is not one of tiny, {', '.join(PUBLISHED_CONFIGS)}")
+    return PUBLISHED_CONFIGS[name]()
 
 
 def flops_per_token(shape: ModelShape, seq_len: int) -> float:
@@ -376,7 +369,8 @@ def zero_throughput(model_config: Any, *, stage: int = 3, steps: int = 20, warmu
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m memray.distributed", description=__doc__.splitlines()[0])
     parser.add_argument("--bench", action="store_true", help="run the ZeRO throughput benchmark")
-    parser.add_argument("--model-shape", default="gpt2-xl", choices=list(BENCH_SHAPES))
+    parser.add_argument("--model-shape", default="gpt2-xl",
+                        choices=["tiny", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "llama-3.2-1b", "llama-2-7b"])
     parser.add_argument("--stage", type=int, default=3, choices=[1, 2, 3])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)

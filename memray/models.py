@@ -26,6 +26,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -152,10 +153,33 @@ def tiny_config(name: str) -> PretrainedConfig:
     raise ValueError(f"{name!r} is not a built-in model ({', '.join(BUILTIN_MODELS)})")
 
 
-def model_config(model: ModelConfig, source: str = "config") -> PretrainedConfig:
-    """The model's config without its weights (for pre-flight checks); ConfigError if unavailable."""
+#: The study aliases' shapes, as in their published config.json: a model of the right size
+#: with random weights (benchmarks), or a dry run's estimate, with nothing downloaded.
+PUBLISHED_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
+    "gpt2": lambda: GPT2Config(n_layer=12, n_embd=768, n_head=12),
+    "gpt2-medium": lambda: GPT2Config(n_layer=24, n_embd=1024, n_head=16),
+    "gpt2-large": lambda: GPT2Config(n_layer=36, n_embd=1280, n_head=20),
+    "gpt2-xl": lambda: GPT2Config(n_layer=48, n_embd=1600, n_head=25),
+    "llama-3.2-1b": lambda: LlamaConfig(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+        rope_theta=500000.0, tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001),
+    "llama-2-7b": lambda: LlamaConfig(
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, tie_word_embeddings=False),
+}
+
+
+def model_config(model: ModelConfig, source: str = "config", published: bool = False) -> PretrainedConfig:
+    """The model's config without its weights (for pre-flight checks); ConfigError if unavailable.
+
+    published: a study alias (at its default revision) gets its published shape without
+    looking at the cache or the hub (a dry run on a machine that has not downloaded it).
+    """
     if model.name in BUILTIN_MODELS:
         return tiny_config(model.name)
+    if published and model.name in PUBLISHED_CONFIGS and model.revision is None:
+        return PUBLISHED_CONFIGS[model.name]()
     where = hub_source(model)
     if _is_local(where):
         folder = Path(where).expanduser()

@@ -51,6 +51,7 @@ import yaml
 
 from memray.config import (
     Cell,
+    MODEL_ALIASES,
     ConfigError,
     LoraMethod,
     ResourceRule,
@@ -743,9 +744,10 @@ def trial_names(cells: list[Cell]) -> dict[int, str]:
     return {cell.index: f"{cell.index:0{width}d}-{cell.config.slug()}" for cell in cells}
 
 
-def check_cells(cells: list[Cell], source: str) -> None:
+def check_cells(cells: list[Cell], source: str, published: bool = False) -> None:
     """Check each distinct model and method of the grid as `memray trial` does (names,
-    placements that the model has), before any trial starts."""
+    placements that the model has), before any trial starts. published (dry runs): the
+    study aliases are checked against their published shapes, not looked up."""
     from memray import methods, models
 
     seen: set[str] = set()
@@ -756,8 +758,7 @@ def check_cells(cells: list[Cell], source: str) -> None:
             continue
         seen.add(key)
         where = f"{source} (grid cell {cell.index})"
-        models.check_model(cell.config.model, where)
-        methods.check_method(models.model_config(cell.config.model), cell.config.method, where)
+        methods.check_method(models.model_config(cell.config.model, where, published), cell.config.method, where)
 
 
 @dataclass
@@ -910,11 +911,12 @@ def _where_text(folder: SweepFolder, context: SweepContext) -> str:
     return "\n".join(lines)
 
 
-def _load(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] | None) -> tuple[SweepConfig, list[Cell], dict]:
+def _load(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] | None,
+          published: bool = False) -> tuple[SweepConfig, list[Cell], dict]:
     parsed = _parse_overrides(overrides)
     sweep, cells = load_sweep(path, parsed)
     check_rules(sweep.resources, cells, str(path))
-    check_cells(cells, str(path))
+    check_cells(cells, str(path), published)
     return sweep, cells, parsed
 
 
@@ -939,7 +941,7 @@ def dry_run_text(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] 
     """Validate the whole sweep and describe it: "N trials", then one line per trial (in
     the order they will start) with its axes and resources. Without `address` the
     resources are those of a local Ray on this machine; with one, of that cluster."""
-    sweep, cells, _ = _load(path, overrides)
+    sweep, cells, _ = _load(path, overrides, published=True)
     if address is None:
         capacity = _local_capacity(num_cpus)
         nodes = [capacity]
@@ -950,7 +952,9 @@ def dry_run_text(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] 
             import ray
 
             ray.shutdown()
-    plan = plan_sweep(sweep, cells, str(path), capacity, nodes, strict=address is None)
+    with warnings.catch_warnings(record=True) as unplaceable:  # listed below: a dry run shows the whole plan
+        warnings.simplefilter("always")
+        plan = plan_sweep(sweep, cells, str(path), capacity, nodes, strict=False)
     names = trial_names(cells)
     cap = plan.max_concurrent or "no cap (every trial reserves all it uses)"
     lines = [f"{len(cells)} trials", f"sweep folder: <storage>/{sweep.name}   Ray: {_capacity_text(capacity)}; "
@@ -969,6 +973,15 @@ def dry_run_text(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] 
     if too_big:
         lines.append(f"warning: {len(too_big)} trial(s) will not fit on their GPUs ({', '.join(too_big)}): "
                      "more workers, ZeRO stage 3, offload (train.deepspeed) or a smaller batch")
+    if unplaceable:
+        where = "this machine's local Ray" if address is None else "this cluster"
+        lines.append(f"warning: {len(unplaceable)} trial(s) need more than any node of {where} has "
+                     f"(`memray run` {'refuses to start' if address is None else 'waits for an autoscaler'}); "
+                     f"first: {unplaceable[0].message}")
+    aliases = sorted({c.config.model.name for c in cells if c.config.model.name in MODEL_ALIASES})
+    if aliases:
+        lines.append(f"models {', '.join(aliases)}: their published shapes; `memray run` checks that they load "
+                     "(local cache, or the hub)")
     return "\n".join(lines)
 
 
@@ -979,7 +992,7 @@ def _model_shape(config: TrialConfig, shapes: dict[str, Any]) -> Any:
 
     key = json.dumps(config.model.model_dump(mode="json"), sort_keys=True)
     if key not in shapes:
-        shapes[key] = ModelShape.from_config(models.model_config(config.model))
+        shapes[key] = ModelShape.from_config(models.model_config(config.model, published=True))
     return shapes[key]
 
 

@@ -165,8 +165,8 @@ def test_dry_run_shows_workers_memory_per_gpu_and_what_does_not_fit(tmp_path, mo
     assert "concurrent trials: 3" in text  # 3 CPUs + 2 GPUs for the 2-worker trial, 1 CPU for each other
     # the same trial at GPT-2 XL shape with batch 64 x 1024 tokens on two 24 GB GPUs does not fit
     path.write_text(path.read_text().replace("gpus_per_worker: 1", "gpus_per_worker: 1, gpu_memory_gb: 24"))
-    monkeypatch.setattr(models, "model_config", lambda model, source="config": GPT2Config(n_layer=48, n_embd=1600,
-                                                                                         n_head=25))
+    monkeypatch.setattr(models, "model_config", lambda model, source="config", published=False: GPT2Config(
+        n_layer=48, n_embd=1600, n_head=25))
     text = sweep.dry_run_text(path, ["train.batch_size=64"])
     full = next(line for line in text.splitlines() if "method=full" in line)
     assert "DOES NOT FIT 24 GB" in full

@@ -138,6 +138,23 @@ def test_every_sweep_file_validates_and_expands(path):
     assert len(set(trial_names(cells).values())) == len(cells)  # one folder per trial
 
 
+def test_dry_run_of_a_study_sweep_needs_no_download_and_shows_the_whole_plan(monkeypatch):
+    # offline, and none of the study models in the cache: the published shapes stand in
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    text = sweep.dry_run_text(REPO / "sweeps" / "hou2025.yaml", num_cpus=2)
+    lines = text.splitlines()
+    assert lines[0] == "90 trials"
+    trials = [line for line in lines if line.startswith("  ")]
+    assert len(trials) == 90 and all("mem ~" in line for line in trials)
+    assert "llama-2-7b" in trials[0]  # the longest trials start first
+    seven_b = float(trials[0].split("mem ~")[1].split(" GB")[0])
+    small = float(next(t for t in trials if "model.name=gpt2 " in t).split("mem ~")[1].split(" GB")[0])
+    assert seven_b > 5 * small
+    # a laptop without GPUs cannot run it: said, not raised (the plan is still shown)
+    assert any(line.startswith("warning: 90 trial(s) need more than any node") for line in lines)
+    assert "models gpt2, gpt2-large, gpt2-medium, gpt2-xl, llama-2-7b, llama-3.2-1b: their published shapes" in text
+
+
 def test_dry_run_lists_demo_cells_longest_first_with_resources():
     text = sweep.dry_run_text(REPO / "sweeps" / "demo.yaml", ["train.epochs=2"], num_cpus=2)
     lines = text.splitlines()

@@ -217,7 +217,11 @@ def _trial_worker(rank: int, world: int, port: int, stage: int, trial_dir: str, 
     run_trial(equivalence_trial(Path(trial_dir).parent, 4, stage), lambda m, c: reports.append(m),
               trial_dir=Path(trial_dir), progress=False, distributed=Distributed(rank, world))
     Path(f"{reports_file}.{rank}").write_text(json.dumps(reports))
-    dist.destroy_process_group()
+    dist.barrier()
+    # Leave without interpreter teardown: a communication thread (gloo / DeepSpeed's shared-memory
+    # op) can abort the process there (std::terminate) after all the work is done and written,
+    # which mp.spawn would report as a failed worker (Ray ends its Train workers by killing them).
+    os._exit(0)
 
 
 def run_two_workers(stage: int, trial_dir: Path) -> list[list[dict]]:

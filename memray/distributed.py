@@ -400,4 +400,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # no interpreter teardown: a communication thread (gloo, DeepSpeed's shared-memory op) can
+    # abort the process there after the result is written
+    os._exit(code)

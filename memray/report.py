@@ -712,6 +712,16 @@ def _ticks_at(axis, values: list[float], labels: list[str]) -> None:
     axis.set_minor_locator(NullLocator())
 
 
+def _finish_grid(figure, axes_grid, used: int, title: str, path: Path) -> Path:
+    """Hide the grid's panels past the first `used`, title it, add the legend, save it."""
+    cols = len(axes_grid[0])
+    for index in range(used, len(axes_grid) * cols):
+        axes_grid[index // cols][index % cols].set_visible(False)
+    figure.suptitle(title)
+    _legend(figure, axes_grid)
+    return _save(figure, path)
+
+
 def _save(figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, format="png")
@@ -910,11 +920,7 @@ def plot_roc(trials: list[Trial], dataset: str, model: str, variants: list[str],
         ax.set_xlabel("false-positive rate (log scale)")
         ax.set_ylabel("true-positive rate (log scale)")
         ax.grid(alpha=0.3, which="both")
-    for index in range(len(panels), rows * cols):
-        axes[index // cols][index % cols].set_visible(False)
-    figure.suptitle(f"ROC curves, {dataset}, {model} (dotted: chance)")
-    _legend(figure, axes)
-    return _save(figure, path)
+    return _finish_grid(figure, axes, len(panels), f"ROC curves, {dataset}, {model} (dotted: chance)", path)
 
 
 def _duplication_panels(trials: list[Trial]) -> list[str]:
@@ -970,11 +976,7 @@ def plot_duplication(trials: list[Trial], dataset: str, colors: dict, path: Path
         ax.set_xlabel("copies in the training data (log scale)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, which="both")
-    for index in range(len(panels), rows * cols):
-        axes[index // cols][index % cols].set_visible(False)
-    figure.suptitle(f"Memorization vs duplication, {dataset} (final epoch, mean over seeds)")
-    _legend(figure, axes)
-    return _save(figure, path)
+    return _finish_grid(figure, axes, len(panels), f"Memorization vs duplication, {dataset} (final epoch, mean over seeds)", path)
 
 
 def _duplicate_title(key: str) -> str:

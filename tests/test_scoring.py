@@ -14,7 +14,7 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from memray.scoring import TokenStats, reference_stats, score_tokens, tokenize_texts
+from memray.scoring import TokenStats, reference_stats, score_tokens, tile_shape, tokenize_texts
 
 VOCAB = 300
 LENGTHS = [7, 2, 12, 5, 12, 9, 3]  # mixed lengths: every batch below needs padding
@@ -77,6 +77,21 @@ def test_matches_slow_path(make_model, batch_size, vocab_chunk):
     assert max(s.sigma.max() for s in slow) > 1.0  # the distributions are not near uniform
     fast = score_tokens(model, token_ids, batch_size=batch_size, vocab_chunk=vocab_chunk)
     assert_same(fast, slow)  # same numbers, in the input order
+
+
+def test_tiles_of_many_rows_and_vocabulary_chunks_match_the_slow_path():
+    # more positions than one tile holds (1024) and a vocabulary wider than a CPU tile's
+    # columns (512) and not a multiple of them: rows and columns are both split
+    torch.manual_seed(0)
+    vocab = 1300
+    model = sharpen(GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=128, n_embd=32, n_layer=1,
+                                               n_head=2)).eval())
+    rng = np.random.default_rng(2)
+    token_ids = [rng.integers(1, vocab, size=int(n)).tolist() for n in rng.integers(60, 121, size=14)]
+    assert sum(len(ids) - 1 for ids in token_ids) > 1024
+    slow = [slow_stats(model, ids) for ids in token_ids]
+    assert_same(score_tokens(model, token_ids, batch_size=16, vocab_chunk=8192), slow)
+    assert tile_shape("cpu", 8192) == (1024, 512) and tile_shape("cuda", 8192) == (1024, 8192)
 
 
 def test_order_is_the_input_order():

@@ -74,6 +74,21 @@ def test_pretrained_base_is_built_once_cached_and_knows_english(memray_cache):
     assert base.config.name_or_path == str(path)
 
 
+def test_loaded_models_run_the_fused_gelu_with_the_same_outputs(tmp_path):
+    from transformers.activations import ACT2CLS
+
+    loaded = models.load_model(model_config(name="tiny-gpt2", pretrained=False)).eval()
+    original = models.random_tiny("tiny-gpt2").eval()  # the transformers module, Python gelu_new
+    acts = [type(block.mlp.act) for block in loaded.transformer.h]
+    assert acts == [ACT2CLS["gelu_pytorch_tanh"]] * len(loaded.transformer.h)
+    assert type(original.transformer.h[0].mlp.act) is ACT2CLS["gelu_new"]
+    ids = torch.randint(1, 4096, (3, 40), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, original(input_ids=ids).logits, atol=1e-5, rtol=0)
+    loaded.save_pretrained(tmp_path)  # the config still names the model's own activation
+    assert json.loads((tmp_path / "config.json").read_text())["activation_function"] == "gelu_new"
+
+
 def test_model_identity_keys_the_reference_cache():
     base = models.model_identity(model_config(name="tiny-gpt2"))
     random = models.model_identity(model_config(name="tiny-gpt2", pretrained=False))

@@ -23,20 +23,16 @@ depend on them) and nothing is downloaded: the study aliases are built from thei
 published shapes (`memray.models.PUBLISHED_CONFIGS`), a hub id or local path from its config (local cache or
 folder). Token ids are random, sample lengths uniform in [L/2, L] with L = 128 for the
 built-ins (the trial default) and 512 for the rest (the studies' length); the built-in
-tokenizer serves only to pad.
+tokenizer serves only to pad. memray's rows run the model as a trial loads it (GELU fused,
+`memray.models.fuse_activations`), the baselines as transformers builds it.
 
 Peak memory is the peak above what was in use when a part started: on CUDA
 `torch.cuda.max_memory_allocated`; on CPU the process's peak resident set size (Linux
 `VmHWM`), reset through `/proc/self/clear_refs` after `malloc_trim` gives freed heap back,
 so each part's peak is its own (None where that is not available).
 
-MFU counts 2N FLOPs per token for a forward pass, N the parameters used in matrix products
-(embedding tables excluded, the output layer included): 6N for full fine-tuning, 4N plus
-2 x trainable for methods that back-propagate through a frozen body (LoRA, prefix,
-prompt, P-tuning), 2N plus 2 x output layer for head-only; attention adds
-12 x layers x hidden x context per token when trained (4 x ... forward only), context
-being the token-weighted mean sample length (PaLM's convention, causal masking not
-discounted). Peak rates are dense bf16 from the vendors' datasheets (`PEAK_BF16_TFLOPS`).
+MFU: `memray.flops` (the
+model FLOPs per token and the GPUs' peak rates; trials report `perf/mfu` with the same).
 """
 
 from __future__ import annotations
@@ -44,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import functools
 import gc
 import io
 import json
@@ -75,6 +72,8 @@ from transformers import (
 )
 
 from memray import attacks, methods, models, scoring
+from memray.flops import (attention_flops, mean_context, matmul_params, peak_tflops,  # noqa: F401 (re-exported)
+                          train_flops_per_token)
 from memray.config import (BUILTIN_MODELS, AttackConfig, ConfigError, EvalConfig, MethodConfig, ModelConfig, TrainConfig,
                            validate)
 from memray.train import TokenDataset, fit
@@ -82,20 +81,10 @@ from memray.train import TokenDataset, fit
 SECTIONS = ("scoring", "training", "sweep", "reference_cache")
 METHOD_NAMES = ("full", "head", "lora", "prefix", "prompt", "ptuning")
 
-#: Dense bf16 peak TFLOP/s by GPU name (vendors' datasheets); the first matching key wins.
-PEAK_BF16_TFLOPS: tuple[tuple[tuple[str, ...], float], ...] = (
-    (("H200",), 989.4),
-    (("H100", "PCIe"), 756.0),
-    (("H100",), 989.4),  # SXM (nvidia-smi: "H100 80GB HBM3")
-    (("A100",), 312.0),
-    (("L40S",), 362.1),
-    (("L4",), 121.0),
-)
-
 #: Attacks both scorers compute on the target model (`ref` needs a second model: its cost
 #: is the reference-cache section's subject).
 SCORED_ATTACKS = ("loss", "zlib", "mink", "mink++")
-#: The low-memory scorer setting: fewer samples per pass, narrower vocabulary tiles.
+#: The low-memory scorer setting on a GPU: fewer samples per pass, narrower vocabulary tiles.
 LEAN_BATCH, LEAN_VOCAB_CHUNK = 4, 1024
 #: Score agreement required between the two scorers where both run in float32 (CPU).
 AGREEMENT_ATOL = 1e-5
@@ -134,46 +123,6 @@ def random_samples(count: int, max_length: int, vocab_size: int, seed: int) -> l
 def stand_in_text(ids: list[int]) -> str:
     """A text for zlib's compressed length: random ids have no tokenizer to decode them."""
     return " ".join(map(str, ids))
-
-
-def matmul_params(model: nn.Module) -> int:
-    """Parameters used in matrix products: all but embedding tables, the output layer included."""
-    embeddings = {id(p) for module in model.modules() if isinstance(module, nn.Embedding) for p in module.parameters()}
-    head = model.get_output_embeddings().weight
-    return sum(p.numel() for p in model.parameters() if id(p) not in embeddings or p is head)
-
-
-def attention_flops(config: PretrainedConfig, context: float, trained: bool) -> float:
-    """Attention-score FLOPs per token (QK^T and AV), x3 when back-propagated."""
-    text = config.get_text_config()
-    forward = 4 * text.num_hidden_layers * text.hidden_size * context
-    return 3 * forward if trained else forward
-
-
-def train_flops_per_token(method: str, n_matmul: int, n_trainable: int, n_head: int, config: PretrainedConfig,
-                          context: float) -> float:
-    """Model FLOPs per trained token (see the module docstring)."""
-    if method == "full":
-        return 6 * n_matmul + attention_flops(config, context, trained=True)
-    if method == "head":
-        return 2 * n_matmul + 2 * n_head + attention_flops(config, context, trained=False)
-    return 4 * n_matmul + 2 * n_trainable + attention_flops(config, context, trained=True)
-
-
-def mean_context(token_ids: list[list[int]]) -> float:
-    """Token-weighted mean sample length: the context an average token attends over."""
-    return sum(len(ids) ** 2 for ids in token_ids) / max(sum(len(ids) for ids in token_ids), 1)
-
-
-def peak_tflops(device: torch.device) -> tuple[float | None, str | None]:
-    """(dense bf16 peak TFLOP/s, GPU name) of a CUDA device; (None, name) when unknown."""
-    if device.type != "cuda":
-        return None, None
-    name = torch.cuda.get_device_name(device)
-    for keys, tflops in PEAK_BF16_TFLOPS:
-        if all(key in name for key in keys):
-            return tflops, name
-    return None, name
 
 
 # ---------------------------------------------------------------------------------------
@@ -283,12 +232,27 @@ def naive_scores(model: nn.Module, token_ids: list[list[int]], texts: list[str],
     return scores
 
 
+@contextlib.contextmanager
+def as_trials_load_it(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` as `memray.models.load_model` gives it to a trial (GELU fused) for the
+    duration; the modules it had are put back afterwards, for the baselines."""
+    children = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()]
+    models.fuse_activations(model)
+    try:
+        yield model
+    finally:
+        for parent, name, child in children:
+            setattr(parent, name, child)
+
+
 def memray_scores(model: nn.Module, token_ids: list[list[int]], texts: list[str],
                   attack_configs: list[AttackConfig], batch_size: int, vocab_chunk: int) -> dict[str, np.ndarray]:
-    """Attack scores from memray's scorer: one batched pass for every attack's statistics."""
+    """Attack scores from memray's scorer, on the model as a trial loads it: one batched
+    pass for every attack's statistics."""
     need_vocab_stats = any(config.name == "mink++" for config in attack_configs)
-    stats = scoring.score_tokens(model, token_ids, batch_size=batch_size, vocab_chunk=vocab_chunk,
-                                 need_vocab_stats=need_vocab_stats)
+    with as_trials_load_it(model):
+        stats = scoring.score_tokens(model, token_ids, batch_size=batch_size, vocab_chunk=vocab_chunk,
+                                     need_vocab_stats=need_vocab_stats)
     return attacks.attack_scores(attack_configs, stats, texts, None)
 
 
@@ -299,22 +263,25 @@ def max_score_difference(left: dict[str, np.ndarray], right: dict[str, np.ndarra
 
 def bench_scoring(model: nn.Module, config: PretrainedConfig, device: torch.device, token_ids: list[list[int]],
                   repeats: int) -> dict[str, Any]:
-    """Scoring section: the naive scorer and memray's at two settings, interleaved `repeats` times."""
+    """Scoring section: the naive scorer and memray's at the trial defaults for this device
+    (and, on a GPU, at a low-memory setting), interleaved `repeats` times."""
     texts = [stand_in_text(ids) for ids in token_ids]
     attack_configs = [AttackConfig(name=name) for name in SCORED_ATTACKS]
     defaults = EvalConfig()
+    settings = {"memray": (defaults.batch_on(device.type), defaults.vocab_chunk)}
+    if device.type == "cuda":  # on a CPU the defaults are the lean setting already
+        settings["memray-lean"] = (LEAN_BATCH, LEAN_VOCAB_CHUNK)
     scorers: dict[str, tuple[dict[str, Any], Callable[[], dict[str, np.ndarray]]]] = {
         "naive": ({"batch_size": 1, "passes": len(attack_configs), "logits": "full float32"},
                   lambda: naive_scores(model, token_ids, texts, attack_configs)),
-        "memray": ({"batch_size": defaults.batch_size, "vocab_chunk": defaults.vocab_chunk, "passes": 1},
-                   lambda: memray_scores(model, token_ids, texts, attack_configs, defaults.batch_size,
-                                         defaults.vocab_chunk)),
-        "memray-lean": ({"batch_size": LEAN_BATCH, "vocab_chunk": LEAN_VOCAB_CHUNK, "passes": 1},
-                        lambda: memray_scores(model, token_ids, texts, attack_configs, LEAN_BATCH, LEAN_VOCAB_CHUNK)),
     }
+    for name, (batch, chunk) in settings.items():
+        rows, columns = scoring.tile_shape(device.type, chunk)
+        scorers[name] = ({"batch_size": batch, "vocab_chunk": chunk, "tile": f"{rows}x{columns}", "passes": 1},
+                         functools.partial(memray_scores, model, token_ids, texts, attack_configs, batch, chunk))
     warm = token_ids[:2]
     naive_scores(model, warm, texts[:2], attack_configs)  # first-call costs (kernels, allocator) out of the timings
-    memray_scores(model, warm, texts[:2], attack_configs, defaults.batch_size, defaults.vocab_chunk)
+    memray_scores(model, warm, texts[:2], attack_configs, *settings["memray"])
     seconds: dict[str, list[float]] = {name: [] for name in scorers}
     peaks: dict[str, list[int]] = {name: [] for name in scorers}
     results: dict[str, dict[str, np.ndarray]] = {}
@@ -420,6 +387,8 @@ def bench_training(config: PretrainedConfig, device: torch.device, token_ids: li
     for method_name in method_names:
         for loop in ("memray", "default-trainer"):
             model = random_model(config, device)
+            if loop == "memray":
+                models.fuse_activations(model)  # as `models.load_model` gives it to a trial
             n_matmul, n_head = matmul_params(model), model.get_output_embeddings().weight.numel()
             wrapped, info = methods.apply_method(model, _method_config(method_name), "--methods")
             row: dict[str, Any] = {"method": method_name, "loop": loop, "trainable_params": info.trainable_params}
@@ -530,7 +499,8 @@ def bench_reference_cache(model: nn.Module, token_ids: list[list[int]], trials: 
     statistics on the same samples; scored once per trial, or once and then read from the
     cache (`memray.scoring.reference_stats`, as memray's trials do)."""
     defaults = EvalConfig()
-    kwargs = {"batch_size": defaults.batch_size, "vocab_chunk": defaults.vocab_chunk, "need_vocab_stats": False}
+    kwargs = {"batch_size": defaults.batch_on(device.type), "vocab_chunk": defaults.vocab_chunk,
+              "need_vocab_stats": False}
     started = time.perf_counter()
     for _ in range(trials):
         scoring.score_tokens(model, token_ids, **kwargs)
@@ -631,7 +601,7 @@ def run_bench(model: str = "tiny-gpt2", device: str | None = None, *, quick: boo
     if "training" in sections:
         say(f"training: {', '.join(method_names)}; {train_samples} samples, 2 epochs per run")
         train_ids = random_samples(train_samples, length, vocab, seed=2)
-        record["training"] = bench_training(config, torch_device, train_ids, EvalConfig().batch_size // 2,
+        record["training"] = bench_training(config, torch_device, train_ids, TrainConfig().batch_size,
                                             method_names, compile_model)
     if "sweep" in sections:
         say("sweep overhead (Ray Tune)")
@@ -674,8 +644,8 @@ def format_record(record: dict[str, Any]) -> str:
         parts.append(f"\nscoring: {s['samples']} samples, {s['tokens']:,} target tokens, attacks "
                      f"{', '.join(s['attacks'])}; median of {s['repeats']}")
         parts.append(_table(
-            ["scorer", "batch", "vocab chunk", "passes", "tokens/s", "x naive", "peak MB", "x naive mem", "MFU"],
-            [[r["scorer"], r["batch_size"], r.get("vocab_chunk"), r["passes"], r["tokens_per_s"], r["speedup"],
+            ["scorer", "batch", "vocab chunk", "tile", "passes", "tokens/s", "x naive", "peak MB", "x naive mem", "MFU"],
+            [[r["scorer"], r["batch_size"], r.get("vocab_chunk"), r.get("tile"), r["passes"], r["tokens_per_s"], r["speedup"],
               r["peak_mem_mb"], r.get("memory_ratio"), r.get("mfu")] for r in s["rows"]]))
         worst = max(s["max_score_difference"].values())
         verdict = "" if s["scores_agree"] is None else (" (agree)" if s["scores_agree"] else " (DISAGREE)")

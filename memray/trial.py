@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 from transformers import set_seed
 
-from memray import attacks, data, extraction, methods, metrics, models, scoring
+from memray import attacks, data, extraction, flops, methods, metrics, models, scoring
 from memray.config import TrialConfig
 from memray.distributed import DEEPSPEED_FILE, Distributed, EvalReplica, deepspeed_config, resolve_zero
 from memray.results import CHECKPOINTS_DIR, TrialRecord, atomic_write_text, write_scores, write_table
@@ -125,9 +125,11 @@ def _run(config: TrialConfig, record: TrialRecord, report: Report | None, resume
     train_ids = scoring.tokenize_texts(tokenizer, training_texts, max_length)
 
     model = models.load_model(config.model, dtype=_dtype(config)).to(device)
+    eval_batch = config.eval.batch_on(device.type)
+    n_matmul, n_head = flops.matmul_params(model), model.get_output_embeddings().weight.numel()
     reference = None
     if lead and any(a.name == "ref" for a in config.attacks):
-        reference = _reference_stats(config, split.split_hash, scored, scored_ids, model, cache_dir)
+        reference = _reference_stats(config, split.split_hash, scored, scored_ids, model, cache_dir, eval_batch)
     model, info = methods.apply_method(model, config.method, source)
     record.update(split_hash=split.split_hash, method_info=info.__dict__,
                   samples={"members": len(split.members), "nonmembers": len(split.nonmembers),
@@ -155,7 +157,7 @@ def _run(config: TrialConfig, record: TrialRecord, report: Report | None, resume
             return {"epoch": epoch}  # rank 0 measures; the others only keep in step
         was_training = model.training
         model.eval()  # dropout off for every measurement of this epoch
-        score_kwargs = dict(batch_size=config.eval.batch_size, vocab_chunk=config.eval.vocab_chunk,
+        score_kwargs = dict(batch_size=eval_batch, vocab_chunk=config.eval.vocab_chunk,
                             virtual_tokens=info.virtual_tokens)
         validation = scoring.score_tokens(model, validation_ids, need_vocab_stats=False, **score_kwargs)
         target = scoring.score_tokens(model, scored_ids, need_vocab_stats=_needs_vocab_stats(config), **score_kwargs)
@@ -184,7 +186,7 @@ def _run(config: TrialConfig, record: TrialRecord, report: Report | None, resume
             write_table(record.trial_dir, "extraction", epoch, pd.DataFrame(rows))
         if canaries:
             exposed, rows = extraction.canary_metrics(config.data.canaries, model, tokenizer, canaries,
-                                                      seed=config.seed, batch_size=config.eval.batch_size)
+                                                      seed=config.seed, batch_size=eval_batch)
             epoch_metrics.update(exposed)
             write_table(record.trial_dir, "canaries", epoch, pd.DataFrame(rows))
         model.train(was_training)
@@ -193,6 +195,9 @@ def _run(config: TrialConfig, record: TrialRecord, report: Report | None, resume
     pending: dict[str, Any] = {}
     clock = {"start": time.perf_counter()}
     tokens_per_epoch = sum(len(ids) for ids in train_ids)
+    flops_per_token = flops.train_flops_per_token(config.method.name, n_matmul, info.trainable_params, n_head,
+                                                  model.config, flops.mean_context(train_ids))
+    workers = distributed.world_size if distributed is not None else 1
 
     def finish_epoch(epoch_metrics: dict[str, float], checkpoint: Path | None) -> None:
         record.add_epoch(epoch_metrics)
@@ -213,6 +218,9 @@ def _run(config: TrialConfig, record: TrialRecord, report: Report | None, resume
             replica.offload()
         pending["perf/train_tokens_per_s"] = tokens_per_epoch / max(elapsed, 1e-9)
         pending["perf/peak_mem_gb"] = _peak_memory_gb()
+        mfu = flops.train_mfu(pending["perf/train_tokens_per_s"], flops_per_token, device, workers)
+        if mfu is not None:  # on a GPU whose peak rate is known
+            pending["perf/mfu"] = mfu
 
     def on_epoch_end(end: EpochEnd) -> None:
         epoch_metrics = {**pending, "epoch": end.epoch, "train/loss": end.train_loss}
@@ -253,14 +261,15 @@ def _scored_samples(config: TrialConfig, split: data.Split) -> tuple[list[data.S
 
 
 def _reference_stats(config: TrialConfig, split_hash: str, scored: list[data.Sample], scored_ids: list[list[int]],
-                     base_model: torch.nn.Module, cache_dir: Path | None) -> list[scoring.TokenStats]:
+                     base_model: torch.nn.Module, cache_dir: Path | None,
+                     batch_size: int) -> list[scoring.TokenStats]:
     """Statistics of the base model before fine-tuning, computed once and cached on disk."""
     key = {"model": models.model_identity(config.model), "split_hash": split_hash,
            "max_length": config.data.max_length,
            "samples": hashlib.sha256("\n".join(s.id for s in scored).encode()).hexdigest()}
     stats, _ = scoring.reference_stats(
         key, scored_ids, lambda: base_model, (cache_dir or models.cache_dir()) / "reference",
-        batch_size=config.eval.batch_size, vocab_chunk=config.eval.vocab_chunk, need_vocab_stats=False)
+        batch_size=batch_size, vocab_chunk=config.eval.vocab_chunk, need_vocab_stats=False)
     return stats
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from memray import bench, cli
+from memray import bench, cli, flops
 from memray.config import AttackConfig
 
 
@@ -47,6 +47,16 @@ def test_flops_per_token_follow_the_stated_convention():
     assert bench.mean_context([[0] * 10, [0] * 30]) == (100 + 900) / 40
 
 
+def test_mfu_divides_model_flops_by_the_peak_of_every_worker(monkeypatch):
+    assert flops.train_mfu(1e5, 6e9, torch.device("cpu")) is None  # no peak rate for a CPU
+    monkeypatch.setattr(flops.torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert flops.train_mfu(1e5, 6e9, torch.device("cuda"), workers=2) == pytest.approx(1e5 * 6e9 / (989.4e12 * 2))
+    monkeypatch.setattr(flops.torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    assert flops.peak_tflops(torch.device("cuda")) == (756.0, "NVIDIA H100 PCIe")
+    monkeypatch.setattr(flops.torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
+    assert flops.train_mfu(1e5, 6e9, torch.device("cuda")) is None  # unknown: no figure, not a wrong one
+
+
 def test_study_model_shapes_have_the_published_sizes():
     counts = {}
     for name in ("gpt2", "gpt2-xl", "llama-3.2-1b"):
@@ -66,7 +76,8 @@ def test_bench_command_prints_and_writes_each_figure_beside_its_baseline(tmp_pat
     record = json.loads(out.read_text())
     scoring = record["scoring"]
     scorers = {row["scorer"]: row for row in scoring["rows"]}
-    assert set(scorers) == {"naive", "memray", "memray-lean"}
+    assert set(scorers) == {"naive", "memray"}  # on a CPU the trial defaults are the lean setting
+    assert scorers["memray"]["batch_size"] == 4 and scorers["memray"]["tile"] == "1024x512"
     assert scorers["naive"]["speedup"] == 1 and scorers["naive"]["passes"] == 4  # one pass per attack
     assert scorers["memray"]["passes"] == 1
     for row in scorers.values():

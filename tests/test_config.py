@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from memray.config import ConfigError, TrialConfig, load_sweep, load_trial, parse_override
+from memray.config import ConfigError, EvalConfig, TrialConfig, load_sweep, load_trial, parse_override
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -121,6 +121,20 @@ def test_trial_id_ignores_output_dir_but_not_content():
     a, b = TrialConfig(output_dir="x"), TrialConfig(output_dir="y")
     assert a.trial_id() == b.trial_id()
     assert TrialConfig(seed=1).trial_id() != a.trial_id()
+
+
+def test_trial_ids_survive_keys_added_and_defaults_changed_later():
+    # ids of trials run before group_by_length, compile, chunked_loss, deepspeed existed and
+    # while eval.batch_size defaulted to 16: `memray resume` after an upgrade finds them
+    assert TrialConfig().trial_id() == "83b59242"
+    assert TrialConfig(seed=3, eval={"batch_size": 8}).trial_id() == "362b65cf"
+    assert TrialConfig(eval={"batch_size": 16}).trial_id() == TrialConfig().trial_id()
+    assert TrialConfig(train={"compile": True}).trial_id() != TrialConfig().trial_id()
+
+
+def test_eval_batch_follows_the_device_unless_set():
+    assert EvalConfig().batch_on("cuda") == 16 and EvalConfig().batch_on("cpu") == 4
+    assert EvalConfig(batch_size=8).batch_on("cpu") == 8 == EvalConfig(batch_size=8).batch_on("cuda")
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "sweeps").glob("*.yaml")), ids=lambda p: p.name)

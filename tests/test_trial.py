@@ -60,6 +60,8 @@ def test_every_epoch_is_reported_with_its_checkpoint(finished):
     for metrics, checkpoint in reports[1:]:
         assert checkpoint is not None and checkpoint.parent == trial_dir / "checkpoints"
         assert math.isfinite(metrics["train/loss"]) and metrics["perf/train_tokens_per_s"] > 0
+        assert ("perf/mfu" in metrics) == torch.cuda.is_available()  # a GPU's utilization, not a CPU's
+        assert 0 < metrics.get("perf/mfu", 0.5) < 1
     for metrics, _ in reports:
         assert metrics["val/ppl"] == pytest.approx(math.exp(metrics["val/loss"]))
         for attack in ATTACKS:

@@ -70,6 +70,7 @@ from transformers import (
     TrainerCallback,
     TrainingArguments,
 )
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from memray import attacks, methods, models, scoring
 from memray.flops import (attention_flops, mean_context, matmul_params, peak_tflops,  # noqa: F401 (re-exported)
@@ -376,6 +377,24 @@ def _train_default(model: nn.Module, token_ids: list[list[int]], batch_size: int
     return clock.ends
 
 
+def padding_share(token_ids: list[list[int]], batch_size: int, grouped: bool, multiple_of: int | None,
+                  seed: int = 0) -> float:
+    """Share of the positions in one epoch's padded batches that are padding, for batches
+    drawn as the Trainer draws them: length-grouped (`LengthGroupedSampler`, memray's
+    default `train.group_by_length`) or at random (a default Trainer)."""
+    lengths = [len(ids) for ids in token_ids]
+    generator = torch.Generator().manual_seed(seed)
+    sampler = (LengthGroupedSampler(batch_size, lengths=lengths, generator=generator) if grouped
+               else torch.utils.data.RandomSampler(lengths, generator=generator))
+    order = list(sampler)
+    padded = 0
+    for start in range(0, len(order), batch_size):
+        batch = [lengths[i] for i in order[start : start + batch_size]]
+        width = max(batch) if multiple_of is None else math.ceil(max(batch) / multiple_of) * multiple_of
+        padded += width * len(batch)
+    return 1 - sum(lengths) / padded
+
+
 def bench_training(config: PretrainedConfig, device: torch.device, token_ids: list[list[int]], batch_size: int,
                    method_names: list[str], compile_model: bool) -> dict[str, Any]:
     """Training section: per method, memray's `fit` and a default Trainer, two epochs each;
@@ -417,6 +436,9 @@ def bench_training(config: PretrainedConfig, device: torch.device, token_ids: li
             row["speedup"] = round(row["tokens_per_s"] / baseline["tokens_per_s"], 2)
     return {"samples": len(token_ids), "tokens_per_epoch": tokens, "batch_size": batch_size,
             "mean_context": round(context, 1), "compile": compile_model, "rows": rows, "gpu": gpu,
+            "padding_share": {  # memray pads to a multiple of 8 on a GPU (as `memray.train.fit` does)
+                "memray": round(padding_share(token_ids, batch_size, True, 8 if device.type == "cuda" else None), 4),
+                "default-trainer": round(padding_share(token_ids, batch_size, False, None), 4)},
             "peak_tflops": peak}
 
 
@@ -658,6 +680,9 @@ def format_record(record: dict[str, Any]) -> str:
             ["method", "loop", "trainable", "tokens/s", "x default", "peak MB", "MFU"],
             [[r["method"], r["loop"], r["trainable_params"], r.get("tokens_per_s", r.get("error")), r.get("speedup"),
               r.get("peak_mem_mb"), r.get("mfu")] for r in t["rows"]]))
+        pad = t["padding_share"]
+        parts.append(f"padding in the batches: memray (length-grouped) {pad['memray']:.1%}, "
+                     f"default Trainer (random) {pad['default-trainer']:.1%}")
     if "reference_cache" in record:
         c = record["reference_cache"]
         parts.append(f"\nreference cache: {c['trials']} trials' reference statistics: once per trial "

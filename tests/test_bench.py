@@ -47,6 +47,15 @@ def test_flops_per_token_follow_the_stated_convention():
     assert bench.mean_context([[0] * 10, [0] * 30]) == (100 + 900) / 40
 
 
+def test_padding_share_counts_pad_positions_of_the_batches():
+    assert bench.padding_share([[0] * 4, [0] * 2], batch_size=2, grouped=False, multiple_of=None) == 0.25
+    assert bench.padding_share([[0] * 4, [0] * 2], batch_size=2, grouped=False, multiple_of=8) == 1 - 6 / 16
+    rng = np.random.default_rng(0)  # short samples of spread lengths, as in WebNLG
+    samples = [[0] * int(n) for n in rng.lognormal(3.7, 0.5, 2000).clip(8, 256)]
+    grouped = bench.padding_share(samples, 8, grouped=True, multiple_of=None)
+    assert grouped < 0.05 < 0.3 < bench.padding_share(samples, 8, grouped=False, multiple_of=None)
+
+
 def test_mfu_divides_model_flops_by_the_peak_of_every_worker(monkeypatch):
     assert flops.train_mfu(1e5, 6e9, torch.device("cpu")) is None  # no peak rate for a CPU
     monkeypatch.setattr(flops.torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
@@ -88,6 +97,8 @@ def test_bench_command_prints_and_writes_each_figure_beside_its_baseline(tmp_pat
     loops = {row["loop"]: row for row in record["training"]["rows"]}
     assert set(loops) == {"memray", "default-trainer"} and loops["memray"]["method"] == "lora"
     assert loops["memray"]["tokens_per_s"] > 0 and loops["default-trainer"]["speedup"] == 1
+    padding = record["training"]["padding_share"]
+    assert 0 <= padding["memray"] <= padding["default-trainer"] < 1  # (16 samples: too few to group)
     cache = record["reference_cache"]
     assert cache["cache_hits"] == cache["trials"] - 1  # scored once, then read back
     printed = capsys.readouterr().out

@@ -106,7 +106,8 @@ def random_model(config: PretrainedConfig, device: torch.device, seed: int = 0) 
     """A causal LM of `config` with random float32 weights on `device`, SDPA attention."""
     torch.manual_seed(seed)
     with torch.device(device):
-        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+        return models.name_causal_lm_loss(
+            AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32))
 
 
 def sample_length(name: str) -> int:

@@ -272,20 +272,29 @@ def load_model(model: ModelConfig, dtype: torch.dtype = torch.float32, source: s
         else:
             loaded = random_tiny(model.name).to(dtype)
             loaded.config.name_or_path = str(TOKENIZER_DIR)  # e.g. for prompt tuning's text init
-        return fuse_activations(loaded)
+        return fuse_activations(name_causal_lm_loss(loaded))
     try:
         loaded = AutoModelForCausalLM.from_pretrained(hub_source(model), revision=model.revision, dtype=dtype,
                                                       trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise _unavailable(model, source, err) from None
-    return fuse_activations(loaded)
+    return fuse_activations(name_causal_lm_loss(loaded))
+
+
+def name_causal_lm_loss(model: PreTrainedModel) -> PreTrainedModel:
+    """Name the causal-LM loss for a model class whose name does not say it (GPT-2's
+    `GPT2LMHeadModel`): transformers uses that loss anyway, after a warning in every
+    process that wrongly says the config set an unknown loss type. Returns `model`."""
+    if getattr(model, "loss_type", None) is None:
+        model.loss_type = "ForCausalLM"
+    return model
 
 
 def random_tiny(name: str) -> PreTrainedModel:
     """A built-in with its fixed-seed random init (the caller's torch RNG is left as it was)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(INIT_SEED)
-        return AutoModelForCausalLM.from_config(tiny_config(name), attn_implementation="sdpa")
+        return name_causal_lm_loss(AutoModelForCausalLM.from_config(tiny_config(name), attn_implementation="sdpa"))
 
 
 def _base_fingerprint(name: str) -> str:

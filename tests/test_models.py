@@ -82,6 +82,7 @@ def test_loaded_models_run_the_fused_gelu_with_the_same_outputs(tmp_path):
     acts = [type(block.mlp.act) for block in loaded.transformer.h]
     assert acts == [ACT2CLS["gelu_pytorch_tanh"]] * len(loaded.transformer.h)
     assert type(original.transformer.h[0].mlp.act) is ACT2CLS["gelu_new"]
+    assert loaded.loss_type == "ForCausalLM"  # no warning that the config named an unknown loss
     ids = torch.randint(1, 4096, (3, 40), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         torch.testing.assert_close(loaded(input_ids=ids).logits, original(input_ids=ids).logits, atol=1e-5, rtol=0)

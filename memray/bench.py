@@ -31,8 +31,8 @@ Peak memory is the peak above what was in use when a part started: on CUDA
 `VmHWM`), reset through `/proc/self/clear_refs` after `malloc_trim` gives freed heap back,
 so each part's peak is its own (None where that is not available).
 
-MFU: `memray.flops` (the
-model FLOPs per token and the GPUs' peak rates; trials report `perf/mfu` with the same).
+MFU: `memray.flops` (the model FLOPs per token and the GPUs' peak rates; trials report
+`perf/mfu` with the same).
 """
 
 from __future__ import annotations
@@ -73,10 +73,9 @@ from transformers import (
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from memray import attacks, methods, models, scoring
-from memray.flops import (attention_flops, mean_context, matmul_params, peak_tflops,  # noqa: F401 (re-exported)
-                          train_flops_per_token)
 from memray.config import (BUILTIN_MODELS, AttackConfig, ConfigError, EvalConfig, MethodConfig, ModelConfig, TrainConfig,
                            validate)
+from memray.flops import attention_flops, matmul_params, mean_context, mfu, peak_tflops, train_flops_per_token
 from memray.train import TokenDataset, fit
 
 SECTIONS = ("scoring", "training", "sweep", "reference_cache")
@@ -307,8 +306,7 @@ def bench_scoring(model: nn.Module, config: PretrainedConfig, device: torch.devi
                "peak_mem_mb": _megabytes(max(peaks[name])) if peaks[name] else None}
         if peak is not None:
             # the naive scorer's passes each run a forward: count them all as work done
-            passes = settings["passes"]
-            row["mfu"] = round(rate * passes * flops_per_token / (peak * 1e12), 4)
+            row["mfu"] = round(mfu(rate * settings["passes"], flops_per_token, device), 4)
         rows.append(row)
     by_name = {row["scorer"]: row for row in rows}
     naive = by_name["naive"]
@@ -425,7 +423,7 @@ def bench_training(config: PretrainedConfig, device: torch.device, token_ids: li
                            peak_mem_mb=_megabytes(memory.peak))
                 if peak is not None:
                     flops = train_flops_per_token(method_name, n_matmul, info.trainable_params, n_head, config, context)
-                    row["mfu"] = round(rate * flops / (peak * 1e12), 4)
+                    row["mfu"] = round(mfu(rate, flops, device), 4)
             except torch.OutOfMemoryError:
                 row["error"] = "out of memory"
             del model, wrapped

@@ -66,9 +66,9 @@ def peak_tflops(device: torch.device) -> tuple[float | None, str | None]:
     return None, name
 
 
-def train_mfu(tokens_per_s: float, flops_per_token: float, device: torch.device, workers: int = 1) -> float | None:
-    """MFU of training at `tokens_per_s` (all workers together) on `workers` GPUs like
-    `device`; None off CUDA or on a GPU whose peak rate is not known."""
+def mfu(tokens_per_s: float, flops_per_token: float, device: torch.device, workers: int = 1) -> float | None:
+    """Model-FLOPs utilization at `tokens_per_s` (all workers together) on `workers` GPUs
+    like `device`; None off CUDA or on a GPU whose peak rate is not known."""
     peak, _ = peak_tflops(device)
     if peak is None:
         return None

@@ -218,9 +218,9 @@ def _run(config: TrialConfig, record: TrialRecord, report: Report | None, resume
             replica.offload()
         pending["perf/train_tokens_per_s"] = tokens_per_epoch / max(elapsed, 1e-9)
         pending["perf/peak_mem_gb"] = _peak_memory_gb()
-        mfu = flops.train_mfu(pending["perf/train_tokens_per_s"], flops_per_token, device, workers)
-        if mfu is not None:  # on a GPU whose peak rate is known
-            pending["perf/mfu"] = mfu
+        utilization = flops.mfu(pending["perf/train_tokens_per_s"], flops_per_token, device, workers)
+        if utilization is not None:  # on a GPU whose peak rate is known
+            pending["perf/mfu"] = utilization
 
     def on_epoch_end(end: EpochEnd) -> None:
         epoch_metrics = {**pending, "epoch": end.epoch, "train/loss": end.train_loss}

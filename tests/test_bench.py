@@ -57,13 +57,13 @@ def test_padding_share_counts_pad_positions_of_the_batches():
 
 
 def test_mfu_divides_model_flops_by_the_peak_of_every_worker(monkeypatch):
-    assert flops.train_mfu(1e5, 6e9, torch.device("cpu")) is None  # no peak rate for a CPU
+    assert flops.mfu(1e5, 6e9, torch.device("cpu")) is None  # no peak rate for a CPU
     monkeypatch.setattr(flops.torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
-    assert flops.train_mfu(1e5, 6e9, torch.device("cuda"), workers=2) == pytest.approx(1e5 * 6e9 / (989.4e12 * 2))
+    assert flops.mfu(1e5, 6e9, torch.device("cuda"), workers=2) == pytest.approx(1e5 * 6e9 / (989.4e12 * 2))
     monkeypatch.setattr(flops.torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
     assert flops.peak_tflops(torch.device("cuda")) == (756.0, "NVIDIA H100 PCIe")
     monkeypatch.setattr(flops.torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
-    assert flops.train_mfu(1e5, 6e9, torch.device("cuda")) is None  # unknown: no figure, not a wrong one
+    assert flops.mfu(1e5, 6e9, torch.device("cuda")) is None  # unknown: no figure, not a wrong one
 
 
 def test_study_model_shapes_have_the_published_sizes():

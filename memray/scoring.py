@@ -51,8 +51,8 @@ _ROWS_PER_TILE = 256
 #: 32 MB, large enough for a GPU's matrix units, small next to a batch's full logits.
 _TILE_ROWS = 1024
 #: On a CPU a tile is 1024 positions x at most 512 vocabulary columns (2 MB): the output
-#: layer's product then runs out of cache, at up to twice the rate of a tile of 256 x 4096
-#: or more (measured on a 2-core EPYC, hidden 128 and 768), and every elementwise pass over
+#: layer's product then runs out of cache, at 1.6x the rate of a 256 x 4096 tile and 2x that
+#: of a 1024 x 8192 one (measured on a 2-core EPYC, hidden 128), and every elementwise pass over
 #: the tile reads cache, not memory. `vocab_chunk` stays an upper bound.
 _TILE_ROWS_CPU, _TILE_COLUMNS_CPU = 1024, 512
 

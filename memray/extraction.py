@@ -19,6 +19,7 @@ non-member control under `extract/nonmember/...`, `mia/<attack>/auc@dup5`,
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from typing import Any, TypeVar
 import numpy as np
 import sacrebleu
 import torch
+from peft import PeftType
 from rapidfuzz.distance import Levenshtein
 from rouge_score import rouge_scorer
 from sklearn.metrics import roc_auc_score
@@ -96,19 +98,62 @@ def generate_continuations(
                 for row, prefix in enumerate(batch):
                     input_ids[row, width - len(prefix) :] = torch.as_tensor(list(prefix), dtype=torch.long)
                     attention_mask[row, width - len(prefix) :] = 1
-                output = model.generate(
-                    input_ids=input_ids.to(device),
-                    attention_mask=attention_mask.to(device),
+                generator, inputs = _generation_inputs(model, input_ids.to(device), attention_mask.to(device))
+                output = generator.generate(
+                    **inputs,
                     max_new_tokens=max_new_tokens,
                     pad_token_id=pad_token_id,
                     eos_token_id=eos_token_id,  # None overrides the model's own eos: no early stop
                     **settings,
                 )
-                for generated in output[:, width:].tolist():
+                # with input_ids, generate returns prompt + continuation; with inputs_embeds, the continuation
+                new_tokens = output[:, width:] if "input_ids" in inputs else output
+                for generated in new_tokens.tolist():
                     continuations.append(_cut_at_eos(generated, eos_token_id))
     finally:
         model.train(was_training)
     return continuations
+
+
+def _generation_inputs(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model to call `generate` on and its inputs, with a prompt-learning model's virtual
+    tokens put in place explicitly.
+
+    Prefix tuning (Li & Liang 2021) trains key/value states that precede every input: they go
+    in as a prefilled KV cache. Prompt tuning and P-tuning train input embeddings that precede
+    the text: they go in as `inputs_embeds`. In both, the attention mask gains the virtual
+    positions at its left, as in `PeftModel.forward` during training. This uses only PEFT's
+    `get_prompt` and the base model's public `generate`, not `PeftModel.generate`, whose
+    injection depends on the name transformers gives the generation cache (it followed
+    transformers' rename of `past_key_values` to `cache` in 5.24 only partly, and generated
+    without the virtual tokens). Any other model generates from its own inputs.
+    """
+    peft_config = getattr(model, "active_peft_config", None)
+    if peft_config is None or not peft_config.is_prompt_learning:
+        return model, {"input_ids": input_ids, "attention_mask": attention_mask}
+    base = model.get_base_model()
+    batch_size = input_ids.shape[0]
+    virtual = torch.ones((batch_size, peft_config.num_virtual_tokens), dtype=attention_mask.dtype, device=attention_mask.device)
+    inputs: dict[str, Any] = {"attention_mask": torch.cat((virtual, attention_mask), dim=1)}
+    if peft_config.peft_type == PeftType.PREFIX_TUNING:
+        inputs["input_ids"] = input_ids
+        inputs[_cache_argument(base)] = model.get_prompt(batch_size)
+    elif peft_config.peft_type in (PeftType.PROMPT_TUNING, PeftType.P_TUNING):
+        embeds = model.word_embeddings(input_ids)
+        prompts = model.get_prompt(batch_size=batch_size).to(embeds.dtype)
+        inputs["inputs_embeds"] = torch.cat((prompts, embeds), dim=1)
+    else:
+        raise ValueError(f"generation with PEFT method {peft_config.peft_type} is not supported")
+    return base, inputs
+
+
+def _cache_argument(model: torch.nn.Module) -> str:
+    """The name under which `model.generate` takes a prefilled KV cache: `cache` since
+    transformers 5.24, `past_key_values` before."""
+    parameters = inspect.signature(model.prepare_inputs_for_generation).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def _cut_at_eos(tokens: list[int], eos_token_id: int | None) -> list[int]:

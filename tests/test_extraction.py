@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType, get_peft_model
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from memray.config import CanaryConfig, ConfigError, ExtractionConfig, validate_trial
 from memray.extraction import (
@@ -46,6 +46,16 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
         bos_token_id=EOS, eos_token_id=EOS, pad_token_id=PAD,
     )
     return GPT2LMHeadModel(config)
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB, max_position_embeddings=64, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,  # grouped-query cache
+        bos_token_id=EOS, eos_token_id=EOS, pad_token_id=PAD,
+    )
+    return LlamaForCausalLM(config)
 
 
 def train(model, sequences: list[list[int]], epochs: int, seed: int = 0, batch_size: int = 10) -> None:
@@ -239,8 +249,9 @@ def test_sampling_is_seeded_and_leaves_the_callers_random_state_alone():
     (PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4), True),
     (PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4, encoder_hidden_size=16), True),
 ], ids=["prefix", "prompt", "ptuning"])
-def test_prompt_learning_models_generate_and_score_with_their_virtual_tokens(peft_config, first_token_predicted):
-    model = get_peft_model(tiny_gpt2(), peft_config)
+@pytest.mark.parametrize("base", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
+def test_prompt_learning_models_generate_and_score_with_their_virtual_tokens(base, peft_config, first_token_predicted):
+    model = get_peft_model(base(), peft_config)
     with torch.no_grad():  # a prompt far from its random init, so that it changes the output
         for param in model.parameters():
             if param.requires_grad:

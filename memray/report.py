@@ -108,6 +108,7 @@ class Trial:
     epochs: list[dict[str, Any]]
     method_info: dict[str, Any] = field(default_factory=dict)
     split_hash: str | None = None
+    versions: dict[str, str | None] = field(default_factory=dict)  # python and packages that ran it
     variant: str = ""  # method label, set once every trial is known
     attacks: dict[str, AttackResult] = field(default_factory=dict)
 
@@ -211,6 +212,7 @@ def load_trials(sweep_dir: Path, cells: list[Cell], skip: Path | None = None) ->
             reason=data.get("reason"), config=data["config"], axes=data.get("axes") or {},
             epochs=sorted(data.get("epochs") or [], key=lambda row: row["epoch"]),
             method_info=data.get("method_info") or {}, split_hash=data.get("split_hash"),
+            versions=_versions(data.get("provenance") or {}),
         ))
     names = trial_names(cells) if cells else {}
     for cell in cells:
@@ -218,6 +220,29 @@ def load_trials(sweep_dir: Path, cells: list[Cell], skip: Path | None = None) ->
             trials.append(Trial(name=names[cell.index], path="", status="pending", reason=None,
                                 config=cell.config.resolved(), axes=dict(cell.axes), epochs=[]))
     return trials
+
+
+def _versions(provenance: dict[str, Any]) -> dict[str, str | None]:
+    """Python and package versions from a result.json's provenance."""
+    return {"python": provenance.get("python"), **(provenance.get("versions") or {})}
+
+
+def version_mix(trials: list[Trial]) -> str | None:
+    """A note naming each package whose version differs between the trials that ran (their
+    numbers may then differ for that reason alone), or None when all ran on one set."""
+    ran = [t for t in trials if t.versions]
+    mixed = []
+    for package in dict.fromkeys(p for t in ran for p in t.versions):
+        counts: dict[str, int] = {}
+        for trial in ran:
+            version = str(trial.versions.get(package))
+            counts[version] = counts.get(version, 0) + 1
+        if len(counts) > 1:
+            mixed.append(f"{package} " + ", ".join(f"{v} ({n} trials)" for v, n in sorted(counts.items())))
+    if not mixed:
+        return None
+    return ("Trials ran on different versions: " + "; ".join(mixed)
+            + ". Install the locked set (`.ci/setup`) on every machine of a sweep.")
 
 
 def _is_cell_folder(trial: Trial, name: str, axes: dict[str, Any]) -> bool:
@@ -1202,6 +1227,9 @@ def build_report(sweep_dir: Path, out_dir: Path | None = None, *, wandb: bool = 
         raise ConfigError(str(sweep_dir), "", "no trial results below this folder (no result.json) and no sweep.yaml")
     name = sweep.name if sweep is not None else sweep_dir.name
     notes = [problem] if problem else []
+    mix = version_mix(trials)
+    if mix:
+        notes.append(mix)
 
     label_variants(trials)
     sizes = model_sizes(trials)

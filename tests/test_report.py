@@ -329,6 +329,30 @@ def test_trials_run_before_the_config_schema_grew_still_match_their_cells(tmp_pa
     assert {t.variant for t in trials} == set(STRENGTH)
 
 
+def test_trials_on_different_versions_are_flagged(tmp_path, built):
+    sweep_dir = tmp_path / "synth"
+    shutil.copytree(built[0], sweep_dir, ignore=shutil.ignore_patterns("report"))
+    results = sorted((sweep_dir / "trials").glob("*/result.json"))
+    for path in results:  # what TrialRecord.start recorded: this process's versions
+        provenance = json.loads(path.read_text())["provenance"]
+        assert {"memray-ft", "torch", "transformers", "peft", "datasets", "deepspeed", "ray"} <= set(provenance["versions"])
+        assert provenance["python"]
+    same = json.loads((build_report(sweep_dir, bootstrap=0).parent / "report.json").read_text())
+    assert not any("different versions" in note for note in same["notes"])
+
+    for path in results[:2]:  # two trials ran on another machine with an older transformers
+        result = json.loads(path.read_text())
+        result["provenance"]["versions"]["transformers"] = "5.0.0"
+        path.write_text(json.dumps(result))
+    report_md = build_report(sweep_dir, bootstrap=0)
+    notes = json.loads((report_md.parent / "report.json").read_text())["notes"]
+    current = json.loads(results[-1].read_text())["provenance"]["versions"]["transformers"]
+    flagged = [note for note in notes if "different versions" in note]
+    assert flagged == [f"Trials ran on different versions: transformers 5.0.0 (2 trials), {current} "
+                       f"({len(results) - 2} trials). Install the locked set (`.ci/setup`) on every machine of a sweep."]
+    assert flagged[0] in report_md.read_text()
+
+
 def test_bad_folders_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="no such folder"):
         build_report(tmp_path / "missing")

@@ -29,6 +29,8 @@ from memray import sweep
 from memray.config import ConfigError, DeepSpeedConfig, TrainConfig, validate, validate_trial
 from memray.distributed import ModelShape, deepspeed_config, estimate_memory, resolve_zero
 
+from helpers import read_result, trial_dirs
+
 REPO = Path(__file__).resolve().parent.parent
 
 # ---------------------------------------------------------------------------------------
@@ -318,8 +320,6 @@ def ray_3_cpus():
 
 
 def test_mixed_sweep_on_3_cpus_survives_a_worker_killed_at_epoch_2(ray_3_cpus, tmp_path, monkeypatch):
-    from tests.test_sweep import read_result, trial_dirs
-
     path = write_mixed_sweep(tmp_path, "mixed", epochs=3)
     # single-process trials do not read train.deepspeed: the base may set it for the 2-worker cell
     path.write_text(path.read_text().replace("batch_size: 4}", "batch_size: 4, deepspeed: {stage: 3}}"))
@@ -370,8 +370,6 @@ def test_zero_throughput_benchmark_runs_a_tiny_shape_on_cpu(tmp_path):
 
 @pytest.mark.slow
 def test_a_failed_multi_worker_trial_is_finished_by_resume_from_its_last_epoch(ray_3_cpus, tmp_path, monkeypatch):
-    from tests.test_sweep import read_result, trial_dirs
-
     path = write_mixed_sweep(tmp_path, "resumed", epochs=3)
     path.write_text(path.read_text().replace("  method: [{name: full, lr: 0.003}, {name: head, lr: 0.003}, "
                                              "{name: lora, rank: 4, lr: 0.003}]",

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from test_sweep import file_states, read_result, trial_dirs, write_small_sweep
+from helpers import file_states, read_result, trial_dirs, write_small_sweep
 
 #: The `ray` command of this environment (installed beside the interpreter; the venv need not be on PATH).
 RAY = str(Path(sys.executable).with_name("ray"))

@@ -8,7 +8,6 @@ import os
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -16,10 +15,6 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH = REPO / "launch"
-
-
-def _requirements(packages: list[str]) -> dict[str, str]:
-    return {re.split(r"[<>=\[]", p, maxsplit=1)[0].lower(): p for p in packages}
 
 
 def test_cluster_yaml_passes_rays_cluster_schema():
@@ -35,14 +30,11 @@ def test_cluster_yaml_passes_rays_cluster_schema():
     assert "/mnt/memray" in " ".join(config["initialization_commands"])
 
 
-def test_runtime_env_has_memrays_packages_and_names_secrets_only():
+def test_runtime_env_is_valid_and_names_secrets_only():
     from ray.runtime_env import RuntimeEnv
 
     runtime_env = yaml.safe_load((LAUNCH / "runtime-env.yaml").read_text())
-    RuntimeEnv(**runtime_env)  # Ray accepts every field
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    wanted = {name: spec for name, spec in _requirements(project).items() if name != "ray"}
-    assert _requirements(runtime_env["pip"]["packages"]) == wanted
+    RuntimeEnv(**runtime_env)  # Ray accepts every field (the packages: test_install.py)
     assert all(re.fullmatch(r"\$\{[A-Z_]+\}", value) for value in runtime_env["env_vars"].values())
     assert "WANDB_API_KEY" in runtime_env["env_vars"]
 

@@ -20,8 +20,9 @@ def _trial(args: argparse.Namespace) -> int:
     config = load_trial(args.file, args.overrides, cell=args.cell)
     if args.output_dir:
         config.output_dir = args.output_dir
-    from memray import methods, models, trial  # heavy imports only after the config is valid
+    from memray import data, methods, models, trial  # heavy imports only after the config is valid
 
+    data.check_data(config.data, args.file)
     models.check_model(config.model, args.file)
     methods.check_method(models.model_config(config.model), config.method, args.file)
     trial_dir = Path(args.trial_dir) if args.trial_dir else trial.default_trial_dir(config)

@@ -39,8 +39,14 @@ MODEL_ALIASES: dict[str, str] = {
 #: Models built locally from a small config (random weights, shipped tokenizer); no network.
 BUILTIN_MODELS: tuple[str, ...] = ("tiny-gpt2", "tiny-llama")
 
-#: Datasets the `data` module implements.
-DATASETS: tuple[str, ...] = ("wikitext2", "webnlg", "xsum", "local", "pydoc", "synthetic")
+
+def dataset_names() -> tuple[str, ...]:
+    """The names `data.dataset` accepts: those of the `data` module's registry (imported
+    here when first needed, since `data` imports this module)."""
+    from memray.data import REGISTRY
+
+    return tuple(REGISTRY)
+
 
 #: Membership-inference attacks the `attacks` module implements.
 ATTACKS: tuple[str, ...] = ("loss", "ref", "zlib", "mink", "mink++")
@@ -150,6 +156,7 @@ class CanaryConfig(Schema):
 class DataConfig(Schema):
     dataset: str = "pydoc"
     path: str | None = None  # local file (jsonl / txt / csv) or a local copy of a hub dataset
+    revision: str | None = None  # hub datasets: commit or branch; None: the one memray pins
     text_field: str = "text"  # column holding the text, for local jsonl / csv
     max_length: int = Field(128, ge=8)  # tokens per sample; wikitext2 is chunked into such blocks
     members: int | None = Field(None, gt=0)  # training samples (all are members); None: dataset default
@@ -162,8 +169,8 @@ class DataConfig(Schema):
     @field_validator("dataset")
     @classmethod
     def _known_dataset(cls, dataset: str) -> str:
-        if dataset not in DATASETS:
-            raise ValueError(f"{dataset!r} is not one of {', '.join(DATASETS)}")
+        if dataset not in dataset_names():
+            raise ValueError(f"{dataset!r} is not one of {', '.join(dataset_names())}")
         return dataset
 
     @model_validator(mode="after")

@@ -56,16 +56,7 @@ from memray.config import ConfigError, DataConfig
 
 log = logging.getLogger(__name__)
 
-#: Members drawn when `data.members` is not set (local: see `_default_members`).
-DEFAULT_MEMBERS: dict[str, int] = {
-    "xsum": 5000,  # Hou et al. 2025 fine-tune on 5,000 samples
-    "wikitext2": 1000,
-    "webnlg": 1000,
-    "pydoc": 150,  # ~350 unseen 128-token blocks (4k-vocab tokenizer): 150 + 150 + validation
-    "synthetic": 200,
-}
-LOCAL_MAX_DEFAULT_MEMBERS = 1000
-
+LOCAL_MAX_DEFAULT_MEMBERS = 1000  # local files: see `_default_members`
 SYNTHETIC_RECORDS = 5000  # pool size of the `synthetic` dataset
 
 
@@ -91,6 +82,7 @@ class Split:
     nonmembers: list[Sample]  # held-out samples scored as non-members; never trained on
     validation: list[Sample]  # held-out samples for val loss / perplexity
     split_hash: str  # sha256 of ids, texts and copies of all three lists
+    origin: dict[str, str | None] | None = None  # hub datasets: repo, commit and local path (data.path)
 
     def training_texts(self) -> list[str]:
         """Member texts with duplicates expanded (copies=5 appears 5 times), shuffled.
@@ -112,7 +104,7 @@ def load_split(data: DataConfig, seed: int, tokenizer: Any, source: str = "confi
     holds too few samples for the requested sizes.
     """
     split_seed = data.split_seed if data.split_seed is not None else seed
-    pool = _pool(data, tokenizer, source)
+    pool = REGISTRY[data.dataset].pool(data, tokenizer, source)
     members = data.members or _default_members(data, pool)
     nonmembers = data.nonmembers or members
     if pool.size < members + nonmembers + 1:
@@ -131,7 +123,39 @@ def load_split(data: DataConfig, seed: int, tokenizer: Any, source: str = "confi
     copies = _copies(members, data, rng)
     member_samples = [Sample(i, t, c) for (i, t), c in zip(drawn[:members], copies)]
     held_out = [Sample(i, t, 0) for i, t in drawn[members:]]
-    return _split(member_samples, held_out[:nonmembers], held_out[nonmembers:])
+    return _split(member_samples, held_out[:nonmembers], held_out[nonmembers:], pool.origin)
+
+
+# ---------------------------------------------------------------------------------------
+# The registry
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset memray knows by name (`data.dataset`)."""
+
+    name: str
+    members: int | None  # data.members when not set; None: from the pool's size (local files)
+    pool: Callable[[DataConfig, Any, str], "_Pool"]  # (data config, tokenizer, source) -> candidates
+    hub: HubSource | None = None  # where a hub dataset lies (download, data.path layout)
+    blocks: bool = False  # cut into max_length-token blocks: a shorter max_length makes more samples
+
+
+#: Every dataset by name; `config.DATASETS` (the names `data.dataset` accepts) is derived from it.
+REGISTRY: dict[str, DatasetSpec] = {}
+
+
+def register(name: str, *, members: int | None, hub: HubSource | None = None,
+             blocks: bool = False) -> Callable[[Callable[..., "_Pool"]], Callable[..., "_Pool"]]:
+    """Decorator: register a pool function (data config, tokenizer, source) -> candidate
+    samples as dataset `name`. A name registered twice is an error."""
+    def add(pool: Callable[..., _Pool]) -> Callable[..., _Pool]:
+        if name in REGISTRY:
+            raise ValueError(f"dataset {name!r} is registered twice")
+        REGISTRY[name] = DatasetSpec(name, members, pool, hub, blocks)
+        return pool
+    return add
 
 
 # ---------------------------------------------------------------------------------------
@@ -146,6 +170,7 @@ class _Pool:
     label: str  # for messages, e.g. "wikitext2 (train split, 128-token blocks)"
     size: int
     sample: Callable[[int], tuple[str, str]]  # index -> (id, text); text "" when unusable
+    origin: dict[str, str | None] | None = None  # hub datasets: repo, commit, local path
 
 
 def _draw(pool: _Pool, order: np.ndarray, wanted: int) -> list[tuple[str, str]]:
@@ -175,17 +200,19 @@ def _copies(members: int, data: DataConfig, rng: np.random.Generator) -> list[in
     return copies
 
 
-def _split(members: list[Sample], nonmembers: list[Sample], validation: list[Sample]) -> Split:
+def _split(members: list[Sample], nonmembers: list[Sample], validation: list[Sample],
+           origin: dict[str, str | None] | None) -> Split:
     payload = [[role, [[s.id, s.text, s.copies] for s in samples]]
                for role, samples in (("members", members), ("nonmembers", nonmembers),
                                      ("validation", validation))]
     digest = hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
-    return Split(members, nonmembers, validation, digest)
+    return Split(members, nonmembers, validation, digest, origin)
 
 
 def _default_members(data: DataConfig, pool: _Pool) -> int:
-    if data.dataset != "local":
-        return DEFAULT_MEMBERS[data.dataset]
+    default = REGISTRY[data.dataset].members
+    if default is not None:
+        return default
     # Half of what validation leaves (validation takes at most a fifth of a small file).
     reserved = min(data.validation, pool.size // 5)
     return max(1, min(LOCAL_MAX_DEFAULT_MEMBERS, (pool.size - reserved) // 2))
@@ -199,18 +226,7 @@ def _too_few(data: DataConfig, label: str, available: int, members: int, nonmemb
         f"non-members + at least 1 validation sample = {members + nonmembers + 1} were asked "
         f"for; lower data.members / data.nonmembers"
         + (" or data.max_length (shorter blocks make more samples)"
-           if data.dataset in ("wikitext2", "pydoc") else ""))
-
-
-def _pool(data: DataConfig, tokenizer: Any, source: str) -> _Pool:
-    if data.dataset == "pydoc":
-        return _pydoc_pool(data.max_length, tokenizer)
-    if data.dataset == "synthetic":
-        texts = synthetic_texts()
-        return _Pool("synthetic", len(texts), lambda i: (f"synthetic/{i:05d}", texts[i]))
-    if data.dataset == "local":
-        return _local_pool(data, source)
-    return _hub_pool(data, tokenizer, source)
+           if REGISTRY[data.dataset].blocks else ""))
 
 
 # ---------------------------------------------------------------------------------------
@@ -296,6 +312,11 @@ def _pydoc_pool(max_length: int, tokenizer: Any) -> _Pool:
                  len(samples), samples.__getitem__)
 
 
+@register("pydoc", members=150, blocks=True)  # ~350 unseen 128-token blocks (4k-vocab tokenizer)
+def _pydoc_dataset(data: DataConfig, tokenizer: Any, source: str) -> _Pool:
+    return _pydoc_pool(data.max_length, tokenizer)
+
+
 _FIRST_NAMES = """Ada Bela Cai Dara Emil Farah Gus Hana Ivo Jana Kofi Lena Mateo Nadia Otto Priya
 Quinn Rosa Soren Tamar Umar Vera Wren Xenia Yusuf Zora Alba Bruno Cleo Dmitri Esme Felix Greta
 Hugo Ines Jonas Kira Lior Maren Nils Olga Pavel Rhea Sami Thea Ugo Viggo Willa Yara Zeno Anouk
@@ -349,12 +370,19 @@ def synthetic_texts() -> list[str]:
     return texts
 
 
+@register("synthetic", members=200)
+def _synthetic_pool(data: DataConfig, tokenizer: Any, source: str) -> _Pool:
+    texts = synthetic_texts()
+    return _Pool("synthetic", len(texts), lambda i: (f"synthetic/{i:05d}", texts[i]))
+
+
 # ---------------------------------------------------------------------------------------
 # Local files
 # ---------------------------------------------------------------------------------------
 
 
-def _local_pool(data: DataConfig, source: str) -> _Pool:
+@register("local", members=None)
+def _local_pool(data: DataConfig, tokenizer: Any, source: str) -> _Pool:
     path = Path(data.path).expanduser()
     if not path.is_file():
         raise ConfigError(source, "data.path", f"{path}: no such file")
@@ -414,68 +442,134 @@ def _read_csv(path: Path, text_field: str, source: str) -> list[tuple[int, str]]
 # Hugging Face hub datasets
 # ---------------------------------------------------------------------------------------
 
+#: The branch where the hub keeps a Parquet export of a dataset whose main branch is a
+#: loading script (which datasets>=4 cannot run); its layout is `<config>/<split>/NNNN.parquet`.
+PARQUET_EXPORT = "refs/convert/parquet"
+
 
 @dataclass(frozen=True)
-class _Hub:
+class HubSource:
+    """Where a dataset's train split lies in a hub repository, and what its rows hold."""
+
     repo: str
-    config: str | None
+    revision: str  # the pinned commit, or a branch resolved to its commit when loaded
+    data_dir: str  # the folder of this dataset's files at that revision
+    train_files: str  # glob of the train split's Parquet files under data_dir
     columns: tuple[str, ...]  # columns the renderer reads, checked on load
 
-
-HUB: dict[str, _Hub] = {
-    "wikitext2": _Hub("Salesforce/wikitext", "wikitext-2-raw-v1", ("text",)),
-    "webnlg": _Hub("webnlg-challenge/web_nlg", "release_v3.0_en", ("modified_triple_sets", "lex")),
-    "xsum": _Hub("EdinburghNLP/xsum", None, ("document", "summary")),
-}
+    @property
+    def layout(self) -> str:
+        return f"{self.data_dir}/{self.train_files}"
 
 
-def _field(records: Any, key: str) -> list[Any]:
-    """`key` of a hub sequence-of-records column, stored either as a dict of lists (the
-    hub's schema) or as a list of dicts (how datasets>=4 builds `Sequence({...})` of lists)."""
-    if isinstance(records, dict):
-        return list(records[key])
-    return [record[key] for record in records]
+# Salesforce/wikitext keeps Parquet files on main, one folder per config. Commit of 2024-01-04,
+# the current head of main.
+WIKITEXT2 = HubSource("Salesforce/wikitext", "b08601e04326c79dfdd32d625aee71d232d685c3",
+                      "wikitext-2-raw-v1", "train-*.parquet", ("text",))
+# webnlg-challenge/web_nlg and EdinburghNLP/xsum hold only a loading script on main; their
+# Parquet exports are read instead: WebNLG 3.0 English is the folder `release_v3.0_en`, XSum
+# (a script without named configs) the folder `default`. The export branch is resolved to its
+# commit when loaded and that commit is recorded with the trial; set data.revision to a commit
+# to pin it.
+WEBNLG = HubSource("webnlg-challenge/web_nlg", PARQUET_EXPORT, "release_v3.0_en", "train/*.parquet",
+                   ("modified_triple_sets", "lex"))
+XSUM = HubSource("EdinburghNLP/xsum", PARQUET_EXPORT, "default", "train/*.parquet", ("document", "summary"))
 
 
-def render_webnlg(entry: dict[str, Any]) -> str:
-    """One WebNLG entry as "Triples: s | p | o; ...\\nText: <first reference text>"."""
-    triple_sets = _field(entry["modified_triple_sets"], "mtriple_set")
-    texts = [t for t in _field(entry["lex"], "text") if t and t.strip()]
-    if not triple_sets or not texts:
-        return ""
-    return f"Triples: {'; '.join(triple_sets[0])}\nText: {texts[0].strip()}"
+def _hub_train(data: DataConfig, hub: HubSource, source: str) -> tuple[Any, dict[str, str | None]]:
+    """The train split of a hub dataset (a `datasets.Dataset`) and where it came from: from
+    `data.path` (a folder in the repository's layout) when set, else the hub or its cache."""
+    import datasets
+
+    if data.path:
+        root = Path(data.path).expanduser()
+        files = _train_files(root, hub)
+        if not files:
+            raise ConfigError(source, "data.path", _layout_message(data.dataset, hub, root))
+        origin = {"repo": hub.repo, "revision": _local_revision(root, files), "path": str(root)}
+    else:
+        revision = data.revision or hub.revision
+        try:
+            root = Path(_snapshot(hub, revision, [hub.layout]))
+        except Exception as err:  # any failure of the hub stack becomes one clear message
+            raise ConfigError(
+                source, "data.dataset",
+                f"{data.dataset}: could not load {hub.repo} at {revision} from the Hugging Face hub or "
+                f"its cache ({_reason(err)}); {_download_hint(data.dataset)}") from None
+        files = _train_files(root, hub)
+        if not files:
+            raise ConfigError(source, "data.revision" if data.revision else "data.dataset",
+                              f"{hub.repo} at {revision} holds no {hub.layout}")
+        origin = {"repo": hub.repo, "revision": root.name, "path": None}
+    where = "data.path" if data.path else "data.dataset"
+    try:
+        train = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
+    except Exception as err:  # corrupt or foreign files: one clear message, not a traceback
+        raise ConfigError(source, where, f"{files[0].parent}: could not read the {data.dataset} "
+                                         f"train files as Parquet ({_reason(err)})") from None
+    missing = [c for c in hub.columns if c not in train.column_names]
+    if missing:
+        raise ConfigError(source, where,
+                          f"{files[0].parent} has no column {', '.join(map(repr, missing))} (columns: "
+                          f"{', '.join(train.column_names)}); is it a copy of {hub.repo}?")
+    return train, origin
 
 
-def render_xsum(article: dict[str, Any]) -> str:
-    """One XSum article as "Document: ...\\nSummary: ..."."""
-    document, summary = (article["document"] or "").strip(), (article["summary"] or "").strip()
-    if not document or not summary:
-        return ""
-    return f"Document: {document}\nSummary: {summary}"
+def check_data(data: DataConfig, source: str = "config") -> None:
+    """Check, without loading anything, that `data.path` of a hub dataset is a folder in its
+    repository's layout (a local file of `local` must exist). Raises ConfigError naming the
+    dataset and the layout expected."""
+    hub = REGISTRY[data.dataset].hub
+    if not data.path:
+        return
+    path = Path(data.path).expanduser()
+    if hub is not None and not _train_files(path, hub):
+        raise ConfigError(source, "data.path", _layout_message(data.dataset, hub, path))
+    if hub is None and data.dataset == "local" and not path.is_file():
+        raise ConfigError(source, "data.path", f"{path}: no such file")
 
 
-_RENDER = {"webnlg": render_webnlg, "xsum": render_xsum}
+def _snapshot(hub: HubSource, revision: str, patterns: list[str], local_dir: str | None = None) -> str:
+    """`huggingface_hub.snapshot_download` of the files matching `patterns` at `revision`: into
+    the hub cache (a folder named by the commit) or into `local_dir`. Offline, a cached
+    snapshot of that commit, or of the commit a branch last resolved to, is used."""
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(hub.repo, repo_type="dataset", revision=revision, allow_patterns=patterns,
+                             local_dir=local_dir)
 
 
-def _hub_pool(data: DataConfig, tokenizer: Any, source: str) -> _Pool:
-    train = _load_train(data, source)
-    name = data.dataset
-    if name == "wikitext2":
-        return _wikitext_pool(train, data.max_length, tokenizer)
-    render = _RENDER[name]
-    return _Pool(f"{name} (train split)", len(train),
-                 lambda i: (f"{name}/train/{i:06d}", render(train[i])))
+def _train_files(root: Path, hub: HubSource) -> list[Path]:
+    """The train files in a folder in the repository's layout (or in its `data_dir` itself)."""
+    if not root.is_dir():
+        return []
+    for base in (root / hub.data_dir, root):
+        files = sorted(base.glob(hub.train_files))
+        if files:
+            return files
+    return []
 
 
-def _wikitext_pool(train: Any, max_length: int, tokenizer: Any) -> _Pool:
-    # The whole split as one text, then blocks. Pieces never cross a line end, which a
-    # byte-level BPE does not merge across either, so encoding line by line gives the same
-    # tokens as encoding the whole text, several times faster.
-    lines = "".join(train["text"]).splitlines(keepends=True)
-    token_ids = list(itertools.chain.from_iterable(_encode(tokenizer, lines)))
-    blocks = _token_blocks(token_ids, max_length)
-    return _Pool(f"wikitext2 (train split, {max_length}-token blocks)", len(blocks),
-                 lambda i: (f"wikitext2/train/{i:05d}", _decode(tokenizer, blocks[i])))
+def _local_revision(root: Path, files: list[Path]) -> str | None:
+    """The commit a local copy was downloaded at: from the metadata a hub download into a
+    folder writes (`.cache/huggingface/download/<file>.metadata`, commit on the first line),
+    or the name of a hub-cache snapshot folder; None when unknown."""
+    for base in (root, root.parent):
+        metadata = base / ".cache" / "huggingface" / "download" / f"{files[0].relative_to(base)}.metadata"
+        if metadata.is_file():
+            commit = metadata.read_text().split("\n", 1)[0].strip()
+            return commit or None
+    for folder in (root, root.parent):
+        if folder.parent.name == "snapshots" and len(folder.name) == 40:
+            return folder.name
+    return None
+
+
+def _layout_message(name: str, hub: HubSource, path: Path) -> str:
+    where = "a folder" if path.is_dir() else "not a folder" if path.exists() else "no such folder"
+    return (f"{path} ({where}) is not a copy of {name}: expected the layout of {hub.repo} at {hub.revision}, "
+            f"{hub.layout} under it, as `python -m memray.data download {name} DIR` or a hub download "
+            f"of the repository leaves it")
 
 
 def _download_hint(name: str) -> str:
@@ -489,93 +583,134 @@ def _reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {first[:200]}"
 
 
-def _load_train(data: DataConfig, source: str) -> Any:
-    """The train split of a hub dataset: from `data.path` when set, else the hub or its cache."""
-    hub = HUB[data.dataset]
-    if data.path:
-        train = _load_local_copy(Path(data.path).expanduser(), hub, source)
-        where = data.path
-    else:
-        try:
-            train = _hub_load(hub, split="train")
-        except Exception as err:  # any failure of the hub stack becomes one clear message
-            raise ConfigError(
-                source, "data.dataset",
-                f"{data.dataset}: could not load {hub.repo}"
-                f"{f' ({hub.config})' if hub.config else ''} from the Hugging Face hub or its "
-                f"cache ({_reason(err)}); {_download_hint(data.dataset)}") from None
-        where = hub.repo
-    missing = [c for c in hub.columns if c not in train.column_names]
-    if missing:
-        raise ConfigError(source, "data.path" if data.path else "data.dataset",
-                          f"{where} has no column {', '.join(map(repr, missing))} (columns: "
-                          f"{', '.join(train.column_names)}); is it a copy of {hub.repo}?")
-    return train
+def _field(records: Any, key: str) -> list[Any]:
+    """`key` of a hub sequence-of-records column, stored either as a dict of lists (the
+    hub's schema) or as a list of dicts (how datasets>=4 builds `Sequence({...})` of lists)."""
+    if isinstance(records, dict):
+        return list(records[key])
+    return [record[key] for record in records]
 
 
-def _load_local_copy(path: Path, hub: _Hub, source: str) -> Any:
-    """A `save_to_disk` folder, a folder of data files, or one data file (.parquet / .jsonl / .json / .csv / .arrow)."""
-    import datasets
-
-    builders = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".arrow": "arrow"}
-    try:
-        if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
-            loaded = datasets.load_from_disk(str(path))
-        elif path.is_dir():
-            loaded = datasets.load_dataset(str(path), hub.config)
-        elif path.is_file() and path.suffix.lower() in builders:
-            loaded = datasets.load_dataset(builders[path.suffix.lower()], data_files=str(path), split="train")
-        elif path.is_file():
-            raise ConfigError(source, "data.path",
-                              f"{path}: a copy of {hub.repo} must be a folder (save_to_disk or data "
-                              f"files) or a {', '.join(builders)} file")
-        else:
-            raise ConfigError(source, "data.path", f"{path}: no such file or folder")
-    except ConfigError:
-        raise
-    except Exception as err:  # corrupt or foreign files: one clear message, not a traceback
-        raise ConfigError(source, "data.path", f"{path}: could not load it as a dataset ({_reason(err)})") from None
-    if isinstance(loaded, datasets.DatasetDict):
-        if "train" not in loaded:
-            raise ConfigError(source, "data.path",
-                              f"{path} has no train split (splits: {', '.join(loaded)})")
-        return loaded["train"]
-    return loaded
+def _n_tokens(tokenizer: Any, text: str) -> int:
+    return len(_encode(tokenizer, [text])[0])
 
 
-def _hub_load(hub: _Hub, split: str | None = None) -> Any:
-    """`datasets.load_dataset` of a hub dataset; a repo still holding a loading script
-    (which datasets>=4 cannot run) is read from the hub's Parquet export instead."""
-    import datasets
-
-    try:
-        return datasets.load_dataset(hub.repo, hub.config, split=split)
-    except RuntimeError as err:
-        if "scripts are no longer supported" not in str(err):
-            raise
-        return datasets.load_dataset(hub.repo, hub.config, split=split, revision="refs/convert/parquet")
+def render_webnlg(entry: dict[str, Any]) -> str:
+    """One WebNLG entry as "Triples: s | p | o; ...\\nText: <first reference text>"."""
+    triple_sets = _field(entry["modified_triple_sets"], "mtriple_set")
+    texts = [t for t in _field(entry["lex"], "text") if t and t.strip()]
+    if not triple_sets or not texts:
+        return ""
+    return f"Triples: {'; '.join(triple_sets[0])}\nText: {texts[0].strip()}"
 
 
-def download(name: str, directory: str) -> None:
-    """Save every split of hub dataset `name` (wikitext2, webnlg, xsum) to `directory`."""
-    _hub_load(HUB[name]).save_to_disk(directory)
+#: Fewest document tokens an XSum sample keeps; an article whose summary leaves less room
+#: in max_length is not used.
+XSUM_MIN_DOCUMENT_TOKENS = 16
+
+
+def render_xsum(article: dict[str, Any], tokenizer: Any, max_length: int) -> str:
+    """One XSum article as "Document: ...\\nSummary: ..." in at most `max_length` - 1 tokens
+    (one is left for the BOS token scoring puts first): the document is cut from its end to
+    make room, the summary is kept whole. "" when either is empty or the summary leaves fewer
+    than XSUM_MIN_DOCUMENT_TOKENS tokens of document."""
+    document, summary = (article["document"] or "").strip(), (article["summary"] or "").strip()
+    if not document or not summary:
+        return ""
+    budget, tail = max_length - 1, f"\nSummary: {summary}"
+    text = f"Document: {document}{tail}"
+    if _n_tokens(tokenizer, text) <= budget:
+        return text
+    document_ids = _encode(tokenizer, [document])[0]
+    room = budget - _n_tokens(tokenizer, "Document: ") - _n_tokens(tokenizer, tail)
+    while room >= XSUM_MIN_DOCUMENT_TOKENS:
+        # a cut can re-tokenize a little longer than its parts: shorten until it fits
+        text = f"Document: {_decode(tokenizer, document_ids[:room]).rstrip()}{tail}"
+        if _n_tokens(tokenizer, text) <= budget:
+            return text
+        room -= 2
+    return ""
+
+
+@register("wikitext2", members=1000, hub=WIKITEXT2, blocks=True)
+def _wikitext_pool(data: DataConfig, tokenizer: Any, source: str) -> _Pool:
+    train, origin = _hub_train(data, WIKITEXT2, source)
+    lines = "".join(train["text"]).splitlines(keepends=True)
+    token_ids = list(itertools.chain.from_iterable(_encode_lines(tokenizer, lines)))
+    blocks = _token_blocks(token_ids, data.max_length)
+    return _Pool(f"wikitext2 (train split, {data.max_length}-token blocks)", len(blocks),
+                 lambda i: (f"wikitext2/train/{i:05d}", _decode(tokenizer, blocks[i])), origin)
+
+
+def _encode_lines(tokenizer: Any, lines: list[str]) -> list[list[int]]:
+    """Token ids of each line of a running text, as they are inside that text.
+
+    Pieces never cross a line end (a byte-level BPE does not merge across one), so encoding
+    line by line gives the text's tokens several times faster than encoding it whole. But a
+    tokenizer that prefixes a space to every string it encodes (SentencePiece's, as in
+    Llama-2) would add one at each line start. So each line is encoded after a newline and
+    the newline's own tokens are taken off again; a line whose tokens do not start with them
+    (GPT-2 merges a blank line into the newline before it) is encoded alone.
+    """
+    newline = _encode(tokenizer, ["\n"])[0]
+    encoded = _encode(tokenizer, ["\n" + line for line in lines])
+    alone = [i for i, ids in enumerate(encoded) if ids[:len(newline)] != newline]
+    for i, ids in zip(alone, _encode(tokenizer, [lines[i] for i in alone]) if alone else []):
+        encoded[i] = [*newline, *ids]
+    return [ids[len(newline):] for ids in encoded]
+
+
+def _rows_pool(name: str, hub: HubSource, render: Callable[[dict[str, Any]], str]) -> Callable[..., _Pool]:
+    def pool(data: DataConfig, tokenizer: Any, source: str) -> _Pool:
+        train, origin = _hub_train(data, hub, source)
+        return _Pool(f"{name} (train split)", len(train),
+                     lambda i: (f"{name}/train/{i:06d}", render(train[i], tokenizer, data.max_length)), origin)
+    return pool
+
+
+def _webnlg_sample(entry: dict[str, Any], tokenizer: Any, max_length: int) -> str:
+    # An entry longer than a sample is left out rather than cut: a sample keeps all its triples
+    # and its whole reference text.
+    text = render_webnlg(entry)
+    return text if text and _n_tokens(tokenizer, text) <= max_length - 1 else ""
+
+
+register("webnlg", members=1000, hub=WEBNLG)(_rows_pool("webnlg", WEBNLG, _webnlg_sample))
+register("xsum", members=5000, hub=XSUM)(_rows_pool("xsum", XSUM, render_xsum))  # Hou et al. 2025: 5,000
+
+
+def download(name: str, directory: str, revision: str | None = None) -> str:
+    """Download hub dataset `name`'s files (every split of its folder) at `revision` (None:
+    the pinned one) into `directory`, in the repository's own layout, which `data.path`
+    accepts. Returns the commit downloaded."""
+    hub = REGISTRY[name].hub
+    assert hub is not None, f"{name} is not a hub dataset"
+    _snapshot(hub, revision or hub.revision, [f"{hub.data_dir}/*"], local_dir=directory)
+    root = Path(directory)
+    files = _train_files(root, hub)
+    if not files:
+        raise FileNotFoundError(f"{hub.repo} at {revision or hub.revision} holds no {hub.layout}")
+    return _local_revision(root, files) or "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m memray.data download NAME DIR`: save a hub dataset for offline use."""
+    """`python -m memray.data download NAME DIR [--revision REV]`: a hub dataset for offline use."""
+    hub_names = sorted(name for name, spec in REGISTRY.items() if spec.hub)
     parser = argparse.ArgumentParser(prog="python -m memray.data",
-                                     description="Save a hub dataset for offline use (then set data.path: DIR).")
+                                     description="Download a hub dataset for offline use (then set data.path: DIR).")
     commands = parser.add_subparsers(dest="command", required=True)
-    command = commands.add_parser("download", help="save every split of a hub dataset to DIR")
-    command.add_argument("name", choices=sorted(HUB))
+    command = commands.add_parser("download", help="download a hub dataset's files into DIR, in the hub's layout")
+    command.add_argument("name", choices=hub_names)
     command.add_argument("directory", metavar="DIR")
+    command.add_argument("--revision", default=None, help="commit or branch (default: the one memray pins)")
     args = parser.parse_args(argv)
     try:
-        download(args.name, args.directory)
+        commit = download(args.name, args.directory, args.revision)
     except Exception as err:  # report, do not dump the hub stack's traceback
         print(f"could not download {args.name}: {_reason(err)}", file=sys.stderr)
         return 1
-    print(f"saved {args.name} to {args.directory}; set data.path: {args.directory}")
+    hub = REGISTRY[args.name].hub
+    print(f"saved {args.name} ({hub.repo} at {commit}) to {args.directory}; set data.path: {args.directory}")
     return 0
 
 

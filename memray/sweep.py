@@ -745,13 +745,14 @@ def trial_names(cells: list[Cell]) -> dict[int, str]:
 
 
 def check_cells(cells: list[Cell], source: str, published: bool = False) -> None:
-    """Check each distinct model and method of the grid as `memray trial` does (names,
-    placements that the model has), before any trial starts. published (dry runs): the
+    """Check each cell's data.path and each distinct model and method of the grid as
+    `memray trial` does (names, placements that the model has), before any trial starts. published (dry runs): the
     study aliases are checked against their published shapes, not looked up."""
-    from memray import methods, models
+    from memray import data, methods, models
 
     seen: set[str] = set()
     for cell in cells:
+        data.check_data(cell.config.data, f"{source} (grid cell {cell.index})")
         key = json.dumps([cell.config.model.model_dump(mode="json"), cell.config.method.model_dump(mode="json")],
                          sort_keys=True)
         if key in seen:

@@ -131,7 +131,7 @@ def _run(config: TrialConfig, record: TrialRecord, report: Report | None, resume
     if lead and any(a.name == "ref" for a in config.attacks):
         reference = _reference_stats(config, split.split_hash, scored, scored_ids, model, cache_dir, eval_batch)
     model, info = methods.apply_method(model, config.method, source)
-    record.update(split_hash=split.split_hash, method_info=info.__dict__,
+    record.update(split_hash=split.split_hash, data_origin=split.origin, method_info=info.__dict__,
                   samples={"members": len(split.members), "nonmembers": len(split.nonmembers),
                            "validation": len(split.validation), "train_texts": len(train_ids),
                            "scored_members": len(scored_members), "scored_nonmembers": len(scored_nonmembers)})

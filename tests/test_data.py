@@ -1,8 +1,11 @@
 """memray.data: dataset loading, the seeded member / non-member split, duplication."""
 
 import collections
+import io
 import json
 import logging
+import subprocess
+import sys
 
 import datasets
 import huggingface_hub.constants
@@ -13,6 +16,8 @@ from transformers import PreTrainedTokenizerFast
 from memray import data as data_module
 from memray.config import ConfigError, DataConfig
 from memray.data import load_split, pydoc_texts, synthetic_texts
+
+from hub_replica import HubReplica
 
 
 @pytest.fixture(scope="module")
@@ -226,58 +231,60 @@ def test_local_missing_file(tokenizer, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------
-# Hub datasets, from fake local copies in the hub's schema
+# The registry
 # ---------------------------------------------------------------------------------------
 
 
+def test_registry_names_are_the_datasets_the_config_accepts():
+    from memray.config import dataset_names
+
+    assert set(dataset_names()) == {"wikitext2", "webnlg", "xsum", "local", "pydoc", "synthetic"}
+    assert {name for name, spec in data_module.REGISTRY.items() if spec.hub} == {"wikitext2", "webnlg", "xsum"}
+    with pytest.raises(ConfigError, match="data.dataset: 'wikitext103' is not one of"):
+        from memray.config import validate_trial
+        validate_trial({"data": {"dataset": "wikitext103"}}, "t.yaml")
+
+
+def test_a_dataset_registered_twice_is_an_error():
+    with pytest.raises(ValueError, match="'xsum' is registered twice"):
+        data_module.register("xsum", members=1)(lambda data, tokenizer, source: None)
+
+
+# ---------------------------------------------------------------------------------------
+# Hub datasets: replicas of the three repositories, served on 127.0.0.1
+# ---------------------------------------------------------------------------------------
+
+WIKITEXT_NEWER = "1" * 40  # main moved on after the pinned commit
+WEBNLG_MAIN, WEBNLG_OLD_EXPORT, WEBNLG_EXPORT = "2" * 40, "3" * 40, "4" * 40
+XSUM_MAIN, XSUM_EXPORT = "5" * 40, "6" * 40
+
+
+def parquet(rows, features=None) -> bytes:
+    table = (datasets.Dataset.from_list(rows, features=features) if isinstance(rows, list)
+             else datasets.Dataset.from_dict(rows, features=features))
+    buffer = io.BytesIO()
+    table.to_parquet(buffer)
+    return buffer.getvalue()
+
+
 def wikitext_lines(paragraphs):
-    """Lines as the hub's wikitext-2-raw-v1 stores them: headings, blank lines, text + newline."""
+    """Rows as the hub's wikitext-2-raw-v1 stores them: headings, blank rows, text + newline."""
     lines = []
     for number, paragraph in enumerate(paragraphs):
         lines += ["", f" = Section {number} = \n", "", f" {paragraph} \n"]
     return lines
 
 
-def test_wikitext2_is_chunked_into_blocks_of_max_length_tokens(tokenizer, tmp_path):
-    paragraphs = pydoc_texts("finetune")[:12]
-    train = wikitext_lines(paragraphs)
-    held_out = wikitext_lines(["Held out paragraph that must never be drawn."])
-    datasets.DatasetDict({
-        "train": datasets.Dataset.from_dict({"text": train}),
-        "validation": datasets.Dataset.from_dict({"text": held_out}),
-        "test": datasets.Dataset.from_dict({"text": held_out}),
-    }).save_to_disk(str(tmp_path / "wikitext"))
-
-    config = DataConfig(dataset="wikitext2", path=str(tmp_path / "wikitext"), max_length=32,
-                        members=40, nonmembers=40, validation=20)
-    split = load_split(config, 0, tokenizer)
-    raw = "".join(train)
-    lengths = [n_tokens(tokenizer, s.text) for s in all_samples(split)]
-    assert all(s.text in raw for s in all_samples(split))  # contiguous pieces of the train text
-    assert all(abs(length - 32) <= 2 for length in lengths)
-    assert sum(length == 32 for length in lengths) >= 0.8 * len(lengths)
-    assert all(s.id.startswith("wikitext2/train/") for s in split.members)
-    assert load_split(config, 0, tokenizer) == split
-
-
-def test_wikitext2_from_a_single_data_file(tokenizer, tmp_path):
-    path = tmp_path / "train.parquet"
-    datasets.Dataset.from_dict({"text": wikitext_lines(pydoc_texts("finetune")[:4])}).to_parquet(str(path))
-    split = load_split(DataConfig(dataset="wikitext2", path=str(path), max_length=32, members=10, validation=5), 0, tokenizer)
-    assert len(split.members) == 10
-
-
-def webnlg_features(triples_as_records: bool) -> datasets.Features:
-    """web_nlg release_v3.0_en's features as the hub card declares them (struct of lists),
-    or with the triple sets as a list of records (how datasets>=4 builds `Sequence({...})`)."""
+def webnlg_features() -> datasets.Features:
+    """web_nlg's features as its loading script declares them (sequences of records are
+    stored as a struct of lists)."""
     strings = datasets.List(datasets.Value("string"))
-    triple_sets = ([{"triple_set": strings}] if triples_as_records else {"triple_set": datasets.List(strings)})
     return datasets.Features({
         "category": datasets.Value("string"),
         "size": datasets.Value("int32"),
         "eid": datasets.Value("string"),
-        "original_triple_sets": _rename(triple_sets, "otriple_set"),
-        "modified_triple_sets": _rename(triple_sets, "mtriple_set"),
+        "original_triple_sets": {"otriple_set": datasets.List(strings)},
+        "modified_triple_sets": {"mtriple_set": datasets.List(strings)},
         "shape": datasets.Value("string"),
         "shape_type": datasets.Value("string"),
         "lex": {"comment": strings, "lid": strings, "text": strings, "lang": strings},
@@ -287,77 +294,242 @@ def webnlg_features(triples_as_records: bool) -> datasets.Features:
     })
 
 
-def _rename(triple_sets, name):
-    if isinstance(triple_sets, list):
-        return datasets.List({name: triple_sets[0]["triple_set"]})
-    return {name: triple_sets["triple_set"]}
-
-
-def webnlg_entry(number, texts, triples_as_records):
-    triples = [f"Person_{number} | birthPlace | Town_{number}", f"Town_{number} | country | Land_{number % 3}"]
-    if triples_as_records:
-        original, modified = [{"otriple_set": triples}], [{"mtriple_set": triples}]
-    else:
-        original, modified = {"otriple_set": [triples]}, {"mtriple_set": [triples]}
+def webnlg_entry(number, texts, person="Person"):
+    triples = [f"{person}_{number} | birthPlace | Town_{number}", f"Town_{number} | country | Land_{number % 3}"]
     return {
         "category": "Person", "size": 2, "eid": f"Id{number}",
-        "original_triple_sets": original, "modified_triple_sets": modified,
-        "shape": "", "shape_type": "chain",
+        "original_triple_sets": {"otriple_set": [triples]}, "modified_triple_sets": {"mtriple_set": [triples]},
+        "shape": "(X (X (X)))", "shape_type": "chain",
         "lex": {"comment": ["good"] * len(texts), "lid": [f"Id{i + 1}" for i in range(len(texts))],
                 "text": texts, "lang": [""] * len(texts)},
         "test_category": "", "dbpedia_links": [], "links": [],
     }
 
 
-@pytest.mark.parametrize("triples_as_records", [False, True])
-def test_webnlg_renders_triples_and_the_first_reference(tokenizer, tmp_path, triples_as_records):
-    entries = [webnlg_entry(i, [f"Person {i} was born in Town {i}.", "Another reference."], triples_as_records)
-               for i in range(30)]
-    entries.append(webnlg_entry(99, [], triples_as_records))  # no reference text: skipped
-    train = datasets.Dataset.from_list(entries, features=webnlg_features(triples_as_records))
-    datasets.DatasetDict({"train": train, "dev": train.select(range(2))}).save_to_disk(str(tmp_path / "webnlg"))
-
-    split = load_split(DataConfig(dataset="webnlg", path=str(tmp_path / "webnlg"),
-                                  members=10, nonmembers=10, validation=10), 0, tokenizer)
-    assert len(all_samples(split)) == 30
-    by_person = {s.text.split(" | ")[0]: s.text for s in all_samples(split)}
-    assert by_person["Triples: Person_4"] == (
-        "Triples: Person_4 | birthPlace | Town_4; Town_4 | country | Land_1\n"
-        "Text: Person 4 was born in Town 4.")
+def webnlg_rows(count, person="Person", text="{person} {i} was born in Town {i}."):
+    return [webnlg_entry(i, [text.format(person=person, i=i), "Another reference."], person) for i in range(count)]
 
 
-def test_xsum_renders_document_and_summary(tokenizer, tmp_path):
-    numbers = list(range(12)) + [3, 7]  # two articles appear twice: each is drawn once
-    rows = {"document": [f"Article {i} body.\nSecond line." for i in numbers] + [""],
-            "summary": [f"Summary {i}." for i in numbers] + ["orphan"],
-            "id": [str(1000 + i) for i in range(15)]}
-    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows)}).save_to_disk(str(tmp_path / "xsum"))
-    split = load_split(DataConfig(dataset="xsum", path=str(tmp_path / "xsum"),
-                                  members=5, nonmembers=5, validation=2), 0, tokenizer)
-    texts = [s.text for s in all_samples(split)]
-    assert len(set(texts)) == len(texts) == 12
-    assert "Document: Article 3 body.\nSecond line.\nSummary: Summary 3." in texts
+def xsum_rows(numbers):
+    return {"document": [f"Article {i} body.\nSecond line of article {i}." for i in numbers],
+            "summary": [f"Summary {i}." for i in numbers], "id": [str(30000000 + i) for i in numbers]}
 
 
-def test_hub_copy_with_the_wrong_schema(tokenizer, tmp_path):
-    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"article": ["x"]})}).save_to_disk(str(tmp_path / "bad"))
-    with pytest.raises(ConfigError, match="data.path: .*no column 'document', 'summary'.*EdinburghNLP/xsum"):
-        load_split(DataConfig(dataset="xsum", path=str(tmp_path / "bad")), 0, tokenizer)
+WIKITEXT_PINNED_TEXT = pydoc_texts("finetune")[:12]
+WIKITEXT_NEWER_TEXT = ["Text of a later commit that a pinned load must not see."] * 12
 
 
-def test_hub_copy_that_is_not_a_dataset(tokenizer, tmp_path):
-    (tmp_path / "junk.parquet").write_text("not parquet")
-    with pytest.raises(ConfigError, match="data.path: .*could not load it as a dataset"):
-        load_split(DataConfig(dataset="wikitext2", path=str(tmp_path / "junk.parquet")), 0, tokenizer)
+def wikitext_files(paragraphs) -> dict[str, bytes]:
+    files = {"README.md": b"---\nconfigs: ...\n---\n"}
+    for config, text in (("wikitext-2-raw-v1", paragraphs), ("wikitext-103-raw-v1", ["Wikitext-103 only."] * 40),
+                         ("wikitext-2-v1", ["Tokenized @-@ variant ."] * 40)):
+        files[f"{config}/train-00000-of-00001.parquet"] = parquet({"text": wikitext_lines(text)})
+        for split in ("validation", "test"):
+            files[f"{config}/{split}-00000-of-00001.parquet"] = parquet({"text": wikitext_lines(["Held out."])})
+    return files
+
+
+def webnlg_export(person) -> dict[str, bytes]:
+    features = webnlg_features()
+    return {
+        "release_v3.0_en/train/0000.parquet": parquet(webnlg_rows(30, person), features),
+        "release_v3.0_en/dev/0000.parquet": parquet(webnlg_rows(3, "Dev"), features),
+        "release_v3.0_en/test/0000.parquet": parquet(webnlg_rows(3, "Test"), features),
+        "release_v3.0_ru/train/0000.parquet": parquet(webnlg_rows(30, "Russian", "{person} {i} родился."), features),
+        "webnlg_challenge_2017/train/0000.parquet": parquet(webnlg_rows(30, "Old"), features),
+    }
+
+
+def xsum_export() -> dict[str, bytes]:
+    return {  # the train split in two shards
+        "default/train/0000.parquet": parquet(xsum_rows(range(0, 10))),
+        "default/train/0001.parquet": parquet(xsum_rows(list(range(10, 20)) + [3])),  # a repeat: drawn once
+        "default/validation/0000.parquet": parquet(xsum_rows(range(100, 103))),
+        "default/test/0000.parquet": parquet(xsum_rows(range(200, 203))),
+    }
+
+
+@pytest.fixture(scope="module")
+def hub():
+    """The three repositories as the hub holds them: wikitext's Parquet files on main (the
+    pinned commit and a later one), web_nlg's and xsum's loading script on main with their
+    Parquet exports on refs/convert/parquet."""
+    with HubReplica() as replica:
+        replica.commit("Salesforce/wikitext", data_module.WIKITEXT2.revision, wikitext_files(WIKITEXT_PINNED_TEXT))
+        replica.commit("Salesforce/wikitext", WIKITEXT_NEWER, wikitext_files(WIKITEXT_NEWER_TEXT), branch="main")
+        script_only = {"README.md": b"---\npretty_name: replica\n---\n", "web_nlg.py": b"raise SystemExit\n"}
+        replica.commit("webnlg-challenge/web_nlg", WEBNLG_MAIN, script_only, branch="main")
+        replica.commit("webnlg-challenge/web_nlg", WEBNLG_OLD_EXPORT, webnlg_export("Earlier"))
+        replica.commit("webnlg-challenge/web_nlg", WEBNLG_EXPORT, webnlg_export("Person"), branch="refs/convert/parquet")
+        replica.commit("EdinburghNLP/xsum", XSUM_MAIN, {"README.md": b"", "xsum.py": b"raise SystemExit\n"}, branch="main")
+        replica.commit("EdinburghNLP/xsum", XSUM_EXPORT, xsum_export(), branch="refs/convert/parquet")
+        yield replica
+
+
+def hub_env(replica, tmp_path) -> dict[str, str]:
+    return {"HF_ENDPOINT": replica.endpoint(), "HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": str(tmp_path / "hub-cache"),
+            "HF_DATASETS_CACHE": str(tmp_path / "datasets-cache"), "HF_HUB_DISABLE_TELEMETRY": "1"}
 
 
 @pytest.fixture
-def offline_empty_cache(monkeypatch, tmp_path):
-    """No network and empty caches, whatever this machine holds."""
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+def online(hub, monkeypatch, tmp_path):
+    """The hub client of this process pointed at the replica, with empty caches."""
+    env = hub_env(hub, tmp_path)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", env["HF_ENDPOINT"])
+    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        env["HF_ENDPOINT"] + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", env["HF_HUB_CACHE"])
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    return env
+
+
+EXPECTED_COMMIT = {"wikitext2": data_module.WIKITEXT2.revision, "webnlg": WEBNLG_EXPORT, "xsum": XSUM_EXPORT}
+SIZES = {"wikitext2": dict(max_length=32, members=20, nonmembers=20, validation=5),
+         "webnlg": dict(members=10, nonmembers=10, validation=10),
+         "xsum": dict(members=8, nonmembers=8, validation=4)}
+
+
+def expected_texts(name, split):
+    """Check every sample comes from the right file of the right commit; return the texts."""
+    texts = [s.text for s in all_samples(split)]
+    if name == "wikitext2":
+        raw = "".join(wikitext_lines(WIKITEXT_PINNED_TEXT))
+        assert all(text in raw for text in texts)  # the pinned commit's wikitext-2-raw-v1 train file
+    elif name == "webnlg":
+        assert all(t.startswith("Triples: Person_") for t in texts)  # English 3.0 train only
+        assert len(texts) == 30
+    else:
+        assert len(texts) == len(set(texts)) == 20  # both shards, the repeated article once
+    return texts
+
+
+@pytest.mark.parametrize("name", ["wikitext2", "webnlg", "xsum"])
+def test_hub_datasets_load_their_pinned_files(tokenizer, online, hub, name):
+    hub.requests.clear()
+    split = load_split(DataConfig(dataset=name, **SIZES[name]), 0, tokenizer)
+    expected_texts(name, split)
+    assert split.origin == {"repo": data_module.REGISTRY[name].hub.repo, "revision": EXPECTED_COMMIT[name],
+                            "path": None}
+    # the script on main is never fetched; only the train files of the dataset's folder are
+    fetched = [r.split(" ", 1)[1] for r in hub.requests if r.startswith("GET /datasets/")]
+    assert fetched and all(f"/{data_module.REGISTRY[name].hub.data_dir}/" in path for path in fetched)
+    assert all("/train" in path for path in fetched)
+
+
+def test_data_revision_pins_another_commit(tokenizer, online):
+    split = load_split(DataConfig(dataset="webnlg", revision=WEBNLG_OLD_EXPORT, **SIZES["webnlg"]), 0, tokenizer)
+    assert all(s.text.startswith("Triples: Earlier_") for s in all_samples(split))
+    assert split.origin["revision"] == WEBNLG_OLD_EXPORT
+
+
+def test_an_unknown_revision_names_the_repository(tokenizer, online):
+    with pytest.raises(ConfigError, match=r"data.dataset: webnlg: could not load webnlg-challenge/web_nlg at "
+                                          r"f{40} .*RevisionNotFound"):
+        load_split(DataConfig(dataset="webnlg", revision="f" * 40), 0, tokenizer)
+
+
+def test_offline_a_cached_commit_is_used(tokenizer, online, monkeypatch):
+    first = load_split(DataConfig(dataset="xsum", **SIZES["xsum"]), 0, tokenizer)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens
+    again = load_split(DataConfig(dataset="xsum", **SIZES["xsum"]), 0, tokenizer)
+    assert again == first and again.origin["revision"] == XSUM_EXPORT
+
+
+def run_download(env, name, directory):
+    import os
+
+    return subprocess.run([sys.executable, "-m", "memray.data", "download", name, str(directory)],
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("name", ["wikitext2", "webnlg", "xsum"])
+def test_download_writes_the_hub_layout_that_data_path_loads(tokenizer, hub, online, tmp_path, name):
+    hub_split = load_split(DataConfig(dataset=name, **SIZES[name]), 0, tokenizer)
+    result = run_download(hub_env(hub, tmp_path / "fresh"), name, tmp_path / "copy")
+    assert result.returncode == 0, result.stderr
+    commit = EXPECTED_COMMIT[name]
+    assert f"at {commit}) to {tmp_path / 'copy'}; set data.path: {tmp_path / 'copy'}" in result.stdout
+    source = data_module.REGISTRY[name].hub
+    files = sorted(str(p.relative_to(tmp_path / "copy")) for p in (tmp_path / "copy").rglob("*.parquet"))
+    assert files and all(f.startswith(source.data_dir + "/") for f in files)  # the repository's layout
+    assert any("/validation" in f or "/dev/" in f for f in files)  # every split of the folder
+
+    copy_split = load_split(DataConfig(dataset=name, path=str(tmp_path / "copy"), **SIZES[name]), 0, tokenizer)
+    assert copy_split.split_hash == hub_split.split_hash
+    assert copy_split.origin == {"repo": source.repo, "revision": commit, "path": str(tmp_path / "copy")}
+
+
+def write_layout(root, files):
+    for name, content in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(content)
+    return root
+
+
+HAND_COPIES = {"wikitext2": lambda: wikitext_files(WIKITEXT_PINNED_TEXT), "webnlg": lambda: webnlg_export("Person"),
+               "xsum": xsum_export}
+
+
+@pytest.mark.parametrize("name", ["wikitext2", "webnlg", "xsum"])
+def test_data_path_accepts_a_folder_in_the_hub_layout(tokenizer, tmp_path, name):
+    root = write_layout(tmp_path / "copy", HAND_COPIES[name]())
+    split = load_split(DataConfig(dataset=name, path=str(root), **SIZES[name]), 0, tokenizer)
+    expected_texts(name, split)
+    assert split.origin["revision"] is None  # a folder that does not say which commit it holds
+    # the dataset's own folder inside that layout works too
+    inner = load_split(DataConfig(dataset=name, path=str(root / data_module.REGISTRY[name].hub.data_dir),
+                                  **SIZES[name]), 0, tokenizer)
+    assert inner.split_hash == split.split_hash
+
+
+@pytest.mark.parametrize("name, files", [("webnlg", xsum_export), ("xsum", lambda: webnlg_export("Person")),
+                                         ("wikitext2", lambda: {"train.parquet": parquet({"text": ["x"]})})])
+def test_a_folder_in_another_layout_is_one_line_and_exit_2(tmp_path, capsys, name, files):
+    from memray import cli
+
+    root = write_layout(tmp_path / "copy", files())
+    trial = tmp_path / "trial.yaml"
+    trial.write_text(json.dumps({"model": {"name": "tiny-gpt2"}, "data": {"dataset": name, "path": str(root)},
+                                 "output_dir": str(tmp_path / "out")}))
+    assert cli.main(["trial", str(trial)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    hub_source = data_module.REGISTRY[name].hub
+    assert error.startswith(f"memray: error: {trial}: data.path: {root} (a folder) is not a copy of {name}: ")
+    assert f"{hub_source.repo} at {hub_source.revision}, {hub_source.layout} under it" in error
+    assert not (tmp_path / "out").exists()  # refused before any trial folder is made
+
+
+def test_parquet_files_of_the_wrong_schema_name_the_columns(tokenizer, tmp_path):
+    root = write_layout(tmp_path / "copy", {"default/train/0000.parquet": parquet({"article": ["x"]})})
+    with pytest.raises(ConfigError, match=r"data.path: .*no column 'document', 'summary'.*EdinburghNLP/xsum"):
+        load_split(DataConfig(dataset="xsum", path=str(root)), 0, tokenizer)
+
+
+def test_train_files_that_are_not_parquet(tokenizer, tmp_path):
+    root = write_layout(tmp_path / "copy", {"wikitext-2-raw-v1/train-00000-of-00001.parquet": b"not parquet"})
+    with pytest.raises(ConfigError, match="data.path: .*could not read the wikitext2 train files as Parquet"):
+        load_split(DataConfig(dataset="wikitext2", path=str(root)), 0, tokenizer)
+
+
+@pytest.mark.parametrize("name", ["wikitext2", "webnlg", "xsum"])
+def test_trials_on_a_downloaded_copy_run_to_the_end(hub, tmp_path, name):
+    from memray.config import validate_trial
+    from memray.trial import run_trial
+
+    assert run_download(hub_env(hub, tmp_path), name, tmp_path / "copy").returncode == 0
+    sizes = {**SIZES[name], "members": 8, "nonmembers": 8, "validation": 4}
+    config = validate_trial({
+        "seed": 0, "output_dir": str(tmp_path), "model": {"name": "tiny-gpt2", "pretrained": False},
+        "data": {"dataset": name, "path": str(tmp_path / "copy"), **sizes},
+        "method": {"name": "lora", "rank": 2}, "train": {"epochs": 1, "batch_size": 8},
+        "eval": {"batch_size": 16}, "attacks": ["loss", "zlib"]}, "test")
+    final = run_trial(config, trial_dir=tmp_path / "t", progress=False)
+    result = json.loads((tmp_path / "t" / "result.json").read_text())
+    assert result["status"] == "success" and [row["epoch"] for row in result["epochs"]] == [0, 1]
+    assert 0 <= final["mia/loss/auc"] <= 1
+    assert result["data_origin"]["revision"] == EXPECTED_COMMIT[name] and len(result["split_hash"]) == 64
 
 
 @pytest.mark.parametrize("name", ["wikitext2", "webnlg", "xsum"])
@@ -374,3 +546,80 @@ def test_download_command_fails_cleanly_offline(offline_empty_cache, tmp_path, c
     assert data_module.main(["download", "wikitext2", str(tmp_path / "out")]) == 1
     assert "could not download wikitext2" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def offline_empty_cache(monkeypatch, tmp_path):
+    """No network and empty caches, whatever this machine holds."""
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+
+
+# ---------------------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------------------
+
+
+def test_webnlg_keeps_all_triples_and_the_first_reference(tokenizer, tmp_path):
+    rows = webnlg_rows(20)
+    rows.append(webnlg_entry(98, []))  # no reference text: not used
+    rows.append(webnlg_entry(99, ["A reference far longer than a sample. " * 40]))  # would be cut: not used
+    root = write_layout(tmp_path / "copy", {"release_v3.0_en/train/0000.parquet": parquet(rows, webnlg_features())})
+    split = load_split(DataConfig(dataset="webnlg", path=str(root), max_length=128, members=8, nonmembers=8,
+                                  validation=10), 0, tokenizer)
+    texts = {s.text.split(" | ")[0]: s.text for s in all_samples(split)}
+    assert len(texts) == 20 and "Triples: Person_98" not in texts and "Triples: Person_99" not in texts
+    assert texts["Triples: Person_4"] == ("Triples: Person_4 | birthPlace | Town_4; Town_4 | country | Land_1\n"
+                                          "Text: Person 4 was born in Town 4.")
+
+
+def test_webnlg_rows_of_records_render_alike():
+    """datasets may hand a sequence of records as a list of dicts rather than a dict of lists."""
+    entry = webnlg_entry(4, ["Person 4 was born in Town 4."])
+    as_records = {**entry, "modified_triple_sets": [{"mtriple_set": entry["modified_triple_sets"]["mtriple_set"][0]}],
+                  "lex": [{"comment": "good", "lid": "Id1", "text": "Person 4 was born in Town 4.", "lang": ""}]}
+    assert data_module.render_webnlg(as_records) == data_module.render_webnlg(entry)
+
+
+def test_xsum_cuts_the_document_and_keeps_the_summary(tokenizer):
+    document = " ".join(pydoc_texts("finetune")[:3])
+    summary = "The council approved the new harbour bridge on Tuesday after a long debate."
+    text = data_module.render_xsum({"document": document, "summary": summary}, tokenizer, 128)
+    assert text.endswith(f"\nSummary: {summary}")
+    kept = text[len("Document: "):-len(f"\nSummary: {summary}")]
+    assert len(kept) > 20 and document.startswith(kept)
+    assert 120 <= n_tokens(tokenizer, text) <= 127  # one position left for BOS
+    short = data_module.render_xsum({"document": "A short article.", "summary": "Short."}, tokenizer, 128)
+    assert short == "Document: A short article.\nSummary: Short."
+    # a summary that leaves too little room for the document: not used
+    assert data_module.render_xsum({"document": document, "summary": summary * 4}, tokenizer, 128) == ""
+
+
+def metaspace_tokenizer():
+    """A tokenizer that prefixes a space to every string it encodes, as Llama-2's does
+    (its normalizer prepends "▁" and turns spaces into "▁"; the decoder drops the first space)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    corpus = ["".join(wikitext_lines(WIKITEXT_PINNED_TEXT))] * 2
+    backend.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>"], show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+
+
+@pytest.mark.parametrize("family", ["byte-level BPE", "SentencePiece-style"])
+def test_wikitext_blocks_add_no_space_at_line_starts(tokenizer, tmp_path, family):
+    tok = tokenizer if family == "byte-level BPE" else metaspace_tokenizer()
+    root = write_layout(tmp_path / "copy", wikitext_files(WIKITEXT_PINNED_TEXT))
+    split = load_split(DataConfig(dataset="wikitext2", path=str(root), max_length=48, members=10, nonmembers=10,
+                                  validation=5), 0, tok)
+    raw = "".join(wikitext_lines(WIKITEXT_PINNED_TEXT))
+    assert all(s.text in raw for s in all_samples(split))  # no space added anywhere
+    if family == "SentencePiece-style":
+        # encoded line by line as is, every line would start with one space too many
+        ids = [i for line in raw.splitlines(keepends=True)
+               for i in tok(line, add_special_tokens=False)["input_ids"]]
+        assert "\n  = Section 1 = " in tok.decode(ids)

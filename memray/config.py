@@ -41,11 +41,11 @@ BUILTIN_MODELS: tuple[str, ...] = ("tiny-gpt2", "tiny-llama")
 
 
 def dataset_names() -> tuple[str, ...]:
-    """The names `data.dataset` accepts: those of the `data` module's registry (imported
-    here when first needed, since `data` imports this module)."""
+    """The names `data.dataset` accepts: those of the `data` module's registry, the hub
+    datasets first (imported here when first needed, since `data` imports this module)."""
     from memray.data import REGISTRY
 
-    return tuple(REGISTRY)
+    return tuple(sorted(REGISTRY, key=lambda name: REGISTRY[name].hub is None))
 
 
 #: Membership-inference attacks the `attacks` module implements.
@@ -366,7 +366,7 @@ def _default_attacks() -> list[AttackConfig]:
 #: leaves one at its default has the id (and folder) it had before the key existed.
 ADDED_LATER: dict[tuple[str, str], Any] = {
     ("train", "group_by_length"): True, ("train", "compile"): False, ("train", "chunked_loss"): "auto",
-    ("train", "deepspeed"): None,
+    ("train", "deepspeed"): None, ("data", "revision"): None,
 }
 #: Keys whose default changed: (new default, old default). A trial that leaves one unset
 #: keeps the id it had under the old default (these keys do not change what is measured).

@@ -12,17 +12,28 @@ taken are skipped, and the first `members` samples become members, the next `non
 non-members and the next `validation` validation samples. So the three sets are disjoint in
 ids and in texts, and members do not change when only the other sizes do.
 
-For hub datasets the pool is the hub's `train` split only: members, non-members and
-validation are disjoint draws from it, so members and non-members are identically
-distributed. The hub's own validation / test splits are not used, because a shift between
-splits (WebNLG's test set has categories unseen in training) would raise membership AUC
-without any memorization.
+Every dataset is one registered unit (`register`): its name, default size, how its pool of
+candidate samples is made and, for hub datasets, where its files lie (`HubSource`); the
+names `data.dataset` accepts are the registry's.
+
+For hub datasets the pool is the train split only: members, non-members and validation
+are disjoint draws from it, so members and non-members are identically distributed. The
+hub's own validation / test splits are not used, because a shift between splits (WebNLG's
+test set has categories unseen in training) would raise membership AUC without any
+memorization. Their files come from the repository pinned to a commit (`data.revision`
+overrides it) through `huggingface_hub`, or from `data.path`, a folder in the repository's
+own layout; the commit is kept with the split (`Split.origin`).
 
 Samples:
-- wikitext2: the train split's raw text concatenated, cut into blocks of `max_length`
-  tokens of the trial's tokenizer (the last block is dropped when under max_length / 4).
-- webnlg: one sample per entry: "Triples: s | p | o; ...\\nText: <first reference>".
-- xsum: one sample per article: "Document: ...\\nSummary: ...".
+- wikitext2: Salesforce/wikitext, wikitext-2-raw-v1: the train split's raw text as one
+  token stream of the trial's tokenizer, cut into blocks of `max_length` tokens across
+  articles (the last block is dropped when under max_length / 4); no tokenizer family gets
+  a space added at line starts.
+- webnlg: WebNLG 3.0 English (the Parquet export of webnlg-challenge/web_nlg): one sample
+  per entry, "Triples: s | p | o; ...\\nText: <first reference>"; an entry longer than
+  max_length is left out, not cut.
+- xsum: the Parquet export of EdinburghNLP/xsum: one sample per article,
+  "Document: ...\\nSummary: ..."; the document is cut to fit max_length, never the summary.
 - local: a .jsonl (field `text_field`), .txt (one sample per non-empty line; use .jsonl for
   multi-line samples) or .csv (column `text_field`) file.
 - pydoc: the "finetune" half of CPython's `pydoc_data.topics`, each topic cut into blocks
@@ -31,7 +42,7 @@ Samples:
 - synthetic: 5,000 fictional people, each with unique facts (name, birth, job, e-mail,
   phone), generated without randomness so that every machine sees the same records.
 
-Run `python -m memray.data download wikitext2 DIR` on a machine with network to save a hub
+Run `python -m memray.data download NAME DIR` on a machine with network to download a hub
 dataset for offline use (`data.path: DIR`).
 """
 
@@ -443,8 +454,10 @@ def _read_csv(path: Path, text_field: str, source: str) -> list[tuple[int, str]]
 # ---------------------------------------------------------------------------------------
 
 #: The branch where the hub keeps a Parquet export of a dataset whose main branch is a
-#: loading script (which datasets>=4 cannot run); its layout is `<config>/<split>/NNNN.parquet`.
+#: loading script (which datasets>=4 cannot run); its layout is `<config>/<split>/NNNN.parquet`
+#: (`<config>/partial-<split>/` where the export holds only the first 5 GB of a split).
 PARQUET_EXPORT = "refs/convert/parquet"
+EXPORT_TRAIN_FILES = ("train/*.parquet", "partial-train/*.parquet")
 
 
 @dataclass(frozen=True)
@@ -454,26 +467,31 @@ class HubSource:
     repo: str
     revision: str  # the pinned commit, or a branch resolved to its commit when loaded
     data_dir: str  # the folder of this dataset's files at that revision
-    train_files: str  # glob of the train split's Parquet files under data_dir
+    train_files: tuple[str, ...]  # globs of the train split's Parquet files under data_dir, by preference
     columns: tuple[str, ...]  # columns the renderer reads, checked on load
 
     @property
     def layout(self) -> str:
-        return f"{self.data_dir}/{self.train_files}"
+        return f"{self.data_dir}/{self.train_files[0]}"
+
+    @property
+    def patterns(self) -> list[str]:
+        """The train files' paths in the repository, as download patterns."""
+        return [f"{self.data_dir}/{glob}" for glob in self.train_files]
 
 
 # Salesforce/wikitext keeps Parquet files on main, one folder per config. Commit of 2024-01-04,
 # the current head of main.
 WIKITEXT2 = HubSource("Salesforce/wikitext", "b08601e04326c79dfdd32d625aee71d232d685c3",
-                      "wikitext-2-raw-v1", "train-*.parquet", ("text",))
+                      "wikitext-2-raw-v1", ("train-*.parquet",), ("text",))
 # webnlg-challenge/web_nlg and EdinburghNLP/xsum hold only a loading script on main; their
 # Parquet exports are read instead: WebNLG 3.0 English is the folder `release_v3.0_en`, XSum
 # (a script without named configs) the folder `default`. The export branch is resolved to its
 # commit when loaded and that commit is recorded with the trial; set data.revision to a commit
 # to pin it.
-WEBNLG = HubSource("webnlg-challenge/web_nlg", PARQUET_EXPORT, "release_v3.0_en", "train/*.parquet",
+WEBNLG = HubSource("webnlg-challenge/web_nlg", PARQUET_EXPORT, "release_v3.0_en", EXPORT_TRAIN_FILES,
                    ("modified_triple_sets", "lex"))
-XSUM = HubSource("EdinburghNLP/xsum", PARQUET_EXPORT, "default", "train/*.parquet", ("document", "summary"))
+XSUM = HubSource("EdinburghNLP/xsum", PARQUET_EXPORT, "default", EXPORT_TRAIN_FILES, ("document", "summary"))
 
 
 def _hub_train(data: DataConfig, hub: HubSource, source: str) -> tuple[Any, dict[str, str | None]]:
@@ -490,7 +508,7 @@ def _hub_train(data: DataConfig, hub: HubSource, source: str) -> tuple[Any, dict
     else:
         revision = data.revision or hub.revision
         try:
-            root = Path(_snapshot(hub, revision, [hub.layout]))
+            root = Path(_snapshot(hub, revision, hub.patterns))
         except Exception as err:  # any failure of the hub stack becomes one clear message
             raise ConfigError(
                 source, "data.dataset",
@@ -544,9 +562,10 @@ def _train_files(root: Path, hub: HubSource) -> list[Path]:
     if not root.is_dir():
         return []
     for base in (root / hub.data_dir, root):
-        files = sorted(base.glob(hub.train_files))
-        if files:
-            return files
+        for glob in hub.train_files:
+            files = sorted(base.glob(glob))
+            if files:
+                return files
     return []
 
 

@@ -6,6 +6,7 @@ import json
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 import datasets
 import huggingface_hub.constants
@@ -435,6 +436,10 @@ def test_offline_a_cached_commit_is_used(tokenizer, online, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens
     again = load_split(DataConfig(dataset="xsum", **SIZES["xsum"]), 0, tokenizer)
     assert again == first and again.origin["revision"] == XSUM_EXPORT
+    # the snapshot folder in the hub cache is a folder in the repository's layout too
+    snapshot = next(Path(online["HF_HUB_CACHE"]).glob(f"datasets--EdinburghNLP--xsum/snapshots/{XSUM_EXPORT}"))
+    copy = load_split(DataConfig(dataset="xsum", path=str(snapshot), **SIZES["xsum"]), 0, tokenizer)
+    assert copy.split_hash == first.split_hash and copy.origin["revision"] == XSUM_EXPORT
 
 
 def run_download(env, name, directory):

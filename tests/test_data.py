@@ -628,3 +628,16 @@ def test_wikitext_blocks_add_no_space_at_line_starts(tokenizer, tmp_path, family
         ids = [i for line in raw.splitlines(keepends=True)
                for i in tok(line, add_special_tokens=False)["input_ids"]]
         assert "\n  = Section 1 = " in tok.decode(ids)
+
+
+def test_a_sweep_with_a_copy_in_another_layout_is_refused_before_any_trial(tmp_path):
+    from memray import sweep
+
+    root = write_layout(tmp_path / "copy", xsum_export())
+    path = tmp_path / "sweep.yaml"
+    path.write_text(json.dumps({"name": "s", "base": {"model": {"name": "tiny-gpt2"}},
+                                "grid": {"data": [{"dataset": "xsum", "path": str(root)},
+                                                  {"dataset": "webnlg", "path": str(root)}]}}))
+    with pytest.raises(ConfigError) as caught:
+        sweep.dry_run_text(path, num_cpus=2)
+    assert str(caught.value).startswith(f"{path} (grid cell 1): data.path: {root} (a folder) is not a copy of webnlg")

@@ -2,8 +2,11 @@
 
 Every attack returns a score where higher means "more likely a member" (members are the
 positive class of the AUC). Attacks read only precomputed `TokenStats`, so they cost no
-model call; each one is a function registered by name with `@attack`, and the trial calls
-`attack_scores` for whatever the config lists, with no special case per attack.
+model call. Each one is a function registered with `@attack(name, ...)`, which also says
+what it needs (a reference model's statistics, the vocabulary statistics) and whether it
+takes a `k`; the config schema (`memray.config.AttackConfig`) and the trial take their
+names and needs from `ATTACKS`, with no special case per attack. This module imports no
+torch, so the config can be validated before anything heavy loads.
 """
 
 from __future__ import annotations
@@ -11,23 +14,41 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from memray.config import AttackConfig
-from memray.scoring import TokenStats
+from memray.registry import Registry
+
+if TYPE_CHECKING:
+    from memray.config import AttackConfig
+    from memray.scoring import TokenStats
 
 #: (attack config, target statistics, text, reference statistics or None) -> score
-AttackFn = Callable[[AttackConfig, TokenStats, str, TokenStats | None], float]
-
-ATTACKS: dict[str, AttackFn] = {}
+AttackFn = Callable[["AttackConfig", "TokenStats", str, "TokenStats | None"], float]
 
 
-def attack(name: str) -> Callable[[AttackFn], AttackFn]:
-    """Register an attack under the name the config uses."""
+@dataclass(frozen=True)
+class AttackSpec:
+    """An attack and what it needs."""
+
+    name: str
+    score: AttackFn
+    default_k: float | None = None  # the attack takes a share k of tokens; None: it takes no k
+    needs_reference: bool = False  # reads the reference model's statistics
+    needs_vocab_stats: bool = False  # reads the vocabulary mean / std of log-probs per position
+
+
+ATTACKS: Registry[AttackSpec] = Registry("attack")
+
+
+def attack(name: str, default_k: float | None = None, needs_reference: bool = False,
+           needs_vocab_stats: bool = False) -> Callable[[AttackFn], AttackFn]:
+    """Register an attack under the name the config uses; ValueError if the name is taken."""
 
     def register(function: AttackFn) -> AttackFn:
-        ATTACKS[name] = function
+        ATTACKS.add(name, AttackSpec(name, function, default_k, needs_reference, needs_vocab_stats))
         return function
 
     return register
@@ -53,7 +74,7 @@ def attack_scores(
     refs = reference if reference is not None else [None] * len(target)
     scores: dict[str, np.ndarray] = {}
     for config in attacks:
-        function = ATTACKS[config.name]
+        function = ATTACKS[config.name].score
         scores[config.label] = np.array(
             [function(config, stats, text, ref) for stats, text, ref in zip(target, texts, refs)],
             dtype=np.float64,
@@ -78,7 +99,7 @@ def loss_score(config: AttackConfig, target: TokenStats, text: str, reference: T
     return -target.loss
 
 
-@attack("ref")
+@attack("ref", needs_reference=True)
 def reference_score(config: AttackConfig, target: TokenStats, text: str, reference: TokenStats | None) -> float:
     """Ref: how much lower the target's loss is than the reference model's (the base model
     before fine-tuning), which removes how easy the text is in itself.
@@ -106,7 +127,7 @@ def zlib_score(config: AttackConfig, target: TokenStats, text: str, reference: T
     return -target.loss / len(zlib.compress(text.encode("utf-8")))
 
 
-@attack("mink")
+@attack("mink", default_k=0.2)  # Shi et al. 2024 report k=20% as a robust default
 def min_k_score(config: AttackConfig, target: TokenStats, text: str, reference: TokenStats | None) -> float:
     """Min-K% Prob: the mean log-probability of the k fraction of least likely tokens; a
     non-member has more outlier tokens with very low probability.
@@ -117,7 +138,7 @@ def min_k_score(config: AttackConfig, target: TokenStats, text: str, reference: 
     return lowest_mean(target.logprobs, config.k)
 
 
-@attack("mink++")
+@attack("mink++", default_k=0.2, needs_vocab_stats=True)
 def min_k_plus_plus_score(config: AttackConfig, target: TokenStats, text: str, reference: TokenStats | None) -> float:
     """Min-K%++: each token's log-probability standardized by the mean and standard
     deviation of the log-probability over the vocabulary at that position, then the mean

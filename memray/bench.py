@@ -79,7 +79,6 @@ from memray.flops import attention_flops, matmul_params, mean_context, mfu, peak
 from memray.train import TokenDataset, fit
 
 SECTIONS = ("scoring", "training", "sweep", "reference_cache")
-METHOD_NAMES = ("full", "head", "lora", "prefix", "prompt", "ptuning")
 
 #: Attacks both scorers compute on the target model (`ref` needs a second model: its cost
 #: is the reference-cache section's subject).
@@ -347,8 +346,8 @@ class _EpochClock(TrainerCallback):
 
 def _method_config(name: str) -> Any:
     """The method's config with its defaults; ConfigError for a name that is not a method."""
-    if name not in METHOD_NAMES:
-        raise ConfigError("--methods", "", f"{name!r} is not one of {', '.join(METHOD_NAMES)}")
+    if name not in methods.METHODS:
+        raise ConfigError("--methods", "", f"{name!r} is not one of {', '.join(methods.METHODS)}")
     return TypeAdapter(MethodConfig).validate_python({"name": name})
 
 
@@ -590,7 +589,7 @@ def run_bench(model: str = "tiny-gpt2", device: str | None = None, *, quick: boo
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         raise ConfigError("--sections", "", f"{', '.join(unknown)}: not one of {', '.join(SECTIONS)}")
-    method_names = list(method_names or METHOD_NAMES)
+    method_names = list(method_names or methods.METHODS)
     for name in method_names:
         _method_config(name)
     config = bench_model_config(model)
@@ -713,24 +712,7 @@ def bench_command(model: str = "tiny-gpt2", device: str | None = None, out: Path
 
 
 def command(args: argparse.Namespace) -> int:
-    """Run `memray bench` from parsed arguments."""
+    """Run `memray bench` from the arguments `memray.cli` parsed."""
     return bench_command(args.model, args.device, args.out or None, args.quick,
                          [m for m in args.methods.split(",") if m], [s for s in args.sections.split(",") if s],
                          args.compile)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m memray.bench", description=__doc__.splitlines()[0])
-    from memray.cli import bench_arguments
-
-    bench_arguments(parser)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        return command(parser.parse_args(argv))
-    except ConfigError as err:
-        print(f"memray bench: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -68,20 +68,21 @@ def _bench(args: argparse.Namespace) -> int:
     return bench.command(args)
 
 
-#: `memray bench` defaults (kept here so that the parser needs no torch import; bench checks them).
+#: `memray bench` sections (kept here so that the parser needs no torch import; bench checks them).
 BENCH_SECTIONS = "scoring,training,sweep,reference_cache"
-BENCH_METHODS = "full,head,lora,prefix,prompt,ptuning"
 
 
 def bench_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of `memray bench` (also `python -m memray.bench`)."""
+    """The options of `memray bench`; its methods default to every registered method."""
+    from memray.methods import METHODS  # the registry only: no torch
+
     p.add_argument("--model", default="tiny-gpt2",
                    help="alias (gpt2 ... llama-2-7b), built-in, hub id in the local cache or local folder; "
                         "random weights from its config, nothing downloaded")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     p.add_argument("--out", default="bench.json", help="where the record goes ('' for none)")
     p.add_argument("--quick", action="store_true", help="small sizes: a quick check, not a measurement")
-    p.add_argument("--methods", default=BENCH_METHODS, help="training methods, comma-separated")
+    p.add_argument("--methods", default=",".join(METHODS), help="training methods, comma-separated")
     p.add_argument("--sections", default=BENCH_SECTIONS, help="sections to run, comma-separated")
     p.add_argument("--compile", action="store_true", help="memray's training loop with train.compile")
 

@@ -20,7 +20,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+from memray.attacks import ATTACKS as ATTACK_REGISTRY
+from memray.methods import METHODS as METHOD_REGISTRY
+from memray.schema import ConfigError, Schema
 
 # ---------------------------------------------------------------------------------------
 # Names other modules implement. They live here so that a bad name is caught while the
@@ -48,25 +52,15 @@ def dataset_names() -> tuple[str, ...]:
     return tuple(sorted(REGISTRY, key=lambda name: REGISTRY[name].hub is None))
 
 
-#: Membership-inference attacks the `attacks` module implements.
-ATTACKS: tuple[str, ...] = ("loss", "ref", "zlib", "mink", "mink++")
+#: Membership-inference attacks, from the `attacks` registry (registration order).
+ATTACKS: tuple[str, ...] = ATTACK_REGISTRY.names()
+#: Attacks of a trial whose config has no `attacks` list. Frozen by name: an attack
+#: registered later is run only where a config lists it, so existing configs keep their
+#: trial ids (and `memray resume` does not re-run finished trials).
+DEFAULT_ATTACKS: tuple[str, ...] = ("loss", "ref", "zlib", "mink", "mink++")
 
-METHODS: tuple[str, ...] = ("full", "head", "lora", "prefix", "prompt", "ptuning")
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration error: `<source>: <field>: <message>`."""
-
-    def __init__(self, source: str, field: str, message: str):
-        self.source, self.field, self.message = source, field, message
-        where = f"{source}: " if source else ""
-        super().__init__(f"{where}{field + ': ' if field else ''}{message}")
-
-
-class Schema(BaseModel):
-    """Base of every config section: unknown keys are errors, values are validated on assignment."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+#: Fine-tuning methods, from the `methods` registry (one module of memray/methods each).
+METHODS: tuple[str, ...] = METHOD_REGISTRY.names()
 
 
 # ---------------------------------------------------------------------------------------
@@ -180,63 +174,9 @@ class DataConfig(Schema):
         return self
 
 
-class _Method(Schema):
-    lr: float | None = Field(None, gt=0)  # None: the method's default learning rate
-
-
-class FullMethod(_Method):
-    """All weights trained."""
-
-    name: Literal["full"] = "full"
-
-
-class HeadMethod(_Method):
-    """Only the output layer trained."""
-
-    name: Literal["head"] = "head"
-    # Tied embeddings (GPT-2) share the output layer with the input embeddings. untie=True
-    # trains a separate copy of the output layer and leaves the input embeddings frozen;
-    # untie=False trains the shared matrix, so the input embeddings change too.
-    untie: bool = True
-
-
-class LoraMethod(_Method):
-    name: Literal["lora"] = "lora"
-    rank: int = Field(8, gt=0)
-    alpha: float = Field(16, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    placement: Literal["attn", "mlp", "both"] = "attn"
-    target_modules: list[str] | None = None  # escape hatch: overrides placement
-
-
-class PrefixMethod(_Method):
-    name: Literal["prefix"] = "prefix"
-    virtual_tokens: int = Field(20, gt=0)
-    projection: bool = False  # reparameterize the prefix through an MLP (Li & Liang 2021)
-
-
-class PromptMethod(_Method):
-    name: Literal["prompt"] = "prompt"
-    virtual_tokens: int = Field(20, gt=0)
-    init: Literal["random", "text"] = "random"
-    init_text: str | None = None  # with init=text; default: a neutral instruction
-
-    @model_validator(mode="after")
-    def _init_text(self) -> "PromptMethod":
-        if self.init_text is not None and self.init != "text":
-            raise ValueError("init_text is only used with init: text")
-        return self
-
-
-class PtuningMethod(_Method):
-    name: Literal["ptuning"] = "ptuning"
-    virtual_tokens: int = Field(20, gt=0)
-    encoder: Literal["mlp", "lstm"] = "mlp"
-    encoder_hidden: int | None = Field(None, gt=0)  # None: the model's hidden size
-
-
+#: The `method:` section: one schema per registered method, told apart by `name`.
 MethodConfig = Annotated[
-    Union[FullMethod, HeadMethod, LoraMethod, PrefixMethod, PromptMethod, PtuningMethod],
+    Union[tuple(spec.config for spec in METHOD_REGISTRY.values())],  # type: ignore[misc]
     Field(discriminator="name"),
 ]
 
@@ -283,21 +223,30 @@ class TrainConfig(Schema):
 
 
 class AttackConfig(Schema):
-    name: Literal["loss", "ref", "zlib", "mink", "mink++"]
+    name: str  # a registered attack (memray.attacks.ATTACKS)
     k: float | None = Field(None, gt=0, le=1)  # mink / mink++: share of lowest-scoring tokens
+
+    @field_validator("name")
+    @classmethod
+    def _known_attack(cls, name: str) -> str:
+        if name not in ATTACK_REGISTRY:
+            raise ValueError(f"{name!r} is not one of {', '.join(ATTACK_REGISTRY)}")
+        return name
 
     @model_validator(mode="after")
     def _k(self) -> "AttackConfig":
-        if self.k is not None and self.name not in ("mink", "mink++"):
-            raise ValueError(f"k is only used by mink and mink++, not {self.name}")
-        if self.k is None and self.name in ("mink", "mink++"):
-            self.k = 0.2  # Shi et al. 2024 report k=20% as a robust default
+        default_k = ATTACK_REGISTRY[self.name].default_k
+        if self.k is not None and default_k is None:
+            takes_k = [name for name in ATTACK_REGISTRY if ATTACK_REGISTRY[name].default_k is not None]
+            raise ValueError(f"k is only used by {' and '.join(takes_k)}, not {self.name}")
+        if self.k is None and default_k is not None:
+            self.k = default_k
         return self
 
     @property
     def label(self) -> str:
-        """Name used in metric keys: `mink`, or `mink@0.1` when k is not the default 0.2."""
-        if self.k is None or self.k == 0.2:
+        """Name used in metric keys: `mink`, or `mink@0.1` when k is not the attack's default."""
+        if self.k is None or self.k == ATTACK_REGISTRY[self.name].default_k:
             return self.name
         return f"{self.name}@{self.k:g}"
 
@@ -359,14 +308,14 @@ class ExtractionConfig(Schema):
 
 
 def _default_attacks() -> list[AttackConfig]:
-    return [AttackConfig(name=n) for n in ATTACKS]
+    return [AttackConfig(name=n) for n in DEFAULT_ATTACKS]
 
 
 #: Keys added to the schema after trials were run with it, and their defaults: a trial that
 #: leaves one at its default has the id (and folder) it had before the key existed.
 ADDED_LATER: dict[tuple[str, str], Any] = {
     ("train", "group_by_length"): True, ("train", "compile"): False, ("train", "chunked_loss"): "auto",
-    ("train", "deepspeed"): None, ("data", "revision"): None,
+    ("train", "deepspeed"): None, ("data", "revision"): None, ("method", "dora"): False,
 }
 #: Keys whose default changed: (new default, old default). A trial that leaves one unset
 #: keeps the id it had under the old default (these keys do not change what is measured).
@@ -382,7 +331,7 @@ class TrialConfig(Schema):
     output_dir: str = "runs"  # the trial folder is created below it
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
-    method: MethodConfig = FullMethod()
+    method: MethodConfig = Field(default_factory=lambda: METHOD_REGISTRY["full"].config())
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     attacks: list[AttackConfig] = Field(default_factory=_default_attacks)
@@ -430,7 +379,7 @@ class TrialConfig(Schema):
         """Short stable hash of everything that changes the result (not where it is written)."""
         payload = {k: v for k, v in self.resolved().items() if k != "output_dir"}
         for (section, key), default in ADDED_LATER.items():
-            if payload[section][key] == default:
+            if key in payload[section] and payload[section][key] == default:
                 del payload[section][key]  # trials that leave it at its default keep their ids (and folders)
         for (section, key), (default, before) in CHANGED_DEFAULTS.items():
             if payload[section][key] == default:
@@ -439,11 +388,8 @@ class TrialConfig(Schema):
 
     def slug(self) -> str:
         """Readable trial name: model, method and its main knobs, dataset, seed, id."""
-        method = self.method
-        parts = [self.model.name.rstrip("/").split("/")[-1], method.name]
-        if isinstance(method, LoraMethod):
-            parts.append(f"r{method.rank}-{method.placement}")
-        parts += [self.data.dataset, f"s{self.seed}", self.trial_id()]
+        parts = [self.model.name.rstrip("/").split("/")[-1], self.method.slug(),
+                 self.data.dataset, f"s{self.seed}", self.trial_id()]
         return re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(parts))
 
 
@@ -622,8 +568,8 @@ def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | N
         field = current.model_fields.get(str(part))
         if field is None:
             # a discriminated-union branch: the loc names the method
-            if part in _METHOD_BY_NAME:
-                current = _METHOD_BY_NAME[part]
+            if part in METHOD_REGISTRY:
+                current = METHOD_REGISTRY[part].config
                 continue
             return None
         current = _section_type(field.annotation)
@@ -639,17 +585,11 @@ def _section_type(annotation: Any) -> Any:
     return annotation
 
 
-_METHOD_BY_NAME: dict[str, type[Schema]] = {
-    "full": FullMethod, "head": HeadMethod, "lora": LoraMethod,
-    "prefix": PrefixMethod, "prompt": PromptMethod, "ptuning": PtuningMethod,
-}
-
-
 def _describe(err: dict[str, Any], model: type[BaseModel]) -> tuple[str, str]:
     """(dotted field, message) for one pydantic error."""
     loc = list(err["loc"])
     # drop the discriminator branch pydantic inserts: ("method", "lora", "rank")
-    clean = [p for i, p in enumerate(loc) if not (i > 0 and loc[i - 1] == "method" and p in _METHOD_BY_NAME)]
+    clean = [p for i, p in enumerate(loc) if not (i > 0 and loc[i - 1] == "method" and p in METHOD_REGISTRY)]
     field = ".".join(str(p) for p in clean)
     kind = err["type"]
     value = err.get("input")

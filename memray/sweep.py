@@ -53,7 +53,6 @@ from memray.config import (
     Cell,
     MODEL_ALIASES,
     ConfigError,
-    LoraMethod,
     ResourceRule,
     SweepConfig,
     TrialConfig,
@@ -61,6 +60,7 @@ from memray.config import (
     load_sweep,
     parse_override,
 )
+from memray.methods import METHODS
 
 DEFAULT_STORAGE = "results"  # relative to where `memray run` starts
 SWEEP_FILE = "sweep.yaml"
@@ -335,15 +335,9 @@ def max_concurrent_trials(resources: Sequence[TrialResources], capacity: Mapping
     return max(count, 1)
 
 
-#: Cost of one training pass over a token, in forward passes: a backward pass costs about
-#: two forwards (activation and weight gradients); `head` backpropagates only through the
-#: output layer; the other PEFT methods backpropagate activations through the whole model.
-TRAIN_PASS_COST = {"full": 3.0, "head": 1.5, "lora": 2.5, "prefix": 2.5, "prompt": 2.5, "ptuning": 2.5}
-
-
 def trial_cost(config: TrialConfig) -> float:
     """Relative run time: parameters x tokens through the model over the whole trial,
-    training passes weighted by TRAIN_PASS_COST; the per-epoch evaluation scores members,
+    training passes weighted by the method's `train_pass_cost`; the per-epoch evaluation scores members,
     non-members and the validation set once each (epoch 0 included)."""
     members = config.data.members or 1000  # None: the dataset's default, of this order
     train_tokens = members * config.data.max_length * config.train.epochs
@@ -351,7 +345,7 @@ def trial_cost(config: TrialConfig) -> float:
         train_tokens *= 1 + config.data.duplicates.fraction * (max(config.data.duplicates.copies) - 1)
     scored = members + (config.data.nonmembers or members) + config.data.validation
     eval_tokens = scored * config.data.max_length * (config.train.epochs + 1)
-    return approx_params(config) * (TRAIN_PASS_COST[config.method.name] * train_tokens + eval_tokens)
+    return approx_params(config) * (METHODS[config.method.name].train_pass_cost * train_tokens + eval_tokens)
 
 
 def schedule_order(cells: list[Cell]) -> list[int]:
@@ -397,8 +391,7 @@ def wandb_config(cell: Cell, trial_name: str) -> dict[str, Any]:
     duplicates = config.data.duplicates
     return {
         "model": config.model.name, "method": method.name,
-        "rank": method.rank if isinstance(method, LoraMethod) else None,
-        "placement": method.placement if isinstance(method, LoraMethod) else None,
+        "rank": getattr(method, "rank", None), "placement": getattr(method, "placement", None),
         "dataset": config.data.dataset, "duplication": duplicates.fraction if duplicates else 0.0,
         "seed": config.seed, "cell": cell.index, "trial": trial_name,
         "axes": cell.axes, "config": config.resolved(),

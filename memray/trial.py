@@ -128,7 +128,7 @@ def _run(config: TrialConfig, record: TrialRecord, report: Report | None, resume
     eval_batch = config.eval.batch_on(device.type)
     n_matmul, n_head = flops.matmul_params(model), model.get_output_embeddings().weight.numel()
     reference = None
-    if lead and any(a.name == "ref" for a in config.attacks):
+    if lead and any(attacks.ATTACKS[a.name].needs_reference for a in config.attacks):
         reference = _reference_stats(config, split.split_hash, scored, scored_ids, model, cache_dir, eval_batch)
     model, info = methods.apply_method(model, config.method, source)
     record.update(split_hash=split.split_hash, data_origin=split.origin, method_info=info.__dict__,
@@ -244,7 +244,7 @@ def _dtype(config: TrialConfig) -> torch.dtype:
 
 
 def _needs_vocab_stats(config: TrialConfig) -> bool:
-    return any(a.name == "mink++" for a in config.attacks)
+    return any(attacks.ATTACKS[a.name].needs_vocab_stats for a in config.attacks)
 
 
 def _scored_samples(config: TrialConfig, split: data.Split) -> tuple[list[data.Sample], list[data.Sample]]:

@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 
 from memray.attacks import ATTACKS, attack_scores
-from memray.config import ATTACKS as CONFIG_ATTACKS
 from memray.config import AttackConfig
 from memray.scoring import TokenStats
 
-ALL = [AttackConfig(name=n) for n in CONFIG_ATTACKS]  # mink and mink++ get k = 0.2
+ALL = [AttackConfig(name=n) for n in ATTACKS]  # every registered attack; mink and mink++ get k = 0.2
 
 
 def float32(values) -> np.ndarray | None:
@@ -25,10 +24,6 @@ def stats(logprobs, mu=None, sigma=None) -> TokenStats:
 SAMPLE = stats([-1, -2, -3, -4], mu=[-2, -2, -2, -2], sigma=[1, 2, 0.5, 1])  # loss 2.5
 REFERENCE = stats([-3, -3, -3, -3])  # loss 3
 TEXT = "the cat sat on the mat, the cat sat on the mat"
-
-
-def test_every_configured_attack_is_implemented():
-    assert set(ATTACKS) == set(CONFIG_ATTACKS)
 
 
 def test_each_attack_equals_a_hand_computation():
@@ -59,6 +54,7 @@ def test_min_k_counts_ceil_of_k_tokens():
 
 
 def test_lower_loss_scores_higher_for_every_attack():
+    """The shared contract of every registered attack: higher score = more likely a member."""
     member = stats([-0.5, -1.0, -0.2, -1.5], mu=[-2, -2, -2, -2], sigma=[1, 1, 1, 1])
     nonmember = stats([-2.5, -3.0, -2.2, -3.5], mu=[-2, -2, -2, -2], sigma=[1, 1, 1, 1])
     reference = stats([-3, -3, -3, -3])

@@ -22,7 +22,7 @@ BAD_INPUTS = [
     ({"modle": {"name": "tiny-gpt2"}}, "modle: unknown key (did you mean 'model'?)"),
     ({"method": {"name": "lora", "rnak": 4}}, "method.rnak: unknown key (did you mean 'rank'?)"),
     ({"train": {"epochs": "three"}}, "train.epochs: 'three' is not valid"),
-    ({"method": {"name": "lorra"}}, "method.name: 'lorra' is not one of full, head, lora, prefix, prompt, ptuning"),
+    ({"method": {"name": "lorra"}}, "method.name: 'lorra' is not one of full, head, ia3, lora, prefix, prompt, ptuning"),
     ({"method": {"name": "lora", "placement": "mlpp"}}, "method.placement: 'mlpp' is not one of attn, mlp, both"),
     ({"method": {"name": "lora", "rank": 0}}, "method.rank: 0: input should be greater than 0"),
     ({"data": {"dataset": "wikitext3"}}, "data.dataset: 'wikitext3' is not one of wikitext2"),
@@ -130,6 +130,10 @@ def test_trial_ids_survive_keys_added_and_defaults_changed_later():
     assert TrialConfig(seed=3, eval={"batch_size": 8}).trial_id() == "362b65cf"
     assert TrialConfig(eval={"batch_size": 16}).trial_id() == TrialConfig().trial_id()
     assert TrialConfig(train={"compile": True}).trial_id() != TrialConfig().trial_id()
+    # method.dora came later: LoRA trials without it keep their ids, and DoRA is a new trial
+    lora = TrialConfig(method={"name": "lora", "rank": 4})
+    assert lora.trial_id() == "3e46e645"  # its id before method.dora existed
+    assert TrialConfig(method={"name": "lora", "rank": 4, "dora": True}).trial_id() != lora.trial_id()
 
 
 def test_eval_batch_follows_the_device_unless_set():

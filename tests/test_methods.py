@@ -8,7 +8,7 @@ import torch
 from pydantic import TypeAdapter
 
 from memray import methods, models
-from memray.config import ConfigError, MethodConfig, ModelConfig, validate
+from memray.config import ConfigError, MethodConfig, ModelConfig, TrialConfig, validate
 
 METHOD = TypeAdapter(MethodConfig)
 
@@ -25,7 +25,8 @@ def tiny(name: str = "tiny-gpt2") -> torch.nn.Module:
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every tensor of the base model (PEFT wrappers unwrapped, adapter weights left out)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return {name: p.detach().clone() for name, p in base.named_parameters() if "lora_" not in name}
+    return {name: p.detach().clone() for name, p in base.named_parameters()
+            if "lora_" not in name and "ia3_" not in name}
 
 
 def train_steps(model: torch.nn.Module, steps: int = 2, lr: float = 1e-2) -> None:
@@ -47,24 +48,53 @@ def changed(before: dict[str, torch.Tensor], model: torch.nn.Module) -> set[str]
     return {name for name in before if not torch.equal(before[name], after[name])}
 
 
+#: One row per registered method (several for a method with a notable option): every row
+#: runs through the shared contract below on both built-in families. A method registered
+#: without a row fails `test_every_registered_method_has_a_test_case`.
+TEST_CASES = [
+    ("full", {"name": "full"}),
+    ("head", {"name": "head"}),
+    ("ia3", {"name": "ia3"}),
+    ("lora", {"name": "lora", "rank": 4, "placement": "attn"}),
+    ("lora-dora", {"name": "lora", "rank": 4, "placement": "both", "dora": True}),
+    ("prefix", {"name": "prefix", "virtual_tokens": 4}),
+    ("prompt", {"name": "prompt", "virtual_tokens": 4}),
+    ("ptuning", {"name": "ptuning", "virtual_tokens": 4}),
+]
+VIRTUAL_POSITIONS = {"prompt": 4, "ptuning": 4}  # what the rows above prepend to the input
+
+
+def test_every_registered_method_has_a_test_case():
+    assert set(methods.METHODS) == {fields["name"] for _, fields in TEST_CASES}
+
+
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
-@pytest.mark.parametrize("spec", [
-    {"name": "lora", "rank": 4, "placement": "attn"},
-    {"name": "prefix", "virtual_tokens": 4},
-    {"name": "prompt", "virtual_tokens": 4},
-    {"name": "ptuning", "virtual_tokens": 4},
-], ids=lambda s: s["name"])
-def test_peft_methods_leave_every_base_weight_bit_identical(name, spec):
+@pytest.mark.parametrize("fields", [f for _, f in TEST_CASES], ids=[case for case, _ in TEST_CASES])
+def test_method_contract(name, fields):
+    """Every method: fits the model before any weight exists, counts parameters honestly,
+    trains something, never moves a frozen weight, and PEFT methods leave the whole base
+    model bit-identical."""
+    config = method(**fields)
+    spec = methods.METHODS[config.name]
+    methods.check_method(models.tiny_config(name), config, "s.yaml")  # meta skeleton: fits
     model = tiny(name)
-    wrapped, info = methods.apply_method(model, method(**spec))
-    before = snapshot(wrapped)
+    wrapped, info = methods.apply_method(model, config)
+    parameters = dict(wrapped.named_parameters())
+    trainable = {n for n, p in parameters.items() if p.requires_grad}
+    frozen = {n: p.detach().clone() for n, p in parameters.items() if not p.requires_grad}
+    before = {n: parameters[n].detach().clone() for n in trainable}
+    base_before = snapshot(wrapped)
     train_steps(wrapped)
-    assert changed(before, wrapped) == set()  # the frozen body did not move, not even the embeddings
-    trainable = [p for p in wrapped.parameters() if p.requires_grad]
-    assert info.peft and info.trainable_params == sum(p.numel() for p in trainable) > 0
-    assert info.total_params == sum(p.numel() for p in wrapped.parameters())
-    assert info.trainable_params < info.total_params / 10
-    assert info.virtual_tokens == (4 if spec["name"] in ("prompt", "ptuning") else 0)
+    assert all(torch.equal(frozen[n], parameters[n]) for n in frozen)  # what is frozen stays put
+    assert any(not torch.equal(before[n], parameters[n]) for n in trainable)  # and training moves something
+    assert info.trainable_params == sum(parameters[n].numel() for n in trainable) > 0
+    assert info.total_params == sum(p.numel() for p in parameters.values())
+    assert info.peft == spec.peft and info.lr == spec.default_lr > 0
+    assert info.virtual_tokens == VIRTUAL_POSITIONS.get(config.name, 0)
+    assert 1 <= spec.train_pass_cost <= 3 and info.trained
+    if spec.peft:
+        assert changed(base_before, wrapped) == set()  # the frozen body did not move, not even the embeddings
+        assert info.trainable_params < info.total_params / 10
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
@@ -180,7 +210,44 @@ def test_prompt_text_init_starts_from_the_embeddings_of_the_init_text():
 
 
 def test_default_learning_rates_per_method_and_override():
-    for name in ("full", "head", "lora", "prefix", "prompt", "ptuning"):
-        assert methods.apply_method(tiny(), method(name=name))[1].lr == methods.DEFAULT_LR[name]
     assert methods.apply_method(tiny(), method(name="lora", lr=1e-3))[1].lr == 1e-3
-    assert methods.DEFAULT_LR["full"] < methods.DEFAULT_LR["lora"]  # full fine-tuning needs the smallest step
+    lr = {name: methods.METHODS[name].default_lr for name in methods.METHODS}
+    assert lr["full"] < lr["lora"]  # full fine-tuning needs the smallest step
+
+
+def test_dora_adds_a_trained_magnitude_per_adapted_layer():
+    lora, lora_info = methods.apply_method(tiny("tiny-llama"), method(name="lora", rank=2))
+    dora, dora_info = methods.apply_method(tiny("tiny-llama"), method(name="lora", rank=2, dora=True))
+    magnitudes = [p for n, p in dora.named_parameters() if "lora_magnitude_vector" in n]
+    assert len(magnitudes) == 2 * 4  # two blocks x q, k, v, o
+    assert dora_info.trainable_params == lora_info.trainable_params + sum(p.numel() for p in magnitudes)
+    assert dora_info.trained.startswith("DoRA r=2")
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("tiny-gpt2", {"attn.c_attn": False, "mlp.c_proj": True}),
+    ("tiny-llama", {"self_attn.k_proj": False, "self_attn.v_proj": False, "mlp.down_proj": True}),
+])
+def test_ia3_rescales_keys_values_and_the_mlp_input(name, expected):
+    wrapped, info = methods.apply_method(tiny(name), method(name="ia3"))
+    adapted = {n: m for n, m in wrapped.named_modules() if hasattr(m, "ia3_l") and not n.endswith("ia3_l")}
+    suffixes = {".".join(n.split(".")[-2:]) for n in adapted}
+    assert suffixes == set(expected) and len(adapted) == 2 * len(expected)  # two blocks
+    for module_name, module in adapted.items():
+        assert module.is_feedforward == expected[".".join(module_name.split(".")[-2:])]
+    # one vector per adapted layer: as long as its output (or its input, for feed-forward)
+    assert info.trainable_params == sum(p.numel() for n, p in wrapped.named_parameters() if "ia3_l" in n)
+
+
+def test_ia3_on_an_unknown_family_or_bad_targets_is_a_clear_error():
+    from transformers import BertConfig
+
+    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, is_decoder=True)
+    with pytest.raises(ConfigError, match=r"s.yaml: method.name: ia3: no layout is known for model type 'bert'"):
+        methods.check_method(config, method(name="ia3"), "s.yaml")
+    with pytest.raises(ConfigError, match=r"method.target_modules: q_proj matches no linear layer"):
+        methods.check_method(models.tiny_config("tiny-gpt2"), method(name="ia3", target_modules=["q_proj"]), "s.yaml")
+    with pytest.raises(ConfigError, match="s.yaml: method: feedforward_modules fc2 must also be in target_modules"):
+        validate(TrialConfig, {"method": {"name": "ia3", "target_modules": ["c_fc"], "feedforward_modules": ["fc2"]}},
+                 "s.yaml")

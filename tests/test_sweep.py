@@ -60,9 +60,9 @@ def test_dry_run_of_a_study_sweep_needs_no_download_and_shows_the_whole_plan(mon
 def test_dry_run_lists_demo_cells_longest_first_with_resources():
     text = sweep.dry_run_text(REPO / "sweeps" / "demo.yaml", ["train.epochs=2"], num_cpus=2)
     lines = text.splitlines()
-    assert lines[0] == "7 trials"
+    assert lines[0] == "9 trials"
     trial_lines = lines[2:]
-    assert len(trial_lines) == 7
+    assert len(trial_lines) == 9
     # full fine-tuning costs most per token, head-only least
     assert "method=full(" in trial_lines[0] and "method=head(" in trial_lines[-1]
     assert all("cpus=1 gpus=0 [default]" in line for line in trial_lines)  # no GPU here

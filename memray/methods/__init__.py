@@ -1,0 +1,149 @@
+"""Fine-tuning methods: the registry, and applying a method to a model.
+
+Each method is one module of this package holding its config section (a `MethodSchema`
+subclass: the keys a user writes under `method:`), the function that applies it, and one
+`register(MethodSpec(...))` line with its default learning rate and planning cost. Every
+module here whose name does not start with `_` is imported below, so a new method is a new
+file: the trial schema (`memray.config`), the sweep's planning, `memray bench` and the CLI
+take their lists from `METHODS`. PEFT does the work where it can.
+
+`apply_method(model, method)` freezes what the method does not train, wraps the model
+(PEFT methods) and returns it with a `MethodInfo`: what is trained (in words), parameter
+counts, whether checkpoints hold adapter weights only, how many virtual positions the
+method prepends to the input, and the learning rate. `check_method` is the pre-flight
+version: it builds the model's skeleton on the meta device (no weights, no memory) and
+raises a `ConfigError` if, e.g., a LoRA placement matches no module of the model.
+
+This package imports neither torch nor PEFT at import time (the config is validated before
+anything heavy loads); each unit imports them inside its functions.
+
+Checked with peft 0.21 and transformers 5.23 on GPT-2 and Llama layouts: every method
+trains, and greedy `generate` with the KV cache equals step-by-step decoding without it.
+Prefix tuning hands its prefix to the model as a KV cache (PEFT follows the cache classes
+of transformers >= 4.56 since huggingface/peft#2662, #2737), so it cannot be combined with
+gradient checkpointing (huggingface/peft#869): memray does not enable it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+from pydantic import Field
+
+from memray.registry import Registry
+from memray.schema import ConfigError, Schema
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig, PreTrainedModel
+
+
+class MethodSchema(Schema):
+    """Base of every method's config section; `name` (a Literal of the method's name) is the
+    discriminator of the trial schema's `method` union."""
+
+    lr: float | None = Field(None, gt=0)  # None: the method's default learning rate
+
+    def slug(self) -> str:
+        """The method's part of a trial's folder name: its name, plus main knobs where a
+        method has them."""
+        return self.name  # type: ignore[attr-defined]
+
+
+#: f(model, method config, source) -> (model to train, what is trained in words, virtual tokens)
+Apply = Callable[["PreTrainedModel", Any, str], "tuple[torch.nn.Module, str, int]"]
+#: f(model skeleton on the meta device, method config, source): raise ConfigError if it does not fit
+Check = Callable[["torch.nn.Module", Any, str], None]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What memray knows of a method; one per module of this package."""
+
+    name: str
+    config: type[MethodSchema]  # its `method:` section
+    apply: Apply
+    default_lr: float  # AdamW learning rate when method.lr is unset (the unit's docstring says why)
+    # cost of one training pass over a token, in forward passes of the whole model: 3 when
+    # every weight gets a gradient (forward + backward for activations and weights), less
+    # when the backward stops early or skips weight gradients; the sweep orders trials by it
+    train_pass_cost: float
+    peft: bool  # True: checkpoints hold adapter weights only
+    check: Check | None = None  # pre-flight on the model's skeleton; None: fits every causal LM
+
+
+METHODS: Registry[MethodSpec] = Registry("method")
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    """Add a method; ValueError if its name is taken or its schema's `name` differs."""
+    declared = spec.config.model_fields["name"].default
+    if declared != spec.name:
+        raise ValueError(f"method {spec.name!r}: its config's name defaults to {declared!r}")
+    return METHODS.add(spec.name, spec)
+
+
+@dataclass
+class MethodInfo:
+    name: str
+    trainable_params: int
+    total_params: int
+    trained: str  # what is trained, in words
+    peft: bool  # True: checkpoints hold adapter weights only
+    virtual_tokens: int  # positions prepended to the input (prompt / ptuning); prefix adds keys/values, not positions
+    lr: float  # method.lr, or the method's default
+
+
+def default_lr(method: MethodSchema) -> float:
+    """method.lr, or the method's default learning rate."""
+    return method.lr if method.lr is not None else METHODS[method.name].default_lr  # type: ignore[attr-defined]
+
+
+def apply_method(model: "PreTrainedModel", method: MethodSchema, source: str = "config") -> "tuple[torch.nn.Module, MethodInfo]":
+    """Make `model` train only what `method` trains.
+
+    Returns (the model to train: `model` itself or its PEFT wrapper, its MethodInfo).
+    Raises ConfigError (naming `source` and the method field) if the method does not fit
+    the model, e.g. a LoRA placement that matches none of its modules.
+    """
+    spec = METHODS[method.name]  # type: ignore[attr-defined]
+    wrapped, trained, virtual_tokens = spec.apply(model, method, source)
+    parameters = list(wrapped.parameters())  # each shared (tied) tensor once
+    info = MethodInfo(name=spec.name,
+                      trainable_params=sum(p.numel() for p in parameters if p.requires_grad),
+                      total_params=sum(p.numel() for p in parameters), trained=trained,
+                      peft=spec.peft, virtual_tokens=virtual_tokens, lr=default_lr(method))
+    return wrapped, info
+
+
+def check_method(model_config: "PretrainedConfig | PreTrainedModel", method: MethodSchema, source: str = "config") -> None:
+    """Pre-flight without weights: raise ConfigError if `method` does not fit the model
+    (e.g. a LoRA placement matching no adaptable module, no output layer for head)."""
+    check = METHODS[method.name].check  # type: ignore[attr-defined]
+    if check is None:
+        return
+    import torch
+    from transformers import AutoModelForCausalLM, PreTrainedModel
+
+    if isinstance(model_config, PreTrainedModel):
+        skeleton = model_config
+    else:
+        with torch.device("meta"):  # the module tree only: no memory, no init cost
+            skeleton = AutoModelForCausalLM.from_config(model_config)
+    check(skeleton, method, source)
+
+
+def _import_units() -> None:
+    """Import every method module of this package (each registers itself), in name order."""
+    for unit in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if not unit.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{unit.name}")
+
+
+_import_units()
+
+__all__ = ["METHODS", "ConfigError", "MethodInfo", "MethodSchema", "MethodSpec", "apply_method",
+           "check_method", "default_lr", "register"]

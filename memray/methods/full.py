@@ -1,0 +1,27 @@
+"""`full`: every weight of the model is trained."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+from memray.methods import MethodSchema, MethodSpec, register
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
+
+
+class FullMethod(MethodSchema):
+    """All weights trained."""
+
+    name: Literal["full"] = "full"
+
+
+def apply(model: "PreTrainedModel", method: FullMethod, source: str) -> "tuple[torch.nn.Module, str, int]":
+    model.requires_grad_(True)
+    return model, "all weights", 0
+
+
+# 5e-5: full fine-tuning moves every pretrained weight, so it takes the usual small step
+# for fine-tuning; a training pass costs 3 forward passes (activation and weight gradients).
+register(MethodSpec("full", FullMethod, apply, default_lr=5e-5, train_pass_cost=3.0, peft=False))

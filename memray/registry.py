@@ -1,0 +1,47 @@
+"""Registries of the extension points (methods, attacks): a name -> entry mapping that
+refuses a second entry under a name already taken, so that every list the rest of memray
+shows (the config schema, defaults, the CLI's choices) is derived from one place."""
+
+from __future__ import annotations
+
+from typing import Generic, Iterator, TypeVar
+
+Entry = TypeVar("Entry")
+
+
+class Registry(Generic[Entry]):
+    """Entries in registration order, looked up by name."""
+
+    def __init__(self, kind: str):
+        self.kind = kind  # what an entry is, for error messages: "method", "attack"
+        self._entries: dict[str, Entry] = {}
+
+    def add(self, name: str, entry: Entry) -> Entry:
+        """Register `entry` under `name` and return it; ValueError if the name is taken."""
+        if name in self._entries:
+            raise ValueError(f"{self.kind} {name!r} is already registered")
+        self._entries[name] = entry
+        return entry
+
+    def remove(self, name: str) -> Entry:
+        """Take an entry out again (tests that register a throw-away entry)."""
+        return self._entries.pop(name)
+
+    def __getitem__(self, name: str) -> Entry:
+        return self._entries[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def names(self) -> tuple[str, ...]:
+        """Every registered name, in registration order."""
+        return tuple(self._entries)
+
+    def values(self) -> list[Entry]:
+        return list(self._entries.values())

@@ -64,6 +64,7 @@ from typing import Any, Literal
 import numpy as np
 
 from memray.config import ConfigError, DataConfig
+from memray.corpus import pydoc_texts, pydoc_topics
 
 log = logging.getLogger(__name__)
 
@@ -271,28 +272,6 @@ def _decode(tokenizer: Any, token_ids: Sequence[int]) -> str:
 # ---------------------------------------------------------------------------------------
 
 
-def _pydoc_topics(part: Literal["pretrain", "finetune"]) -> list[tuple[str, str]]:
-    if part not in ("pretrain", "finetune"):
-        raise ValueError(f"part must be 'pretrain' or 'finetune', not {part!r}")
-    from pydoc_data.topics import topics
-
-    def topic_part(key: str) -> str:
-        return "pretrain" if int(hashlib.sha256(key.encode()).hexdigest(), 16) % 2 == 0 else "finetune"
-
-    return [(key, " ".join(topics[key].split())) for key in sorted(topics) if topic_part(key) == part]
-
-
-def pydoc_texts(part: Literal["pretrain", "finetune"]) -> list[str]:
-    """CPython's `pydoc_data.topics` documents of one part, whitespace-normalized, by topic key.
-
-    A topic belongs to "pretrain" iff sha256(key) is even, else to "finetune". The built-in
-    tiny models are pretrained on "pretrain"; the `pydoc` dataset samples only "finetune"
-    (leaving out passages it repeats from "pretrain"), so its members and non-members were
-    never seen in pretraining.
-    """
-    return [text for _, text in _pydoc_topics(part)]
-
-
 PRETRAIN_OVERLAP_WORDS = 13  # a shared run of 13 words counts as seen (GPT-3's contamination test)
 
 
@@ -312,7 +291,7 @@ def _pydoc_pool(max_length: int, tokenizer: Any) -> _Pool:
     # Some topics repeat paragraphs of others (about a fifth of the finetune blocks share a
     # 13-word run with the pretrain part); those blocks are left out, so that no member or
     # non-member was seen in pretraining.
-    topics = _pydoc_topics("finetune")
+    topics = pydoc_topics("finetune")
     samples: list[tuple[str, str]] = []
     for (key, _), token_ids in zip(topics, _encode(tokenizer, [text for _, text in topics])):
         for number, block in enumerate(_token_blocks(token_ids, max_length)):

@@ -42,6 +42,7 @@ from transformers import (
 )
 
 from memray.config import BUILTIN_MODELS, MODEL_ALIASES, ConfigError, ModelConfig
+from memray.corpus import pydoc_texts
 
 #: The shipped tokenizer of the built-ins: a Hugging Face tokenizer folder (tokenizer.json
 #: plus tokenizer_config.json), so `AutoTokenizer.from_pretrained(TOKENIZER_DIR)` works too.
@@ -298,8 +299,6 @@ def random_tiny(name: str) -> PreTrainedModel:
 
 
 def _base_fingerprint(name: str) -> str:
-    from memray.data import pydoc_texts
-
     recipe = tiny_config(name).to_dict()
     recipe.pop("transformers_version", None)
     payload = {"config": recipe, "version": PRETRAIN_VERSION, "init_seed": INIT_SEED,
@@ -342,8 +341,6 @@ def pretrained_base_path(name: str) -> Path:
 def pretrain_tiny(name: str, steps: int = PRETRAIN_STEPS) -> tuple[PreTrainedModel, list[float]]:
     """Train a built-in from its fixed init on the "pretrain" part of the pydoc corpus
     (random 128-token blocks, AdamW, one-cycle schedule); returns (model, loss per step)."""
-    from memray.data import pydoc_texts
-
     tokenizer = builtin_tokenizer()
     stream: list[int] = []
     for token_ids in tokenizer(pydoc_texts("pretrain"), verbose=False)["input_ids"]:  # long texts, cut into blocks below

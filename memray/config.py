@@ -14,10 +14,13 @@ import difflib
 import hashlib
 import itertools
 import json
+import netrc
+import os
 import re
 import string
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Mapping, Union
+from urllib.parse import urlparse
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
@@ -40,6 +43,14 @@ MODEL_ALIASES: dict[str, str] = {
     "llama-3.2-1b": "meta-llama/Llama-3.2-1B",
     "llama-2-7b": "meta-llama/Llama-2-7b-hf",
 }
+#: Approximate parameter counts: default resources, the longest-first order and the report's
+#: model sizes use them.
+APPROX_PARAMS: dict[str, float] = {
+    "tiny-gpt2": 1e6, "tiny-llama": 1e6,
+    "gpt2": 124e6, "gpt2-medium": 355e6, "gpt2-large": 774e6, "gpt2-xl": 1.56e9,
+    "llama-3.2-1b": 1.24e9, "llama-2-7b": 6.74e9,
+}
+UNKNOWN_PARAMS = 7e9  # a hub id or local path of unknown size: assume large (a whole GPU, scheduled first)
 #: Models built locally from a small config (random weights, shipped tokenizer); no network.
 BUILTIN_MODELS: tuple[str, ...] = ("tiny-gpt2", "tiny-llama")
 
@@ -448,6 +459,26 @@ class WandbConfig(Schema):
     project: str = "memray"
     entity: str | None = None
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online iff a key is set
+
+
+def wandb_key_configured(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether an API key is set: WANDB_API_KEY, or a netrc entry for the W&B host."""
+    environ = os.environ if environ is None else environ
+    if environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    path = environ.get("NETRC") or str(Path("~/.netrc").expanduser())
+    try:
+        return netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_wandb_mode(config: WandbConfig, environ: Mapping[str, str] | None = None) -> str:
+    """`auto` -> `online` iff an API key is configured, else `offline`; others as written."""
+    if config.mode != "auto":
+        return config.mode
+    return "online" if wandb_key_configured(environ) else "offline"
 
 
 class SweepConfig(Schema):

@@ -57,10 +57,9 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import LogFormatter, NullLocator
 from scipy import stats
 
-from memray.config import METHODS, Cell, ConfigError, SweepConfig, load_sweep
+from memray.config import APPROX_PARAMS, METHODS, Cell, ConfigError, SweepConfig, load_sweep, resolve_wandb_mode
 from memray.metrics import roc_points
-from memray.results import RESULT_FILE, scores_path
-from memray.sweep import APPROX_PARAMS, SWEEP_FILE, resolve_wandb_mode, trial_names
+from memray.results import RESULT_FILE, SWEEP_FILE, scores_path, trial_names
 
 REPORT_DIR = "report"
 BOOTSTRAP_RESAMPLES = 1000  # percentile 95% bounds move by ~0.003 AUC between reruns at this count

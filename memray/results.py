@@ -1,4 +1,16 @@
-"""The trial folder: its files, how they are written, and how they are read back.
+"""The sweep and trial folders: the names of their files, how they are written, and how
+they are read back.
+
+```
+<storage>/<sweep name>/    the same on every run of the same sweep file
+  sweep.yaml      the resolved sweep file (overrides applied): resume and status need only it
+  sweep.json      when and from what the sweep was made, and its W&B id seed
+  trials/<cell>-<slug>/   one trial folder per grid cell (below), checkpoints included
+  tune/           Ray Tune's experiment state, per-trial results and its copy of the last checkpoint
+  train/          Ray Train's run state of multi-worker trials (one run per attempt)
+  wandb/          offline W&B runs, one per trial, for `wandb sync`
+  cache/          reference-model statistics, computed once per sweep (unless MEMRAY_CACHE is set)
+```
 
 ```
 <trial dir>/
@@ -25,10 +37,19 @@ import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import yaml
+
+if TYPE_CHECKING:
+    from memray.config import Cell
+
+SWEEP_FILE = "sweep.yaml"
+STATE_FILE = "sweep.json"
+TRIALS_DIR = "trials"
+TUNE_DIR = "tune"
+TRAIN_DIR = "train"  # Ray Train's run state of multi-worker trials (their checkpoints stay in the trial folders)
 
 RESULT_FILE = "result.json"
 CONFIG_FILE = "config.yaml"
@@ -38,6 +59,12 @@ CHECKPOINTS_DIR = "checkpoints"
 #: Packages whose versions are recorded with every trial.
 TRACKED_PACKAGES = ("memray-ft", "torch", "transformers", "peft", "accelerate", "datasets",
                     "ray", "deepspeed", "scikit-learn", "wandb", "numpy")
+
+
+def trial_names(cells: list["Cell"]) -> dict[int, str]:
+    """Stable trial folder names `<cell index>-<slug>`, zero-padded so they sort."""
+    width = max(3, len(str(len(cells) - 1)))
+    return {cell.index: f"{cell.index:0{width}d}-{cell.config.slug()}" for cell in cells}
 
 
 def atomic_write_text(path: Path, text: str) -> None:

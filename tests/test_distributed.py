@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from memray import sweep
-from memray.config import ConfigError, DeepSpeedConfig, TrainConfig, validate, validate_trial
+from memray.config import ConfigError, DeepSpeedConfig, ResourceRule, TrainConfig, validate, validate_trial
 from memray.distributed import ModelShape, deepspeed_config, estimate_memory, resolve_zero
 
 from helpers import read_result, trial_dirs
@@ -158,7 +158,7 @@ def test_dry_run_shows_workers_memory_per_gpu_and_what_does_not_fit(tmp_path, mo
 
     from memray import models
 
-    monkeypatch.setattr(sweep, "_local_capacity", lambda num_cpus: {"CPU": 8.0, "GPU": 2.0})  # a 2-GPU machine
+    monkeypatch.setattr(sweep.ray_tune, "local_capacity", lambda num_cpus: {"CPU": 8.0, "GPU": 2.0})  # a 2-GPU machine
     path = write_mixed_sweep(tmp_path, "mixed", extra=", gpus_per_worker: 1")
     text = sweep.dry_run_text(path)
     full = next(line for line in text.splitlines() if "method=full" in line)
@@ -182,7 +182,7 @@ def test_multi_worker_rules_are_for_full_finetuning_with_whole_gpus(tmp_path):
         sweep.dry_run_text(path, num_cpus=3)
     assert err.value.field == "resources.0.workers" and "uses method lora" in err.value.message
     with pytest.raises(ConfigError) as err:
-        validate(sweep.ResourceRule, {"workers": 2, "gpus_per_worker": 0.5}, "s.yaml", "resources.0")
+        validate(ResourceRule, {"workers": 2, "gpus_per_worker": 0.5}, "s.yaml", "resources.0")
     assert "whole GPUs" in err.value.message
 
 

@@ -23,7 +23,7 @@ from memray import metrics
 from memray.config import ConfigError, load_sweep
 from memray.report import build_report, label_variants, load_trials, report_command, sweep_uses_wandb
 from memray.results import TrialRecord, read_result, write_scores
-from memray.sweep import SWEEP_FILE, trial_names
+from memray.results import SWEEP_FILE, trial_names
 
 REPO = Path(__file__).resolve().parent.parent
 EPOCHS = 3

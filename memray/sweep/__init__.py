@@ -1,0 +1,38 @@
+"""Sweeps on Ray Tune: a sweep file's grid as Tune trials, their resources, W&B, resume.
+
+The parts, in the direction they import each other (none imports Ray at import time):
+
+- `storage`: the sweep folder `<storage>/<sweep name>/` on a path or a URI, and mirroring
+  node-local trial folders to URI storage (the folder's layout: `memray.results`);
+- `planning`: validating a sweep whole, resources per trial by rule or by default, GPU
+  memory estimates, the longest-first order and the concurrency cap (no Ray);
+- `wandb`: one W&B run per trial, the same run on every attempt;
+- `status`: `memray status` from the trial folders alone;
+- `context`: what every trial of a sweep shares, and running a trial with its W&B run and
+  mirror closed whatever happens;
+- `ray_train`: the Ray Train launcher of multi-worker (DeepSpeed ZeRO) trials;
+- `ray_tune`: the Tune trainable, the Tuner and its restore, `memray run / resume` and the
+  dry run. `ray_tune` and `ray_train` are the only modules of memray that import Ray.
+
+The names below are the package's entry points (the CLI's and the tests').
+"""
+
+from memray.config import resolve_wandb_mode
+from memray.results import trial_names
+from memray.sweep.context import FAULT_ENV
+from memray.sweep.planning import (
+    TrialResources,
+    check_rules,
+    max_concurrent_trials,
+    plan_sweep,
+    schedule_order,
+    trial_cost,
+    trial_resources,
+)
+from memray.sweep.ray_tune import dry_run_text, resume_sweep, run_sweep
+from memray.sweep.status import sweep_status
+from memray.sweep.wandb import wandb_run_id
+
+__all__ = ["FAULT_ENV", "TrialResources", "check_rules", "dry_run_text", "max_concurrent_trials", "plan_sweep",
+           "resolve_wandb_mode", "resume_sweep", "run_sweep", "schedule_order", "sweep_status", "trial_cost",
+           "trial_names", "trial_resources", "wandb_run_id"]

@@ -1,0 +1,327 @@
+"""Planning a sweep, without Ray: validating every cell (models, methods, resource rules),
+each trial's resources (by rule, or a default by model size and method), the GPU memory a
+trial needs, the order trials start in (longest first, by the methods' planning costs) and
+the concurrency cap that keeps multi-worker trials from waiting on each other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from memray.config import (
+    APPROX_PARAMS,
+    UNKNOWN_PARAMS,
+    Cell,
+    ConfigError,
+    ResourceRule,
+    SweepConfig,
+    TrialConfig,
+    load_sweep,
+    parse_override,
+)
+from memray.methods import METHODS
+
+
+def parse_overrides(overrides: Sequence[str] | Mapping[str, Any] | None) -> dict[str, Any]:
+    """`key=value` strings (or a mapping already parsed) -> {dotted key: value}."""
+    if overrides is None:
+        return {}
+    if isinstance(overrides, Mapping):
+        return dict(overrides)
+    return dict(parse_override(text) for text in overrides)
+
+
+def approx_params(config: TrialConfig) -> float:
+    """Approximate parameter count of the trial's model (UNKNOWN_PARAMS for other models)."""
+    return APPROX_PARAMS.get(config.model.name, UNKNOWN_PARAMS)
+
+
+def default_resources(config: TrialConfig, has_gpus: bool) -> ResourceRule:
+    """Resources for a trial no rule matches: CPU-only without GPUs; with GPUs, a share of
+    one GPU by model size (full fine-tuning needs about twice a PEFT method's memory:
+    gradients and AdamW states for every weight), a whole GPU from ~1B parameters on."""
+    if not has_gpus:
+        return ResourceRule(cpus=1)  # one thread per trial: N trials on N cores beat one trial on N
+    params, full = approx_params(config), config.method.name == "full"
+    if params <= 200e6:
+        gpus = 0.5 if full else 0.25  # e.g. four GPT-2 124M LoRA trials per GPU
+    elif params <= 800e6:
+        gpus = 1.0 if full else 0.5
+    else:
+        gpus = 1.0
+    return ResourceRule(cpus=max(1.0, 4 * gpus), gpus=gpus)  # a few CPUs per GPU for data and eval
+
+
+def _lookup(tree: Any, key: str) -> tuple[bool, Any]:
+    node = tree
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def _matches(wanted: Any, value: Any) -> bool:
+    if isinstance(wanted, list):
+        return any(_matches(w, value) for w in wanted)
+    if isinstance(wanted, dict):
+        return isinstance(value, dict) and all(k in value and _matches(v, value[k]) for k, v in wanted.items())
+    return wanted == value
+
+
+def rule_matches(rule: ResourceRule, config: TrialConfig) -> bool:
+    """Whether every `match` key of the rule has one of the accepted values in the config."""
+    resolved = config.resolved()
+    for key, wanted in rule.match.items():
+        found, value = _lookup(resolved, key)
+        if not found or not _matches(wanted, value):
+            return False
+    return True
+
+
+def check_rules(rules: list[ResourceRule], cells: list[Cell], source: str) -> None:
+    """Every `match` key must exist in some cell's config and every value must occur in
+    some cell; else a ConfigError naming `resources.<i>.match.<key>`."""
+    resolved = [cell.config.resolved() for cell in cells]
+    for index, rule in enumerate(rules):
+        for key, wanted in rule.match.items():
+            field_name = f"resources.{index}.match.{key}"
+            values = [value for found, value in (_lookup(tree, key) for tree in resolved) if found]
+            if not values:
+                raise ConfigError(source, field_name, "unknown field: no trial of this sweep has it")
+            for option in wanted if isinstance(wanted, list) else [wanted]:
+                if not any(_matches(option, value) for value in values):
+                    seen = sorted({json.dumps(v, sort_keys=True) for v in values})
+                    raise ConfigError(source, field_name, f"no trial has {json.dumps(option)} "
+                                                          f"(the sweep has {', '.join(seen[:8])})")
+    for cell in cells:
+        index, rule = next(((i, r) for i, r in enumerate(rules) if rule_matches(r, cell.config)), (None, None))
+        workers = rule.workers if rule else 1
+        if workers > 1 and cell.config.method.name != "full":
+            raise ConfigError(source, f"resources.{index}.workers",
+                              f"grid cell {cell.index} uses method {cell.config.method.name}: multi-worker trials "
+                              "(DeepSpeed ZeRO) fine-tune all weights; match only method.name: full")
+
+
+@dataclass(frozen=True)
+class TrialResources:
+    """What one trial asks Ray for, and where the numbers came from."""
+
+    rule: ResourceRule
+    source: str  # "resources.<i>" or "default"
+
+    def bundles(self) -> list[dict[str, float]]:
+        """Placement-group bundles Tune reserves for the trial before it starts. A
+        multi-worker trial reserves only its own process: Ray Train requests its workers."""
+        head = {"CPU": self.rule.cpus}
+        if self.rule.workers == 1 and self.rule.gpus:
+            head["GPU"] = self.rule.gpus
+        return [head]
+
+    def total(self) -> dict[str, float]:
+        """Everything the trial holds while it runs, workers included."""
+        rule = self.rule
+        if rule.workers == 1:
+            return {"CPU": rule.cpus, "GPU": rule.gpus}
+        return {"CPU": rule.cpus + rule.workers * rule.cpus_per_worker, "GPU": float(rule.workers * rule.gpus_per_worker)}
+
+    def describe(self) -> str:
+        rule = self.rule
+        text = f"cpus={rule.cpus:g} gpus={rule.gpus:g}"
+        if rule.workers > 1:
+            text = (f"cpus={rule.cpus:g} + {rule.workers} workers x (cpus={rule.cpus_per_worker:g} "
+                    f"gpus={rule.gpus_per_worker})")
+        return f"{text} [{self.source}]"
+
+
+def memory_estimate(config: TrialConfig, rule: ResourceRule, shape: Any) -> Any:
+    """GPU memory per worker of a trial under `rule` (memray.distributed.estimate_memory):
+    ZeRO by train.deepspeed (or its default for the size) when the rule has workers > 1;
+    bf16 where the trial has GPUs and train.precision allows it. PEFT methods train few
+    weights: the output layer for `head`, about 1% of the weights for the others (rough)."""
+    from memray.distributed import estimate_memory, resolve_zero
+
+    trainable = {"full": shape.params, "head": shape.vocab * shape.hidden}.get(config.method.name, 0.01 * shape.params)
+    on_gpu = rule.gpus_per_worker > 0 if rule.workers > 1 else rule.gpus > 0
+    bf16 = on_gpu and config.train.precision != "fp32"
+    stage, zero = 0, None
+    if rule.workers > 1:
+        zero = resolve_zero(config.train.deepspeed, shape.params)
+        stage = zero.stage
+    return estimate_memory(shape, trainable_params=trainable, workers=rule.workers, stage=stage,
+                           offload_optimizer=bool(zero and zero.offload_optimizer),
+                           offload_params=bool(zero and zero.offload_params), batch_size=config.train.batch_size,
+                           seq_len=config.data.max_length, bf16=bf16,
+                           activation_checkpointing=bool(zero and zero.activation_checkpointing))
+
+
+def gpu_budget_gb(rule: ResourceRule) -> float | None:
+    """GPU memory one worker of the rule may use: its share of one GPU; None without GPUs."""
+    share = rule.gpus_per_worker if rule.workers > 1 else min(rule.gpus, 1.0)
+    return rule.gpu_memory_gb * min(share, 1.0) if share else None
+
+
+def trial_resources(config: TrialConfig, rules: list[ResourceRule], has_gpus: bool) -> TrialResources:
+    """The first matching rule, else the default for the model size and method."""
+    for index, rule in enumerate(rules):
+        if rule_matches(rule, config):
+            return TrialResources(rule, f"resources.{index}")
+    return TrialResources(default_resources(config, has_gpus), "default")
+
+
+def fits(needs: Sequence[Mapping[str, float]], capacity: Mapping[str, float]) -> bool:
+    keys = {key for need in needs for key in need}
+    return all(sum(need.get(key, 0.0) for need in needs) <= capacity.get(key, 0.0) + 1e-9 for key in keys)
+
+
+def max_concurrent_trials(resources: Sequence[TrialResources], capacity: Mapping[str, float]) -> int | None:
+    """A cap on running trials so that none waits forever for another's resources.
+
+    A single-process trial reserves everything it uses in its placement group before it
+    starts, so Tune packs such trials without deadlock and needs no cap (None). A
+    multi-worker trial reserves only its own process and Ray Train requests the workers
+    afterwards: trials that started could hold the CPUs their workers wait for. The cap is
+    then the largest n for which the n hungriest trials, workers included, fit together.
+    """
+    if all(r.rule.workers == 1 for r in resources):
+        return None
+    needs = sorted((r.total() for r in resources), key=lambda n: (n.get("GPU", 0.0), n.get("CPU", 0.0)), reverse=True)
+    count = 0
+    while count < len(needs) and fits(needs[: count + 1], capacity):
+        count += 1
+    return max(count, 1)
+
+
+def trial_cost(config: TrialConfig) -> float:
+    """Relative run time: parameters x tokens through the model over the whole trial,
+    training passes weighted by the method's `train_pass_cost`; the per-epoch evaluation scores members,
+    non-members and the validation set once each (epoch 0 included)."""
+    members = config.data.members or 1000  # None: the dataset's default, of this order
+    train_tokens = members * config.data.max_length * config.train.epochs
+    if config.data.duplicates:
+        train_tokens *= 1 + config.data.duplicates.fraction * (max(config.data.duplicates.copies) - 1)
+    scored = members + (config.data.nonmembers or members) + config.data.validation
+    eval_tokens = scored * config.data.max_length * (config.train.epochs + 1)
+    return approx_params(config) * (METHODS[config.method.name].train_pass_cost * train_tokens + eval_tokens)
+
+
+def schedule_order(cells: list[Cell]) -> list[int]:
+    """Cell indices longest trial first (ties in grid order). Tune creates the trials of
+    one `grid_search` in list order and its FIFO scheduler starts pending trials in that
+    order, so the longest trials start first and the short ones fill in behind them."""
+    return [cell.index for cell in sorted(cells, key=lambda c: (-trial_cost(c.config), c.index))]
+
+
+def check_cells(cells: list[Cell], source: str, published: bool = False) -> None:
+    """Check each cell's data.path and each distinct model and method of the grid as
+    `memray trial` does (names, placements that the model has), before any trial starts.
+    published (dry runs): the study aliases are checked against their published shapes,
+    not looked up."""
+    from memray import data, methods, models
+
+    seen: set[str] = set()
+    for cell in cells:
+        data.check_data(cell.config.data, f"{source} (grid cell {cell.index})")
+        key = json.dumps([cell.config.model.model_dump(mode="json"), cell.config.method.model_dump(mode="json")],
+                         sort_keys=True)
+        if key in seen:
+            continue
+        seen.add(key)
+        where = f"{source} (grid cell {cell.index})"
+        methods.check_method(models.model_config(cell.config.model, where, published), cell.config.method, where)
+
+
+@dataclass
+class SweepPlan:
+    """A validated sweep with each trial's resources and the Tune settings derived from them."""
+
+    sweep: SweepConfig
+    cells: list[Cell]
+    source: str
+    resources: dict[int, TrialResources]
+    order: list[int]
+    max_concurrent: int | None
+    capacity: dict[str, float]
+
+
+def plan_sweep(sweep: SweepConfig, cells: list[Cell], source: str, capacity: Mapping[str, float],
+               node_capacities: Sequence[Mapping[str, float]], strict: bool) -> SweepPlan:
+    """Resources per trial, longest-first order and the concurrency cap. A trial that fits
+    on no node is a ConfigError when `strict` (a fixed local Ray), else a warning (an
+    autoscaling cluster may still add the node it needs)."""
+    has_gpus = capacity.get("GPU", 0.0) > 0
+    resources = {cell.index: trial_resources(cell.config, sweep.resources, has_gpus) for cell in cells}
+    for cell in cells:
+        bundles = resources[cell.index].bundles()
+        if not any(fits(bundles, node) for node in node_capacities) or not fits([resources[cell.index].total()], capacity):
+            message = (f"grid cell {cell.index} needs {resources[cell.index].describe()}, more than any node "
+                       f"of this Ray cluster has ({capacity_text(capacity)} in all)")
+            if strict:
+                raise ConfigError(source, resources[cell.index].source.replace("default", "resources"), message)
+            warnings.warn(message, stacklevel=2)
+    return SweepPlan(sweep, cells, source, resources, schedule_order(cells),
+                     max_concurrent_trials(list(resources.values()), capacity), dict(capacity))
+
+
+def capacity_text(capacity: Mapping[str, float]) -> str:
+    """`cpus=N gpus=M` of a Ray capacity."""
+    return f"cpus={capacity.get('CPU', 0):g} gpus={capacity.get('GPU', 0):g}"
+
+
+def local_capacity(num_cpus: int | None) -> dict[str, float]:
+    """What a local Ray started by memray will have: all cores and the visible GPUs."""
+    import torch
+
+    return {"CPU": float(num_cpus or os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+
+
+def load_checked(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] | None,
+          published: bool = False) -> tuple[SweepConfig, list[Cell], dict]:
+    """Load a sweep file with overrides and check it whole (resource rules, models, methods):
+    (sweep, cells, parsed overrides), or a ConfigError naming the file and the field."""
+    parsed = parse_overrides(overrides)
+    sweep, cells = load_sweep(path, parsed)
+    check_rules(sweep.resources, cells, str(path))
+    check_cells(cells, str(path), published)
+    return sweep, cells, parsed
+
+
+def resolved_sweep_yaml(sweep: SweepConfig, cells: list[Cell], source: str, overrides: dict[str, Any]) -> str:
+    """The sweep file as it runs: a valid sweep file whose base has the overrides applied."""
+    from memray.config import apply_overrides
+
+    tree = sweep.model_dump(mode="json", exclude_defaults=True)
+    tree["name"] = sweep.name
+    tree["base"] = apply_overrides(sweep.base, overrides)
+    header = f"# resolved from {source}" + (f" with {json.dumps(overrides)}" if overrides else "") + "\n"
+    return header + yaml.safe_dump(tree, sort_keys=False)
+
+
+def axes_text(axes: Mapping[str, Any]) -> str:
+    """A cell's axes as `key=value` words, a method mapping as `lora(rank=8,...)`."""
+    def value_text(value: Any) -> str:
+        if isinstance(value, dict):
+            name = value.get("name")
+            rest = ",".join(f"{k}={value_text(v)}" for k, v in value.items() if k != "name")
+            return f"{name}({rest})" if name is not None else f"({rest})"
+        return json.dumps(value) if not isinstance(value, str) else value
+
+    return " ".join(f"{key}={value_text(value)}" for key, value in axes.items())
+
+
+def model_shape(config: TrialConfig, shapes: dict[str, Any]) -> Any:
+    """The model's shape (parameters counted without weights), once per model."""
+    from memray import models
+    from memray.distributed import ModelShape
+
+    key = json.dumps(config.model.model_dump(mode="json"), sort_keys=True)
+    if key not in shapes:
+        shapes[key] = ModelShape.from_config(models.model_config(config.model, published=True))
+    return shapes[key]

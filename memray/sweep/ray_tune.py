@@ -1,0 +1,304 @@
+"""The Ray Tune side of a sweep: the only module, with the Ray Train launcher (`ray_train`),
+that imports Ray (inside its functions, so that `import memray.sweep` stays light).
+
+- the Tune trainable: a function that receives only its cell index, rebuilds the cell's
+  `TrialConfig` and calls `memray.trial.run_trial`, reporting every epoch to Tune with the
+  epoch's checkpoint and to the trial's W&B run. A cell whose resource rule has
+  `workers > 1` starts a Ray Train job from that function instead (`ray_train`);
+- connecting to Ray (a local Ray, or a cluster), the Tuner, its restore;
+- `memray run / resume` and the dry run (`run_sweep`, `resume_sweep`, `dry_run_text`).
+
+The trial folder is the source of truth: a retried or resumed trial finds its own
+`result.json` and checkpoints there and continues from its last epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from memray.config import MODEL_ALIASES, ConfigError, resolve_wandb_mode
+from memray.results import STATE_FILE, SWEEP_FILE, TRIALS_DIR, TUNE_DIR, trial_names
+from memray.sweep.context import DEFAULT_MAX_FAILURES, FAULT_ENV, SweepContext, parse_fault, run_and_finish
+from memray.sweep.planning import (
+    SweepPlan,
+    axes_text,
+    capacity_text,
+    check_cells,
+    check_rules,
+    gpu_budget_gb,
+    load_checked,
+    local_capacity,
+    memory_estimate,
+    model_shape,
+    plan_sweep,
+    resolved_sweep_yaml,
+)
+from memray.sweep.ray_train import run_workers
+from memray.sweep.status import sweep_status
+from memray.sweep.storage import SweepFolder, TrialMirror, open_sweep
+from memray.sweep.wandb import WandbSettings, WandbTrial
+
+#: Environment variables handed from the driver to every trial (never a secret such as WANDB_API_KEY).
+FORWARDED_ENV = ("MEMRAY_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
+                 "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM", "WANDB_BASE_URL", "DS_ACCELERATOR")
+
+
+def run_cell(params: dict[str, Any], context: SweepContext) -> None:
+    """Tune function trainable: run grid cell `params["cell"]` as a trial in its folder."""
+    from ray import tune
+
+    from memray.results import read_result
+    from memray.trial import run_trial
+
+    index = int(params["cell"])
+    cell, trial_name = context.cells[index], context.trial_names[index]
+    os.environ.update(context.env)
+    if Path(context.workdir).is_dir():
+        os.chdir(context.workdir)
+    trial_dir = Path(context.local_root) / TRIALS_DIR / trial_name
+    mirror = TrialMirror(context.folder, trial_name, trial_dir) if context.folder.is_uri else None
+    if mirror:
+        mirror.download(tune.get_checkpoint())
+    done = read_result(trial_dir) or {}
+    if done.get("status") == "success" and done.get("trial_id") == cell.config.trial_id():
+        # finished before Tune recorded it (a driver killed in between): report, touch nothing
+        tune.report(dict(done["epochs"][-1]))
+        return
+    rule = context.resources.get(index)
+    if rule is not None and rule.workers > 1:
+        run_workers(index, rule, context)
+        return
+    run = WandbTrial.start(context.wandb, cell, trial_name, Path(context.local_root))
+
+    def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        run.log(metrics)
+        checkpoint = None
+        if checkpoint_dir is not None:
+            checkpoint = tune.Checkpoint.from_directory(checkpoint_dir)
+            if mirror:
+                checkpoint.set_metadata({"name": Path(checkpoint_dir).name})
+        if mirror:
+            mirror.upload()
+        tune.report(dict(metrics), checkpoint=checkpoint)
+        if context.fault == (index, int(metrics["epoch"])):
+            raise RuntimeError(f"fault injected by {FAULT_ENV} at epoch {int(metrics['epoch'])}")
+
+    run_and_finish(run, mirror, trial_dir, lambda: run_trial(
+        cell.config, report, trial_dir=trial_dir, resume=True, cache_dir=Path(context.cache_dir), axes=cell.axes,
+        progress=False))
+
+
+def _connect(address: str | None, num_cpus: int | None) -> bool:
+    """Start a local Ray (address None) or join a cluster; True if this call started it.
+    A Ray already initialized in this process (a notebook, a test) is used as it is, and
+    RAY_ADDRESS (set by `ray job submit`) counts as an address."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is None:
+        # address="local": always a fresh local Ray, never a cluster `ray start` left running
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False)
+    else:
+        ray.init(address=address)
+    return True
+
+
+def _cluster_capacity() -> tuple[dict[str, float], list[dict[str, float]]]:
+    import ray
+
+    nodes = [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
+    return dict(ray.cluster_resources()), nodes
+
+
+def _context(folder: SweepFolder, plan: SweepPlan, state: dict[str, Any],
+             max_failures: int = DEFAULT_MAX_FAILURES) -> SweepContext:
+    sweep = plan.sweep
+    local_root = (Path(folder.location) if not folder.is_uri
+                  else Path(tempfile.gettempdir()) / "memray" / f"{sweep.name}-{state['uid']}")
+    mode = resolve_wandb_mode(sweep.wandb)
+    cache_dir = os.environ.get("MEMRAY_CACHE") or str(local_root / "cache")
+    env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
+    # W&B reads these too (e.g. a library's own W&B callback): keep it in this sweep's mode and folder
+    env.update({"WANDB_MODE": mode, "WANDB_DIR": str(local_root), "WANDB_SILENT": "true"})
+    return SweepContext(
+        folder=folder, name=sweep.name, cells={cell.index: cell for cell in plan.cells},
+        trial_names=trial_names(plan.cells),
+        wandb=WandbSettings(mode, sweep.wandb.project, sweep.wandb.entity, sweep.name, state["uid"]),
+        local_root=str(local_root), cache_dir=cache_dir, workdir=state.get("workdir", os.getcwd()), env=env,
+        fault=parse_fault(os.environ.get(FAULT_ENV)),
+        resources={index: r.rule for index, r in plan.resources.items()}, max_failures=max_failures,
+    )
+
+
+def _trial_dirname(trial: Any) -> str:
+    return f"cell{int(trial.config['cell']):04d}"
+
+
+def _trainable(context: SweepContext, plan: SweepPlan) -> Any:
+    from ray import tune
+
+    groups = {index: tune.PlacementGroupFactory(r.bundles(), strategy=r.rule.strategy)
+              for index, r in plan.resources.items()}
+    return tune.with_resources(tune.with_parameters(run_cell, context=context),
+                               resources=lambda config: groups[int(config["cell"])])
+
+
+def _fit(folder: SweepFolder, plan: SweepPlan, state: dict[str, Any], max_failures: int, restore: bool) -> int:
+    from ray import tune
+
+    context = _context(folder, plan, state, max_failures)
+    trainable = _trainable(context, plan)
+    # Tune snapshots its state at every checkpoint (num_to_keep=1) and warns when that is
+    # frequent; with epochs of seconds (the demo) that is expected, not a bottleneck
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    tune_path = folder.path(TUNE_DIR)
+    if restore and tune.Tuner.can_restore(tune_path):
+        # errored trials resume from their last checkpoint (the trial folder's, or Tune's copy
+        # on a node that lacks it); finished trials are not run again
+        tuner = tune.Tuner.restore(tune_path, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"cell": tune.grid_search(plan.order)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=plan.max_concurrent, reuse_actors=False,
+                                        trial_name_creator=_trial_dirname, trial_dirname_creator=_trial_dirname),
+            run_config=tune.RunConfig(
+                name=TUNE_DIR, storage_path=folder.location,
+                failure_config=tune.FailureConfig(max_failures=max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # the trial folder keeps its own
+            ),
+        )
+    results = tuner.fit()
+    print(sweep_status(folder.location))
+    print(_where_text(folder, context))
+    return 1 if results.errors else 0
+
+
+def _where_text(folder: SweepFolder, context: SweepContext) -> str:
+    lines = [f"results: {folder.path(TRIALS_DIR)}/<trial>/ (result.json, scores/, checkpoints/)"]
+    mode = context.wandb.mode
+    if mode == "offline":
+        lines.append(f"W&B: offline runs in {Path(context.local_root) / 'wandb'}; upload with "
+                     f"`wandb sync {Path(context.local_root) / 'wandb'}/offline-run-*`")
+    elif mode == "online":
+        entity = f"{context.wandb.entity}/" if context.wandb.entity else ""
+        lines.append(f"W&B: project {entity}{context.wandb.project}, group {context.wandb.group}")
+    else:
+        lines.append("W&B: disabled")
+    return "\n".join(lines)
+
+
+def dry_run_text(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] | None = None,
+                 address: str | None = None, num_cpus: int | None = None) -> str:
+    """Validate the whole sweep and describe it: "N trials", then one line per trial (in
+    the order they will start) with its axes and resources. Without `address` the
+    resources are those of a local Ray on this machine; with one, of that cluster."""
+    sweep, cells, _ = load_checked(path, overrides, published=True)
+    if address is None:
+        capacity = local_capacity(num_cpus)
+        nodes = [capacity]
+    else:
+        started = _connect(address, num_cpus)
+        capacity, nodes = _cluster_capacity()
+        if started:
+            import ray
+
+            ray.shutdown()
+    with warnings.catch_warnings(record=True) as unplaceable:  # listed below: a dry run shows the whole plan
+        warnings.simplefilter("always")
+        plan = plan_sweep(sweep, cells, str(path), capacity, nodes, strict=False)
+    names = trial_names(cells)
+    cap = plan.max_concurrent or "no cap (every trial reserves all it uses)"
+    lines = [f"{len(cells)} trials", f"sweep folder: <storage>/{sweep.name}   Ray: {capacity_text(capacity)}; "
+                                     f"concurrent trials: {cap}; longest first"]
+    shapes: dict[str, Any] = {}
+    too_big = []
+    for index in plan.order:
+        cell, resources = plan.cells[index], plan.resources[index]
+        axes = axes_text(cell.axes) or "(base)"
+        estimate = memory_estimate(cell.config, resources.rule, model_shape(cell.config, shapes))
+        budget = gpu_budget_gb(resources.rule)
+        fits = "" if budget is None or estimate.total <= budget else f"  DOES NOT FIT {budget:g} GB"
+        lines.append(f"  {names[index]}  {axes}  {resources.describe()}  mem {estimate.describe()}{fits}")
+        if fits:
+            too_big.append(names[index])
+    if too_big:
+        lines.append(f"warning: {len(too_big)} trial(s) will not fit on their GPUs ({', '.join(too_big)}): "
+                     "more workers, ZeRO stage 3, offload (train.deepspeed) or a smaller batch")
+    if unplaceable:
+        where = "this machine's local Ray" if address is None else "this cluster"
+        lines.append(f"warning: {len(unplaceable)} trial(s) need more than any node of {where} has "
+                     f"(`memray run` {'refuses to start' if address is None else 'waits for an autoscaler'}); "
+                     f"first: {unplaceable[0].message}")
+    aliases = sorted({c.config.model.name for c in cells if c.config.model.name in MODEL_ALIASES})
+    if aliases:
+        lines.append(f"models {', '.join(aliases)}: their published shapes; `memray run` checks that they load "
+                     "(local cache, or the hub)")
+    return "\n".join(lines)
+
+
+def run_sweep(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] | None = None,
+              storage: str | Path | None = None, address: str | None = None, dry_run: bool = False, *,
+              num_cpus: int | None = None, max_failures: int = DEFAULT_MAX_FAILURES) -> int:
+    """`memray run`: validate the sweep, then run every cell as a Ray Tune trial.
+
+    path: the sweep file; overrides: `key=value` strings (or a mapping) applied to its
+    base; storage: the folder or URI that holds `<sweep name>/` (default ./results);
+    address: a Ray cluster (default: a local Ray with `num_cpus`, default all cores).
+    Prints the per-trial table at the end. Returns 0 when every trial succeeded, 1 when
+    some failed; bad input raises ConfigError (exit code 2 in the CLI).
+    """
+    if dry_run:
+        print(dry_run_text(path, overrides, address, num_cpus))
+        return 0
+    sweep, cells, parsed = load_checked(path, overrides)
+    folder = SweepFolder.for_sweep(storage, sweep.name)
+    if folder.exists(SWEEP_FILE):
+        raise ConfigError(str(path), "name", f"the sweep folder {folder} already exists: `memray resume {folder}` "
+                                             "finishes it; remove it (or rename the sweep) to start over")
+    started = _connect(address, num_cpus)
+    try:
+        capacity, nodes = _cluster_capacity()
+        plan = plan_sweep(sweep, cells, str(path), capacity, nodes, strict=address is None)
+        state = {"uid": secrets.token_hex(4), "name": sweep.name, "source": str(Path(path).resolve()),
+                 "overrides": parsed, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "workdir": os.getcwd()}
+        folder.write_text(json.dumps(state, indent=2), STATE_FILE)
+        folder.write_text(resolved_sweep_yaml(sweep, cells, str(path), parsed), SWEEP_FILE)
+        print(f"[memray] sweep {sweep.name}: {len(cells)} trials in {folder}", file=sys.stderr)
+        return _fit(folder, plan, state, max_failures, restore=False)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def resume_sweep(sweep_dir: str | Path, address: str | None = None, *, num_cpus: int | None = None,
+                 max_failures: int = DEFAULT_MAX_FAILURES) -> int:
+    """`memray resume`: finish the errored and unfinished trials of a sweep folder (a path
+    or URI), each from its last epoch checkpoint; finished trials are not run again.
+    Returns 0 when every trial has succeeded, else 1."""
+    folder, sweep, cells, state, source = open_sweep(sweep_dir)
+    check_rules(sweep.resources, cells, source)
+    check_cells(cells, source)
+    started = _connect(address, num_cpus)
+    try:
+        capacity, nodes = _cluster_capacity()
+        plan = plan_sweep(sweep, cells, source, capacity, nodes, strict=address is None)
+        print(f"[memray] resuming sweep {sweep.name} in {folder}", file=sys.stderr)
+        return _fit(folder, plan, state, max_failures, restore=True)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()

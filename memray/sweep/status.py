@@ -1,0 +1,54 @@
+"""`memray status`: one row per trial of a sweep folder, read from its trial folders alone
+(no Ray)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from memray.results import RESULT_FILE, TRIALS_DIR, trial_names
+from memray.sweep.planning import axes_text
+from memray.sweep.storage import open_sweep
+
+
+def _number(value: Any, digits: int) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def _text_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in [header, *rows]]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def sweep_status(sweep_dir: str | Path) -> str:
+    """`memray status`: one row per trial (cell, axes, state, epoch, val PPL, each attack's
+    AUC at its last epoch), read from the trial folders alone (no Ray); failed trials'
+    reasons below the table."""
+    folder, sweep, cells, _, _ = open_sweep(sweep_dir)
+    names = trial_names(cells)
+    labels = list(dict.fromkeys(a.label for cell in cells for a in cell.config.attacks))
+    header = ["trial", "axes", "state", "epoch", "val ppl", *(f"{label} auc" for label in labels)]
+    rows, reasons, counts = [], [], {}
+    for cell in cells:
+        text = folder.read_text(TRIALS_DIR, names[cell.index], RESULT_FILE)
+        result = json.loads(text) if text else {}
+        state = result.get("status", "pending")
+        counts[state] = counts.get(state, 0) + 1
+        epochs = result.get("epochs") or []
+        last = epochs[-1] if epochs else {}
+        epoch = f"{int(last['epoch'])}/{cell.config.train.epochs}" if last else f"-/{cell.config.train.epochs}"
+        rows.append([names[cell.index], axes_text(cell.axes) or "(base)", state, epoch,
+                     _number(last.get("val/ppl"), 2), *(_number(last.get(f"mia/{label}/auc"), 3) for label in labels)])
+        if result.get("reason"):
+            reasons.append(f"  {names[cell.index]}: {result['reason']}")
+    summary = ", ".join(f"{count} {state}" for state, count in sorted(counts.items()))
+    parts = [f"sweep {sweep.name} ({folder}): {len(cells)} trials: {summary}", _text_table(header, rows)]
+    if reasons:
+        parts += ["reasons:", *reasons]
+    return "\n".join(parts)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy import stats
 from sklearn.metrics import roc_auc_score, roc_curve
 
 #: (metric-name suffix, false-positive rate) reported for every attack
@@ -60,27 +61,36 @@ def roc_points(scores, is_member, max_points: int = 200) -> tuple[np.ndarray, np
     return false_rates, true_rates
 
 
-def bootstrap_auc(scores, is_member, n: int, seed: int = 0) -> tuple[float, float]:
-    """95% percentile bootstrap interval (low, high) of the AUC from `n` resamples.
+def bootstrap_aucs(scores, is_member, n: int, seed: int = 0) -> np.ndarray:
+    """AUCs of `n` bootstrap resamples, deterministic in `seed`.
 
-    Members and non-members are resampled separately (a stratified bootstrap), so every
-    resample keeps the class sizes and has an AUC. Deterministic in `seed`.
+    Members and non-members are resampled separately with replacement (a stratified
+    bootstrap), so every resample keeps the class sizes and has an AUC; each AUC is the
+    Mann-Whitney U over (members x non-members), all resamples computed at once.
     """
     scores, labels = _checked(scores, is_member)
     if n < 1:
         raise ValueError(f"n must be a positive number of resamples, not {n}")
-    rng = np.random.default_rng(seed)
-    members, nonmembers = scores[labels], scores[~labels]
-    resample_labels = np.r_[np.ones(len(members), bool), np.zeros(len(nonmembers), bool)]
-    aucs = [
-        roc_auc_score(
-            resample_labels,
-            np.r_[rng.choice(members, len(members)), rng.choice(nonmembers, len(nonmembers))],
-        )
-        for _ in range(n)
-    ]
-    low, high = np.percentile(aucs, [2.5, 97.5])
+
+    def auc(members: np.ndarray, nonmembers: np.ndarray, axis: int) -> np.ndarray:
+        u = stats.mannwhitneyu(members, nonmembers, axis=axis).statistic
+        return u / (members.shape[axis] * nonmembers.shape[axis])
+
+    result = stats.bootstrap((scores[labels], scores[~labels]), auc, n_resamples=n, vectorized=True,
+                             method="percentile", batch=100, rng=np.random.default_rng(seed))
+    return np.asarray(result.bootstrap_distribution)
+
+
+def percentile_interval(values: np.ndarray) -> tuple[float, float]:
+    """The 95% percentile interval (low, high) of resampled values."""
+    low, high = np.percentile(values, [2.5, 97.5])
     return float(low), float(high)
+
+
+def bootstrap_auc(scores, is_member, n: int, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval (low, high) of the AUC from `n` stratified
+    resamples (`bootstrap_aucs`)."""
+    return percentile_interval(bootstrap_aucs(scores, is_member, n, seed))
 
 
 def perplexity(mean_loss: float) -> float:

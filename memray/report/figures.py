@@ -1,0 +1,387 @@
+"""The report's figures (matplotlib's object API: a Figure renders with Agg, no pyplot
+global state): AUC vs epoch, AUC vs model size, privacy-utility, LoRA bars, ROC curves on
+log-log axes, extraction vs duplicate count.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import LogFormatter, NullLocator
+
+from memray.report.loading import Group, Trial, is_finite
+from memray.report.tables import duplicate_metrics, ordered_variants, params_text, slug
+
+FIGURE_DPI = 110
+CHANCE_AUC = 0.5
+
+
+def _colors(variants: list[str]) -> dict[str, Any]:
+    cmap = colormaps["tab10" if len(variants) <= 10 else "tab20"]
+    return {variant: cmap(index % cmap.N) for index, variant in enumerate(variants)}
+
+
+MARKERS = "osD^vP*Xh<>p"
+
+
+def _figure(rows: int, cols: int, width: float = 4.4, height: float = 3.3):
+    figure = Figure(figsize=(width * cols, height * rows + 0.9), layout="constrained", dpi=FIGURE_DPI)
+    axes = figure.subplots(rows, cols, squeeze=False)
+    return figure, axes
+
+
+def _legend(figure, axes_grid, handles: dict[str, Any] | None = None) -> None:
+    """One legend below the panels: the labelled artists of every panel, or `handles`."""
+    if handles is None:
+        handles = {}
+        for ax in axes_grid.flat:
+            for handle, label in zip(*ax.get_legend_handles_labels()):
+                handles.setdefault(label, handle)
+    if handles:
+        figure.legend(list(handles.values()), list(handles), loc="outside lower center",
+                      ncols=min(4, len(handles)), fontsize="small", frameon=False)
+
+
+def _plain_log_ticks(axis) -> None:
+    """Plain numbers (20, 30, 50) on a log axis instead of 2x10^1."""
+    axis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+    axis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+
+
+def _ticks_at(axis, values: list[float], labels: list[str]) -> None:
+    """Ticks exactly at `values` (model sizes, copy counts) on a log axis, no minor ticks."""
+    axis.set_ticks(values, labels)
+    axis.set_minor_locator(NullLocator())
+
+
+def _finish_grid(figure, axes_grid, used: int, title: str, path: Path) -> Path:
+    """Hide the grid's panels past the first `used`, title it, add the legend, save it."""
+    cols = len(axes_grid[0])
+    for index in range(used, len(axes_grid) * cols):
+        axes_grid[index // cols][index % cols].set_visible(False)
+    figure.suptitle(title)
+    _legend(figure, axes_grid)
+    return _save(figure, path)
+
+
+def _save(figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png")
+    return path
+
+
+def _attack_title(label: str) -> str:
+    return f"attack: {label}"
+
+
+def _by_epoch(trials: list[Trial], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Epochs and the mean and std over trials of a metric at each epoch."""
+    values: dict[int, list[float]] = defaultdict(list)
+    for t in trials:
+        for row in t.epochs:
+            if is_finite(row.get(key)):
+                values[int(row["epoch"])].append(row[key])
+    epochs = np.array(sorted(values))
+    means = np.array([np.mean(values[e]) for e in epochs])
+    stds = np.array([np.std(values[e], ddof=1) if len(values[e]) > 1 else 0.0 for e in epochs])
+    return epochs, means, stds
+
+
+def plot_auc_vs_epoch(trials: list[Trial], dataset: str, labels: list[str], sizes: dict, colors: dict,
+                      path: Path) -> Path:
+    chosen = [t for t in trials if t.dataset == dataset and t.epochs]
+    models = sorted({t.model for t in chosen}, key=lambda m: (sizes[m]["params"] or math.inf, m))
+    figure, axes = _figure(len(models), len(labels))
+    for row, model in enumerate(models):
+        for col, label in enumerate(labels):
+            ax = axes[row][col]
+            for variant in colors:
+                group = [t for t in chosen if t.model == model and t.variant == variant]
+                epochs, means, stds = _by_epoch(group, f"mia/{label}/auc")
+                if not len(epochs):
+                    continue
+                ax.plot(epochs, means, marker="o", markersize=3, color=colors[variant], label=variant)
+                if any(stds):
+                    ax.fill_between(epochs, means - stds, means + stds, color=colors[variant], alpha=0.15)
+            ax.axhline(CHANCE_AUC, color="grey", linestyle=":", linewidth=1)
+            ax.set_title(f"{model} ({params_text(sizes[model]['params'])}), {_attack_title(label)}", fontsize="medium")
+            ax.set_xlabel("epoch (0 = before fine-tuning)")
+            ax.set_ylabel("membership AUC-ROC")
+            ax.grid(alpha=0.3)
+    figure.suptitle(f"Membership-inference AUC per epoch, {dataset} (mean ± std over seeds; dotted: chance)")
+    _legend(figure, axes)
+    return _save(figure, path)
+
+
+def plot_auc_vs_model_size(groups: list[Group], dataset: str, labels: list[str], sizes: dict, colors: dict,
+                           path: Path) -> Path:
+    chosen = [g for g in groups if g.dataset == dataset and g.finished]
+    models = sorted({g.model for g in chosen if is_finite(sizes[g.model]["params"])}, key=lambda m: sizes[m]["params"])
+    figure, axes = _figure(1, len(labels))
+    for col, label in enumerate(labels):
+        ax = axes[0][col]
+        for variant in colors:
+            points = sorted(((sizes[g.model]["params"], *g.stat(f"mia/{label}/auc")[:2]) for g in chosen
+                             if g.variant == variant and is_finite(sizes[g.model]["params"])), key=lambda p: p[0])
+            points = [p for p in points if is_finite(p[1])]
+            if not points:
+                continue
+            x, y, err = (np.array(v, dtype=float) for v in zip(*points))
+            ax.errorbar(x, y, yerr=np.nan_to_num(err), marker="o", capsize=3, color=colors[variant], label=variant)
+        ax.set_xscale("log")
+        if models:  # room either side of the outer models, also when there is only one
+            ax.set_xlim(sizes[models[0]]["params"] / 1.6, sizes[models[-1]]["params"] * 1.6)
+        _ticks_at(ax.xaxis, [sizes[m]["params"] for m in models],
+                  [f"{m}\n{params_text(sizes[m]['params'])}" for m in models])
+        ax.axhline(CHANCE_AUC, color="grey", linestyle=":", linewidth=1)
+        ax.set_title(_attack_title(label), fontsize="medium")
+        ax.set_xlabel("model parameters (log scale)")
+        ax.set_ylabel("membership AUC-ROC, final epoch")
+        ax.grid(alpha=0.3, which="both")
+    figure.suptitle(f"AUC vs model size, {dataset} (mean ± std over seeds)")
+    _legend(figure, axes)
+    return _save(figure, path)
+
+
+def plot_ppl_vs_auc(trials: list[Trial], labels: list[str], models: list[str], colors: dict, path: Path) -> Path:
+    chosen = [t for t in trials if t.final and is_finite(t.final.get("val/ppl"))]
+    datasets = sorted({t.dataset for t in chosen})
+    markers = {model: MARKERS[i % len(MARKERS)] for i, model in enumerate(models)}
+    figure, axes = _figure(len(datasets), len(labels))
+    for row, dataset in enumerate(datasets):
+        for col, label in enumerate(labels):
+            ax = axes[row][col]
+            for t in chosen:
+                auc = t.final.get(f"mia/{label}/auc")
+                if t.dataset != dataset or not is_finite(auc):
+                    continue
+                done = t.status == "success"
+                ax.scatter(t.final["val/ppl"], auc, marker=markers[t.model], s=36,
+                           color=colors[t.variant] if done else "none", edgecolors=colors[t.variant])
+            ax.set_xscale("log")
+            _plain_log_ticks(ax.xaxis)
+            ax.axhline(CHANCE_AUC, color="grey", linestyle=":", linewidth=1)
+            ax.set_title(f"{dataset}, {_attack_title(label)}", fontsize="medium")
+            ax.set_xlabel("validation perplexity, final epoch (log scale)")
+            ax.set_ylabel("membership AUC-ROC, final epoch")
+            ax.grid(alpha=0.3, which="both")
+    shown = {t.variant for t in chosen}
+    handles = {variant: Line2D([], [], color=color, marker="o", linestyle="") for variant, color in colors.items()
+               if variant in shown}
+    handles.update({model: Line2D([], [], color="dimgrey", marker=markers[model], linestyle="")
+                    for model in models if any(t.model == model for t in chosen)})
+    handles["unfinished trial"] = Line2D([], [], color="none", markeredgecolor="dimgrey", marker="o", linestyle="")
+    figure.suptitle("Privacy vs utility: one point per trial (colour: method, marker: model)")
+    _legend(figure, axes, handles)
+    return _save(figure, path)
+
+
+def plot_lora(groups: list[Group], labels: list[str], path: Path) -> Path | None:
+    lora = [g for g in groups if g.method == "lora" and g.finished
+            and not g.trials[0].config.get("method", {}).get("target_modules")]
+    if not lora:
+        return None
+    panels = sorted({(g.dataset, g.model) for g in lora})
+    placements = [p for p in ("attn", "mlp", "both") if any(g.trials[0].config["method"]["placement"] == p for g in lora)]
+    ranks = sorted({g.trials[0].config["method"]["rank"] for g in lora})
+    colors = _colors(placements)
+    width = 0.8 / len(placements)
+    figure, axes = _figure(len(panels), len(labels), width=max(4.4, 0.5 * len(ranks) * len(placements)))
+    for row, (dataset, model) in enumerate(panels):
+        for col, label in enumerate(labels):
+            ax = axes[row][col]
+            tops = [CHANCE_AUC]  # bar ends with their error bars, for the y range
+            for index, placement in enumerate(placements):
+                x, heights, errors = [], [], []
+                for position, rank in enumerate(ranks):
+                    match = [g for g in lora if (g.dataset, g.model) == (dataset, model)
+                             and g.trials[0].config["method"]["placement"] == placement
+                             and g.trials[0].config["method"]["rank"] == rank]
+                    # several groups of one placement and rank (another axis varies): their mean
+                    values = [g.stat(f"mia/{label}/auc") for g in match]
+                    values = [v for v in values if is_finite(v[0])]
+                    if values:
+                        x.append(position + (index - (len(placements) - 1) / 2) * width)
+                        heights.append(np.mean([v[0] for v in values]) - CHANCE_AUC)
+                        errors.append(np.nan_to_num(values[0][1]) if len(values) == 1 else 0.0)
+                if x:
+                    ax.bar(x, heights, width=width, bottom=CHANCE_AUC, yerr=errors, capsize=2,
+                           color=colors[placement], label=f"LoRA on {placement}")
+                    tops += [CHANCE_AUC + h + e for h, e in zip(heights, errors)]
+                    tops += [CHANCE_AUC + h - e for h, e in zip(heights, errors)]
+            span = max(tops) - min(tops) or 0.1
+            ax.set_ylim(min(tops) - 0.1 * span, max(tops) + 0.1 * span)
+            ax.set_xticks(range(len(ranks)), [str(r) for r in ranks])
+            ax.axhline(CHANCE_AUC, color="grey", linewidth=1)
+            ax.set_title(f"{dataset}, {model}, {_attack_title(label)}", fontsize="medium")
+            ax.set_xlabel("LoRA rank")
+            ax.set_ylabel("membership AUC-ROC, final epoch")
+            ax.grid(alpha=0.3, axis="y")
+    figure.suptitle("LoRA placement and rank (bars from chance = 0.5; mean ± std over seeds)")
+    _legend(figure, axes)
+    return _save(figure, path)
+
+
+def plot_roc(trials: list[Trial], dataset: str, model: str, variants: list[str], path: Path) -> Path | None:
+    """ROC curves (log-log) of one dataset and model: a panel per method, a line per
+    attack, from the finished trial of the lowest seed (else the latest unfinished one)."""
+    panels = []
+    for variant in variants:
+        candidates = [t for t in trials if (t.dataset, t.model, t.variant) == (dataset, model, variant)
+                      and any(a.roc is not None for a in t.attacks.values())]
+        if candidates:
+            candidates.sort(key=lambda t: (t.status != "success", t.seed if t.seed is not None else 0))
+            panels.append((variant, candidates[0]))
+    if not panels:
+        return None
+    cols = min(4, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    figure, axes = _figure(rows, cols, width=4.0, height=3.6)
+    attack_colors = _colors(list(dict.fromkeys(label for _, t in panels for label in t.attacks)))
+    for index, (variant, trial) in enumerate(panels):
+        ax = axes[index // cols][index % cols]
+        floor = 1.0
+        for label, attack in trial.attacks.items():
+            if attack.roc is None:
+                continue
+            fpr, tpr = attack.roc
+            positive = fpr[fpr > 0]
+            floor = min(floor, positive.min() if positive.size else 1.0)
+            ax.plot(fpr, tpr, color=attack_colors[label], label=label)
+        grid = np.logspace(np.log10(floor), 0, 50)
+        ax.plot(grid, grid, color="grey", linestyle=":", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlim(floor, 1)
+        ax.set_ylim(floor, 1.05)
+        aucs = "\n".join(f"{label} AUC {a.auc:.3f}" for label, a in trial.attacks.items() if a.roc is not None)
+        ax.text(0.97, 0.03, aucs, transform=ax.transAxes, ha="right", va="bottom", fontsize="small",
+                bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"})
+        status = "" if trial.status == "success" else f", {trial.status}"
+        ax.set_title(f"{variant}\nseed {trial.seed}, epoch {int(trial.final['epoch'])}{status}", fontsize="medium")
+        ax.set_xlabel("false-positive rate (log scale)")
+        ax.set_ylabel("true-positive rate (log scale)")
+        ax.grid(alpha=0.3, which="both")
+    return _finish_grid(figure, axes, len(panels), f"ROC curves, {dataset}, {model} (dotted: chance)", path)
+
+
+def _duplication_panels(trials: list[Trial]) -> list[str]:
+    keys: dict[str, None] = {}
+    for t in trials:
+        for values in duplicate_metrics(t.final).values():
+            keys.update(dict.fromkeys(values))
+    wanted = []
+    for key in keys:
+        extraction_rate = key == "extract/exact" or (key.startswith("extract/") and "@" in key
+                                                     and not key.startswith("extract/nonmember/"))
+        if extraction_rate or (key.startswith("mia/") and key.endswith("/auc")) or key == "canary/exposure":
+            wanted.append(key)
+    return sorted(wanted, key=lambda k: (not k.startswith("extract/"), k != "extract/exact", k))
+
+
+def plot_duplication(trials: list[Trial], dataset: str, colors: dict, path: Path) -> Path | None:
+    chosen = [t for t in trials if t.dataset == dataset and t.status == "success" and duplicate_metrics(t.final)]
+    panels = _duplication_panels(chosen)
+    if not panels:
+        return None
+    cols = min(4, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    figure, axes = _figure(rows, cols)
+    models = sorted({t.model for t in chosen})
+    styles = {model: ["-", "--", "-.", ":"][i % 4] for i, model in enumerate(models)}
+    levels = sorted({c for t in chosen for c in duplicate_metrics(t.final)})
+    for index, key in enumerate(panels):
+        ax = axes[index // cols][index % cols]
+        for model in models:
+            for variant in colors:
+                values: dict[int, list[float]] = defaultdict(list)
+                for t in chosen:
+                    if (t.model, t.variant) == (model, variant):
+                        for copies, metrics in duplicate_metrics(t.final).items():
+                            if is_finite(metrics.get(key)):
+                                values[copies].append(metrics[key])
+                if not values:
+                    continue
+                copies = sorted(values)
+                ax.plot(copies, [np.mean(values[c]) for c in copies], marker="o", linestyle=styles[model],
+                        color=colors[variant], label=f"{variant}, {model}" if len(models) > 1 else variant)
+        ax.set_xscale("log", base=2)
+        _ticks_at(ax.xaxis, levels, [str(c) for c in levels])
+        if key.startswith("mia/"):
+            ax.axhline(CHANCE_AUC, color="grey", linestyle=":", linewidth=1)
+            ylabel = "membership AUC-ROC vs all non-members"
+        elif key == "canary/exposure":
+            ylabel = "canary exposure (bits)"
+        else:
+            ylabel = "share of members extracted"
+        ax.set_title(_duplicate_title(key), fontsize="medium")
+        ax.set_xlabel("copies in the training data (log scale)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, which="both")
+    return _finish_grid(figure, axes, len(panels), f"Memorization vs duplication, {dataset} (final epoch, mean over seeds)", path)
+
+
+def _duplicate_title(key: str) -> str:
+    if key == "extract/exact":
+        return "exact extraction"
+    if key.startswith("extract/"):
+        name, _, threshold = key.removeprefix("extract/").partition("@")
+        return f"{name} >= {threshold}"
+    if key.startswith("mia/"):
+        return _attack_title(key.split("/")[1])
+    return key
+
+
+@dataclass
+class FigureFile:
+    path: Path
+    caption: str
+
+
+def make_figures(trials: list[Trial], groups: list[Group], labels: list[str], sizes: dict[str, dict[str, Any]],
+                 figures_dir: Path) -> dict[str, FigureFile]:
+    """Every figure the trials have data for, by key (the file's stem)."""
+    variants = ordered_variants(groups)
+    colors = _colors(variants)
+    models = sorted(sizes, key=lambda m: (sizes[m]["params"] or math.inf, m))
+    recorded = [t for t in trials if t.epochs]
+    datasets = sorted({t.dataset for t in recorded})
+    figures: dict[str, FigureFile] = {}
+
+    def add(stem: str, caption: str, path: Path | None) -> None:
+        if path is not None:
+            figures[stem] = FigureFile(path, caption)
+
+    def file(stem: str) -> Path:
+        return figures_dir / f"{stem}.png"
+
+    if labels:
+        for dataset in datasets:
+            stem = f"auc_vs_epoch_{slug(dataset)}"
+            add(stem, f"AUC vs epoch per method, {dataset}",
+                plot_auc_vs_epoch(recorded, dataset, labels, sizes, colors, file(stem)))
+        for dataset in sorted({g.dataset for g in groups if g.finished}):
+            stem = f"auc_vs_model_size_{slug(dataset)}"
+            add(stem, f"AUC vs model size, {dataset}",
+                plot_auc_vs_model_size(groups, dataset, labels, sizes, colors, file(stem)))
+        if any(is_finite(t.final.get("val/ppl")) for t in recorded):
+            add("ppl_vs_auc", "Validation perplexity vs AUC, one point per trial",
+                plot_ppl_vs_auc(recorded, labels, models, colors, file("ppl_vs_auc")))
+        add("lora_placement_rank", "LoRA placement and rank", plot_lora(groups, labels, file("lora_placement_rank")))
+        for dataset in datasets:
+            for model in models:
+                stem = f"roc_{slug(dataset)}_{slug(model)}"
+                add(stem, f"ROC curves (log-log), {dataset}, {model}",
+                    plot_roc(recorded, dataset, model, variants, file(stem)))
+    for dataset in datasets:
+        stem = f"duplication_{slug(dataset)}"
+        add(stem, f"Memorization vs duplication, {dataset}", plot_duplication(recorded, dataset, colors, file(stem)))
+    return figures

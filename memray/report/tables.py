@@ -1,0 +1,288 @@
+"""The report's tables: per trial, per attack, seeds aggregated, method x model size, LoRA
+placement x rank, extraction, duplication and unfinished trials; each a `Table` written as
+Markdown and CSV.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import pandas as pd
+
+from memray.config import METHODS
+from memray.report.loading import BOOTSTRAP_RESAMPLES, Group, Trial, is_finite
+
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    if not is_finite(value):
+        return "inf" if isinstance(value, float) and math.isinf(value) else "-"
+    return f"{value:.{digits}f}"
+
+
+def _pm(mean: float, std: float, digits: int = 3) -> str:
+    if not is_finite(mean):
+        return "-"
+    return _num(mean, digits) + (f" ± {_num(std, digits)}" if is_finite(std) else "")
+
+
+def _interval(ci: tuple[float, float] | None, digits: int = 3) -> str:
+    return f"[{_num(ci[0], digits)}, {_num(ci[1], digits)}]" if ci else "-"
+
+
+def params_text(params: float | None) -> str:
+    if not is_finite(params):
+        return "?"
+    if params >= 1e9:
+        return f"{params / 1e9:.2g}B"
+    if params >= 1e6:
+        return f"{params / 1e6:.3g}M"
+    return f"{params / 1e3:.3g}K"
+
+
+@dataclass
+class Table:
+    """A table twice: numbers (CSV, report.json) and formatted text (Markdown)."""
+
+    name: str
+    title: str
+    data: pd.DataFrame
+    text: pd.DataFrame
+    note: str = ""
+
+    def markdown(self) -> str:
+        if self.text.empty:
+            return "(none)"
+        return self.text.to_markdown(index=False, disable_numparse=True)
+
+
+def sort_key(trial: Trial, sizes: dict[str, dict[str, Any]]) -> tuple:
+    params = sizes.get(trial.model, {}).get("params")
+    method_rank = METHODS.index(trial.method) if trial.method in METHODS else len(METHODS)
+    return (trial.dataset, params if is_finite(params) else math.inf, trial.model, method_rank, trial.variant,
+            trial.seed if trial.seed is not None else -1, trial.name)
+
+
+def _epochs_text(trial: Trial) -> str:
+    done = int(trial.final["epoch"]) if trial.final else "-"
+    return f"{done}/{trial.planned_epochs if trial.planned_epochs is not None else '?'}"
+
+
+def _note(trial: Trial) -> str:
+    if trial.status == "failed":
+        return f"failed: {trial.reason or 'no reason recorded'}"
+    if trial.status == "running":
+        return "unfinished (running, or stopped before its last epoch)"
+    if trial.status == "pending":
+        return "pending (not started)"
+    return ""
+
+
+def trials_table(trials: list[Trial], labels: list[str]) -> Table:
+    rows, text = [], []
+    for t in trials:
+        final, best = t.final, t.best
+        row = {"trial": t.name, "dataset": t.dataset, "model": t.model, "method": t.variant, "seed": t.seed,
+               "status": t.status, "epochs done": int(final["epoch"]) if final else None,
+               "epochs planned": t.planned_epochs, "final val ppl": final.get("val/ppl"),
+               "best val ppl": best.get("val/ppl"), "best epoch": best.get("epoch"),
+               **{f"{label} auc": final.get(f"mia/{label}/auc") for label in labels}, "note": _note(t)}
+        rows.append(row)
+        text.append({"trial": t.name, "dataset": t.dataset, "model": t.model, "method": t.variant,
+                     "seed": str(t.seed), "status": t.status, "epochs": _epochs_text(t),
+                     "val PPL (final)": _num(final.get("val/ppl"), 2),
+                     "val PPL (best)": _num(best.get("val/ppl"), 2) + (f" @{int(best['epoch'])}" if best else ""),
+                     **{f"{label} AUC": _num(final.get(f"mia/{label}/auc")) for label in labels},
+                     "note": _note(t)})
+    return Table("trials", "Trials: final and best-epoch validation perplexity, final AUC per attack",
+                 pd.DataFrame(rows), pd.DataFrame(text),
+                 "Final = last recorded epoch; best = epoch of lowest validation perplexity (shown after @).")
+
+
+def attacks_table(trials: list[Trial]) -> Table:
+    rows, text = [], []
+    for t in trials:
+        for label, a in t.attacks.items():
+            rows.append({"trial": t.name, "dataset": t.dataset, "model": t.model, "method": t.variant,
+                         "seed": t.seed, "status": t.status, "attack": label, "epoch": t.final.get("epoch"),
+                         "auc": a.auc, "auc ci95 low": a.ci[0] if a.ci else None,
+                         "auc ci95 high": a.ci[1] if a.ci else None, "tpr@1%fpr": a.tpr_1,
+                         "tpr@0.1%fpr": a.tpr_01, "best epoch": t.best.get("epoch"), "auc at best epoch": a.auc_best,
+                         "tpr@1%fpr at best epoch": a.tpr_1_best, "tpr@0.1%fpr at best epoch": a.tpr_01_best})
+            text.append({"trial": t.name, "method": t.variant, "status": t.status, "attack": label,
+                         "epoch": str(int(t.final["epoch"])), "AUC": _num(a.auc), "AUC 95% CI": _interval(a.ci),
+                         "TPR@1%FPR": _num(a.tpr_1), "TPR@0.1%FPR": _num(a.tpr_01),
+                         "AUC (best epoch)": _num(a.auc_best)})
+    return Table("attacks", "Attacks per trial: AUC with bootstrap 95% interval, TPR at 1% and 0.1% FPR",
+                 pd.DataFrame(rows), pd.DataFrame(text),
+                 f"At the final epoch; intervals from {BOOTSTRAP_RESAMPLES} stratified bootstrap resamples of "
+                 "the per-sample scores; the last column is the AUC at the best-perplexity epoch (its TPRs are "
+                 "in the CSV).")
+
+
+def seeds_table(groups: list[Group], labels: list[str], sizes: dict[str, dict[str, Any]]) -> Table:
+    rows, text = [], []
+    for g in groups:
+        seeds = f"{len(g.finished)}/{len(g.trials)}"
+        ppl, ppl_std, _ = g.stat("val/ppl")
+        best_ppl, best_std, _ = g.stat("val/ppl", best=True)
+        for label in labels:
+            auc, auc_std, n = g.stat(f"mia/{label}/auc")
+            tpr1, tpr1_std, _ = g.stat(f"mia/{label}/tpr@1%fpr")
+            tpr01, tpr01_std, _ = g.stat(f"mia/{label}/tpr@0.1%fpr")
+            ci = g.auc_interval(label)
+            rows.append({"dataset": g.dataset, "model": g.model, "params": sizes[g.model]["params"],
+                         "method": g.variant, "finished": len(g.finished), "trials": len(g.trials),
+                         "attack": label, "auc mean": auc, "auc std": auc_std, "auc ci95 low": ci[0] if ci else None,
+                         "auc ci95 high": ci[1] if ci else None, "tpr@1%fpr mean": tpr1, "tpr@1%fpr std": tpr1_std,
+                         "tpr@0.1%fpr mean": tpr01, "tpr@0.1%fpr std": tpr01_std, "final val ppl mean": ppl,
+                         "final val ppl std": ppl_std, "best val ppl mean": best_ppl, "best val ppl std": best_std})
+            text.append({"dataset": g.dataset, "model": g.model, "method": g.variant, "seeds": seeds,
+                         "attack": label, "AUC": _pm(auc, auc_std), "AUC 95% CI": _interval(ci),
+                         "TPR@1%FPR": _pm(tpr1, tpr1_std), "TPR@0.1%FPR": _pm(tpr01, tpr01_std),
+                         "val PPL (final)": _pm(ppl, ppl_std, 2), "val PPL (best)": _pm(best_ppl, best_std, 2)})
+    return Table("seeds", "Over seeds: mean ± std of the finished trials of each configuration",
+                 pd.DataFrame(rows), pd.DataFrame(text),
+                 "Seeds = finished / all trials of the configuration; the interval is a bootstrap 95% "
+                 "interval of the seed-mean AUC.")
+
+
+def method_by_model_tables(groups: list[Group], labels: list[str], sizes: dict[str, dict[str, Any]]) -> list[Table]:
+    """Per dataset: rows = method, columns = models by size; one block per metric (val PPL,
+    each attack's AUC, and exact extraction when measured)."""
+    tables = []
+    for dataset in sorted({g.dataset for g in groups}):
+        chosen = [g for g in groups if g.dataset == dataset]
+        models = sorted({g.model for g in chosen}, key=lambda m: (sizes[m]["params"] or math.inf, m))
+        variants = ordered_variants(chosen)
+        metrics = ["val/ppl", *(f"mia/{label}/auc" for label in labels)]
+        if any("extract/exact" in g.metric_keys() for g in chosen):
+            metrics.append("extract/exact")
+        rows, text = [], []
+        for metric in metrics:
+            digits = 2 if metric == "val/ppl" else 3
+            for variant in variants:
+                row: dict[str, Any] = {"metric": metric, "method": variant}
+                line = {"metric": _metric_title(metric), "method": variant}
+                for model in models:
+                    match = [g for g in chosen if g.model == model and g.variant == variant]
+                    mean, std, _ = match[0].stat(metric) if match else (math.nan, math.nan, 0)
+                    row[model], row[f"{model} std"] = mean, std
+                    line[f"{model} ({params_text(sizes[model]['params'])})"] = _pm(mean, std, digits)
+                rows.append(row)
+                text.append(line)
+        tables.append(Table(f"method_by_model_{slug(dataset)}", f"Method x model size, {dataset}",
+                            pd.DataFrame(rows), pd.DataFrame(text),
+                            "Final epoch, mean ± std over seeds of finished trials; '-' where none finished."))
+    return tables
+
+
+def lora_table(groups: list[Group], labels: list[str]) -> Table | None:
+    rows, text = [], []
+    for g in groups:
+        method = g.trials[0].config.get("method", {})
+        if g.method != "lora" or method.get("target_modules"):
+            continue
+        for label in labels:
+            auc, std, n = g.stat(f"mia/{label}/auc")
+            ppl, ppl_std, _ = g.stat("val/ppl")
+            rows.append({"dataset": g.dataset, "model": g.model, "method": g.variant,
+                         "placement": method.get("placement"), "rank": method.get("rank"), "attack": label,
+                         "auc mean": auc, "auc std": std, "finished": n, "final val ppl mean": ppl,
+                         "final val ppl std": ppl_std})
+    if not rows:
+        return None
+    data = pd.DataFrame(rows).sort_values(["dataset", "model", "attack", "placement", "rank"], kind="stable")
+    for row in data.to_dict("records"):
+        text.append({"dataset": row["dataset"], "model": row["model"], "method": row["method"],
+                     "placement": row["placement"], "rank": str(row["rank"]), "attack": row["attack"],
+                     "AUC": _pm(row["auc mean"], row["auc std"]),
+                     "val PPL": _pm(row["final val ppl mean"], row["final val ppl std"], 2)})
+    return Table("lora", "LoRA placement and rank", data.reset_index(drop=True), pd.DataFrame(text),
+                 "Final epoch, mean ± std over seeds of finished trials.")
+
+
+def extraction_table(trials: list[Trial]) -> Table | None:
+    rows, text = [], []
+    for t in trials:
+        for group, prefix in (("members", "extract/"), ("non-members", "extract/nonmember/")):
+            # names below the prefix, without breakdowns and without the other group's keys
+            values = {key[len(prefix):]: value for key, value in t.final.items()
+                      if key.startswith(prefix) and "@dup" not in key and "/" not in key[len(prefix):]}
+            if not values:
+                continue
+            rows.append({"trial": t.name, "dataset": t.dataset, "model": t.model, "method": t.variant, "seed": t.seed,
+                         "status": t.status, "epoch": t.final.get("epoch"), "samples of": group, **values})
+            text.append({"trial": t.name, "method": t.variant, "status": t.status, "samples of": group,
+                         **{name: _num(value, 1 if name in ("lcp", "samples", "skipped") else 3)
+                            for name, value in values.items()}})
+    if not rows:
+        return None
+    return Table("extraction", "Extraction: generated continuation vs the true suffix", pd.DataFrame(rows),
+                 pd.DataFrame(text).fillna("-"),
+                 "Final epoch. exact = share reproduced token for token; lcp = mean common prefix (tokens); "
+                 "rougeL / bleu / edit = mean similarity; name@t = share with similarity >= t. Non-members "
+                 "show what the model reaches without having seen the text.")
+
+
+_DUP = re.compile(r"^(?P<metric>.+)@dup(?P<copies>\d+)$")
+
+
+def duplicate_metrics(final: dict[str, Any]) -> dict[int, dict[str, float]]:
+    """copies -> {metric: value} from a final-epoch dict's `...@dup<c>` keys."""
+    out: dict[int, dict[str, float]] = defaultdict(dict)
+    for key, value in final.items():
+        match = _DUP.match(key)
+        if match:
+            out[int(match["copies"])][match["metric"]] = value
+    return dict(sorted(out.items()))
+
+
+def duplication_table(trials: list[Trial]) -> Table | None:
+    rows = []
+    for t in trials:
+        for copies, values in duplicate_metrics(t.final).items():
+            rows.append({"trial": t.name, "dataset": t.dataset, "model": t.model, "method": t.variant,
+                         "seed": t.seed, "status": t.status, "epoch": t.final.get("epoch"), "copies": copies, **values})
+    if not rows:
+        return None
+    data = pd.DataFrame(rows)
+    text = data.drop(columns=["dataset", "model", "seed", "epoch"]).copy()
+    for column in text.columns:
+        if column not in ("trial", "method", "status", "copies"):
+            text[column] = [_num(v, 1 if column.endswith("samples") else 3) for v in text[column]]
+    text["copies"] = text["copies"].astype(str)
+    return Table("duplication", "By copy count in the training data", data, text,
+                 "Final epoch; each metric over the members with that many copies (AUC: against all non-members).")
+
+
+def unfinished_table(trials: list[Trial]) -> Table:
+    rows = [{"trial": t.name, "status": t.status, "epochs": _epochs_text(t), "reason": _note(t), "path": t.path}
+            for t in trials if t.status != "success"]
+    data = pd.DataFrame(rows, columns=["trial", "status", "epochs", "reason", "path"])
+    return Table("unfinished", "Trials not finished", data, data.astype(str))
+
+
+def ordered_variants(groups: Iterable[Group]) -> list[str]:
+    seen = {}
+    for g in groups:
+        seen.setdefault(g.variant, METHODS.index(g.method) if g.method in METHODS else len(METHODS))
+    return sorted(seen, key=lambda v: (seen[v], v))
+
+
+def _metric_title(metric: str) -> str:
+    if metric == "val/ppl":
+        return "val PPL"
+    if metric == "extract/exact":
+        return "exact extraction"
+    if metric.startswith("mia/") and metric.endswith("/auc"):
+        return f"{metric.split('/')[1]} AUC"
+    return metric
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"

@@ -319,6 +319,7 @@ def ray_3_cpus():
     ray.shutdown()
 
 
+@pytest.mark.ray
 def test_mixed_sweep_on_3_cpus_survives_a_worker_killed_at_epoch_2(ray_3_cpus, tmp_path, monkeypatch):
     path = write_mixed_sweep(tmp_path, "mixed", epochs=3)
     # single-process trials do not read train.deepspeed: the base may set it for the 2-worker cell
@@ -368,6 +369,7 @@ def test_zero_throughput_benchmark_runs_a_tiny_shape_on_cpu(tmp_path):
     assert result["mfu"] is None  # no peak given
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_a_failed_multi_worker_trial_is_finished_by_resume_from_its_last_epoch(ray_3_cpus, tmp_path, monkeypatch):
     path = write_mixed_sweep(tmp_path, "resumed", epochs=3)

@@ -82,3 +82,24 @@ def test_models_and_the_report_stay_in_their_lane():
     assert "memray.data" not in memray_imports("memray.models")  # the pretraining corpus is memray.corpus
     assert not any(t.startswith("memray.sweep") for t in memray_imports("memray.report"))
     assert "memray.cli" not in memray_imports("memray.bench")
+
+
+#: Fixtures that start Ray (a test may also call ray.init itself).
+RAY_FIXTURES = {"local_ray", "ray_3_cpus", "two_node_cluster"}
+
+
+def test_every_test_that_starts_ray_carries_the_ray_marker():
+    """`-m 'not ray'` runs the unit tests alone, `-m ray` the Ray integration tests."""
+    unmarked = []
+    for path in sorted((PACKAGE.parent / "tests").glob("test_*.py")):
+        tree = ast.parse(path.read_text())
+        module_marked = "pytestmark = pytest.mark.ray" in path.read_text()
+        for node in tree.body:
+            if not isinstance(node, ast.FunctionDef) or not node.name.startswith("test_"):
+                continue
+            source = ast.get_source_segment(path.read_text(), node) or ""
+            uses_ray = bool({arg.arg for arg in node.args.args} & RAY_FIXTURES) or "ray.init(" in source
+            marked = module_marked or any("mark.ray" in ast.unparse(d) for d in node.decorator_list)
+            if uses_ray and not marked:
+                unmarked.append(f"{path.name}::{node.name}")
+    assert unmarked == []

@@ -208,12 +208,13 @@ def local_ray(memray_cache):
 DEMO_OVERRIDES = ["train.epochs=2", "data.members=16", "data.nonmembers=16", "data.validation=8", "data.max_length=32"]
 
 
+@pytest.mark.ray
 def test_demo_grid_reports_every_epoch_to_tune_results_and_wandb(local_ray, tmp_path, capsys):
     assert sweep.run_sweep(REPO / "sweeps" / "demo.yaml", DEMO_OVERRIDES, storage=str(tmp_path)) == 0
     folder = tmp_path / "demo"
     printed = capsys.readouterr().out
     _, cells = load_sweep(folder / "sweep.yaml")
-    assert len(cells) == 7 and all(c.config.train.epochs == 2 for c in cells)
+    assert len(cells) == 9 and all(c.config.train.epochs == 2 for c in cells)
     names = trial_names(cells)
     runs = {run["config"]["cell"]: run for run in wandb_runs(folder / "wandb")}
     assert sorted(runs) == sorted(names)  # one W&B run per trial, no strays
@@ -267,6 +268,7 @@ def test_run_refuses_an_existing_sweep_folder(tmp_path):
         sweep.run_sweep(REPO / "sweeps" / "demo.yaml", storage=str(tmp_path))
 
 
+@pytest.mark.ray
 def test_fault_at_epoch_2_leaves_the_trial_errored_and_resume_finishes_it(local_ray, tmp_path, monkeypatch):
     path = write_small_sweep(tmp_path, "faulty", epochs=3)
     monkeypatch.setenv(sweep.FAULT_ENV, "1:2")
@@ -309,6 +311,7 @@ def test_fault_at_epoch_2_leaves_the_trial_errored_and_resume_finishes_it(local_
     assert len(wandb_runs(folder / "wandb")) == wandb_before
 
 
+@pytest.mark.ray
 def test_uri_storage_mirrors_trial_folders_and_resumes_on_a_node_without_them(local_ray, tmp_path, monkeypatch):
     """With a URI storage (file:// here, s3:// on a cluster) a trial works in node-local
     scratch; a resume on a node that lacks it gets the folder from the URI and the

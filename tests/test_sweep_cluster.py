@@ -19,6 +19,8 @@ import pytest
 
 from helpers import file_states, read_result, trial_dirs, write_small_sweep
 
+pytestmark = pytest.mark.ray  # every test here starts Ray (a driver subprocess or a cluster)
+
 #: The `ray` command of this environment (installed beside the interpreter; the venv need not be on PATH).
 RAY = str(Path(sys.executable).with_name("ray"))
 

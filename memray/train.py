@@ -189,7 +189,15 @@ def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
 
 
 class _EpochHook(TrainerCallback):
-    """Evaluates after every epoch and reports once the epoch's checkpoint exists."""
+    """An epoch's end in two steps, in this order: `evaluate(epoch)` on the weights in
+    memory, then `on_epoch_end(EpochEnd)` once the epoch's checkpoint is written.
+
+    The Trainer's own order at an epoch's end is on_epoch_end -> (log -> on_log) ->
+    (save -> on_save): the first step runs in its on_epoch_end, the second in on_save (or,
+    without checkpoints, in on_log of the epoch's loss: logging is per epoch). The order is
+    checked, so that a transformers release that changed it fails loudly rather than
+    reporting an epoch with another epoch's measurements.
+    """
 
     def __init__(self, evaluate: Callable[[int], None], on_epoch_end: Callable[[EpochEnd], None], saving: bool):
         self.evaluate = evaluate
@@ -197,11 +205,12 @@ class _EpochHook(TrainerCallback):
         self.saving = saving
         self.train_loss = math.nan
         self.epoch = 0
+        self.evaluated: int | None = None  # the epoch evaluated and not yet handed on
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        # Trainer order at an epoch's end: on_epoch_end -> log -> save -> on_save.
         self.epoch = round(state.epoch)
         self.evaluate(self.epoch)
+        self.evaluated = self.epoch
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
@@ -209,10 +218,16 @@ class _EpochHook(TrainerCallback):
             if not math.isfinite(self.train_loss):
                 raise TrainingDiverged(f"training loss is {self.train_loss} in epoch {math.ceil(state.epoch)}")
             if not self.saving:  # logging is per epoch, so this is the epoch's end
-                self.on_epoch_end_hook(EpochEnd(self.epoch, self.train_loss, None))
+                self._hand_on(None)
 
     def on_save(self, args, state, control, **kwargs):
-        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        self._hand_on(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+    def _hand_on(self, checkpoint: Path | None) -> None:
+        if self.evaluated != self.epoch:
+            raise RuntimeError(f"the Trainer ended epoch {self.epoch} (checkpoint or log) before its on_epoch_end: "
+                               "memray measures an epoch on the weights in memory first")
+        self.evaluated = None
         self.on_epoch_end_hook(EpochEnd(self.epoch, self.train_loss, checkpoint))
 
 
@@ -235,7 +250,7 @@ def fit(
     """Train `model` on `train_ids` for `train.epochs` epochs.
 
     `evaluate(epoch)` runs after each epoch on the model in memory; `on_epoch_end` runs
-    after that epoch's checkpoint (if any) is written. `resume_from` continues from a
+    after that epoch's checkpoint (if any) is written, always in this order (`_EpochHook`). `resume_from` continues from a
     checkpoint folder written by an earlier call (its epoch, optimizer and RNG state).
     `deepspeed`: a DeepSpeed config (memray.distributed.deepspeed_config) when this is one
     worker of a data-parallel trial; torch.distributed must already be set up.

@@ -23,6 +23,7 @@ import math
 import resource
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -85,8 +86,8 @@ def run_trial(
     if resume_from is not None:
         record.keep_epochs_up_to(_checkpoint_epoch(resume_from))
     try:
-        final = _run(config, record, report, resume_from, Path(cache_dir) if cache_dir else None, progress,
-                     distributed)
+        trial = TrialRun(config, record, report, Path(cache_dir) if cache_dir else None, progress, distributed)
+        final = trial.run(resume_from)
     except BaseException as err:  # KeyboardInterrupt too: the record must say why it stopped
         record.finish("failed", f"{type(err).__name__}: {err}")
         raise
@@ -104,137 +105,193 @@ def _checkpoint_epoch(checkpoint: Path) -> int:
     return round(state["epoch"])
 
 
-def _run(config: TrialConfig, record: TrialRecord, report: Report | None, resume_from: Path | None,
-         cache_dir: Path | None, progress: bool, distributed: Distributed | None) -> dict[str, float]:
-    set_seed(config.seed)
-    source = str(record.trial_dir / "config.yaml")
-    # a worker of a data-parallel trial has had its GPU set as the current one
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    lead = distributed is None or distributed.lead
-    progress = progress and lead
-    tokenizer = models.load_tokenizer(config.model)
-    split = data.load_split(config.data, config.seed, tokenizer, source)
-    max_length = config.data.max_length
+@dataclass
+class EpochMeasurement:
+    """What evaluating the model once measured: the epoch's metrics and the per-sample rows
+    to write beside them (attack scores; extraction and canary rows when enabled)."""
 
-    scored_members, scored_nonmembers = _scored_samples(config, split)
-    scored = scored_members + scored_nonmembers
-    scored_ids = scoring.tokenize_texts(tokenizer, [s.text for s in scored], max_length)
-    validation_ids = scoring.tokenize_texts(tokenizer, [s.text for s in split.validation], max_length)
-    canaries = extraction.make_canaries(config.data.canaries, config.seed) if config.data.canaries else []
-    training_texts = split.training_texts() + [c.text for c in canaries for _ in range(c.repeats)]
-    train_ids = scoring.tokenize_texts(tokenizer, training_texts, max_length)
+    metrics: dict[str, float]
+    scores: pd.DataFrame | None = None
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
 
-    model = models.load_model(config.model, dtype=_dtype(config)).to(device)
-    eval_batch = config.eval.batch_on(device.type)
-    n_matmul, n_head = flops.matmul_params(model), model.get_output_embeddings().weight.numel()
-    reference = None
-    if lead and any(attacks.ATTACKS[a.name].needs_reference for a in config.attacks):
-        reference = _reference_stats(config, split.split_hash, scored, scored_ids, model, cache_dir, eval_batch)
-    model, info = methods.apply_method(model, config.method, source)
-    record.update(split_hash=split.split_hash, data_origin=split.origin, method_info=info.__dict__,
-                  samples={"members": len(split.members), "nonmembers": len(split.nonmembers),
-                           "validation": len(split.validation), "train_texts": len(train_ids),
-                           "scored_members": len(scored_members), "scored_nonmembers": len(scored_nonmembers)})
-    if progress:
-        print(f"[memray] {record.trial_dir.name}: {info.trained}; "
-              f"{info.trainable_params:,} of {info.total_params:,} parameters trained", file=sys.stderr)
-    zero, replica, deepspeed = None, None, None
-    if distributed is not None:
-        zero = resolve_zero(config.train.deepspeed, info.total_params)
-        deepspeed = deepspeed_config(config.train, zero, distributed.world_size, use_bf16(config.train.precision), info.lr)
-        record.update(distributed={"workers": distributed.world_size, "zero": zero.model_dump(mode="json"),
-                                   "global_batch_size": deepspeed["train_batch_size"]})
-        if lead:
-            atomic_write_text(record.trial_dir / DEEPSPEED_FILE, json.dumps(deepspeed, indent=2) + "\n")
-        if zero.stage == 3:
-            replica = EvalReplica(model, lead)
 
-    is_member = np.array([True] * len(scored_members) + [False] * len(scored_nonmembers))
-    copies = np.array([s.copies for s in scored])
+class TrialRun:
+    """One trial, set up once (data, model, method, reference statistics), then driven
+    epoch by epoch: `measure` evaluates the model and writes nothing; `write` puts an
+    epoch's per-sample rows in the trial folder; `record` appends its metrics to
+    result.json, prints them and reports them.
 
-    def evaluate(epoch: int, model: torch.nn.Module) -> dict[str, float]:
-        if not lead:
-            return {"epoch": epoch}  # rank 0 measures; the others only keep in step
+    The Trainer's epoch end reaches it in a fixed order (`memray.train.fit` checks it):
+    `after_training_epoch(epoch)` first, on the weights still in memory, then
+    `epoch_saved(end)` once the epoch's checkpoint (if any) is written, which records what
+    was measured together with the epoch's training loss and reports it with the checkpoint.
+    """
+
+    def __init__(self, config: TrialConfig, record: TrialRecord, report: Report | None, cache_dir: Path | None,
+                 progress: bool, distributed: Distributed | None):
+        set_seed(config.seed)
+        self.config, self.record, self.report, self.distributed = config, record, report, distributed
+        source = str(record.trial_dir / "config.yaml")
+        # a worker of a data-parallel trial has had its GPU set as the current one
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.lead = distributed is None or distributed.lead  # rank 0 measures and writes; the others keep in step
+        self.progress = progress and self.lead
+        self.tokenizer = models.load_tokenizer(config.model)
+        split = data.load_split(config.data, config.seed, self.tokenizer, source)
+        max_length = config.data.max_length
+
+        self.scored_members, self.scored_nonmembers = _scored_samples(config, split)
+        self.scored = self.scored_members + self.scored_nonmembers
+        self.scored_ids = scoring.tokenize_texts(self.tokenizer, [s.text for s in self.scored], max_length)
+        self.validation_ids = scoring.tokenize_texts(self.tokenizer, [s.text for s in split.validation], max_length)
+        self.canaries = extraction.make_canaries(config.data.canaries, config.seed) if config.data.canaries else []
+        training_texts = split.training_texts() + [c.text for c in self.canaries for _ in range(c.repeats)]
+        self.train_ids = scoring.tokenize_texts(self.tokenizer, training_texts, max_length)
+        self.is_member = np.array([True] * len(self.scored_members) + [False] * len(self.scored_nonmembers))
+        self.copies = np.array([s.copies for s in self.scored])
+
+        model = models.load_model(config.model, dtype=_dtype(config)).to(self.device)
+        self.eval_batch = config.eval.batch_on(self.device.type)
+        n_matmul, n_head = flops.matmul_params(model), model.get_output_embeddings().weight.numel()
+        self.reference = None
+        if self.lead and any(attacks.ATTACKS[a.name].needs_reference for a in config.attacks):
+            self.reference = _reference_stats(config, split.split_hash, self.scored, self.scored_ids, model, cache_dir,
+                                              self.eval_batch)
+        self.model, self.info = methods.apply_method(model, config.method, source)
+        record.update(split_hash=split.split_hash, data_origin=split.origin, method_info=self.info.__dict__,
+                      samples={"members": len(split.members), "nonmembers": len(split.nonmembers),
+                               "validation": len(split.validation), "train_texts": len(self.train_ids),
+                               "scored_members": len(self.scored_members),
+                               "scored_nonmembers": len(self.scored_nonmembers)})
+        if self.progress:
+            print(f"[memray] {record.trial_dir.name}: {self.info.trained}; "
+                  f"{self.info.trainable_params:,} of {self.info.total_params:,} parameters trained", file=sys.stderr)
+        self.zero, self.replica, self.deepspeed = None, None, None
+        if distributed is not None:
+            self.zero = resolve_zero(config.train.deepspeed, self.info.total_params)
+            self.deepspeed = deepspeed_config(config.train, self.zero, distributed.world_size,
+                                              use_bf16(config.train.precision), self.info.lr)
+            record.update(distributed={"workers": distributed.world_size, "zero": self.zero.model_dump(mode="json"),
+                                       "global_batch_size": self.deepspeed["train_batch_size"]})
+            if self.lead:
+                atomic_write_text(record.trial_dir / DEEPSPEED_FILE, json.dumps(self.deepspeed, indent=2) + "\n")
+            if self.zero.stage == 3:
+                self.replica = EvalReplica(self.model, self.lead)
+        self.tokens_per_epoch = sum(len(ids) for ids in self.train_ids)
+        self.flops_per_token = flops.train_flops_per_token(config.method.name, n_matmul, self.info.trainable_params,
+                                                           n_head, self.model.config, flops.mean_context(self.train_ids))
+        self.workers = distributed.world_size if distributed is not None else 1
+        self.epoch_started = time.perf_counter()
+        self.measured: EpochMeasurement | None = None  # the epoch after_training_epoch measured, not yet recorded
+
+    # -- measuring (no files) -------------------------------------------------------------
+
+    def measure(self, epoch: int, model: torch.nn.Module) -> EpochMeasurement:
+        """Evaluate `model` (eval mode, restored after): validation loss and perplexity,
+        every attack's scores and metrics, extraction and canary exposure when enabled.
+        On a rank other than 0, only the epoch number."""
+        if not self.lead:
+            return EpochMeasurement({"epoch": epoch})
+        config = self.config
         was_training = model.training
         model.eval()  # dropout off for every measurement of this epoch
-        score_kwargs = dict(batch_size=eval_batch, vocab_chunk=config.eval.vocab_chunk,
-                            virtual_tokens=info.virtual_tokens)
-        validation = scoring.score_tokens(model, validation_ids, need_vocab_stats=False, **score_kwargs)
-        target = scoring.score_tokens(model, scored_ids, need_vocab_stats=_needs_vocab_stats(config), **score_kwargs)
+        score_kwargs = dict(batch_size=self.eval_batch, vocab_chunk=config.eval.vocab_chunk,
+                            virtual_tokens=self.info.virtual_tokens)
+        validation = scoring.score_tokens(model, self.validation_ids, need_vocab_stats=False, **score_kwargs)
+        target = scoring.score_tokens(model, self.scored_ids, need_vocab_stats=_needs_vocab_stats(config), **score_kwargs)
         val_tokens = sum(len(s.logprobs) for s in validation)
         val_loss = -sum(float(s.logprobs.sum()) for s in validation) / max(val_tokens, 1)
-        epoch_metrics: dict[str, float] = {"epoch": epoch, "val/loss": val_loss, "val/ppl": metrics.perplexity(val_loss)}
-        scores = attacks.attack_scores(config.attacks, target, [s.text for s in scored], reference)
+        found: dict[str, float] = {"epoch": epoch, "val/loss": val_loss, "val/ppl": metrics.perplexity(val_loss)}
+        scores = attacks.attack_scores(config.attacks, target, [s.text for s in self.scored], self.reference)
+        frame = pd.DataFrame({"sample_id": [s.id for s in self.scored], "member": self.is_member, "copies": self.copies})
         for label, values in scores.items():
-            epoch_metrics.update(metrics.mia_metrics(label, values, is_member))
-            epoch_metrics.update(_duplicate_aucs(label, values, is_member, copies))
+            found.update(metrics.mia_metrics(label, values, self.is_member))
+            found.update(_duplicate_aucs(label, values, self.is_member, self.copies))
             if config.eval.bootstrap:
-                low, high = metrics.bootstrap_auc(values, is_member, config.eval.bootstrap, seed=config.seed)
-                epoch_metrics[f"mia/{label}/auc_ci95_low"] = low
-                epoch_metrics[f"mia/{label}/auc_ci95_high"] = high
-        frame = pd.DataFrame({"sample_id": [s.id for s in scored], "member": is_member, "copies": copies})
-        for label, values in scores.items():
+                low, high = metrics.bootstrap_auc(values, self.is_member, config.eval.bootstrap, seed=config.seed)
+                found[f"mia/{label}/auc_ci95_low"] = low
+                found[f"mia/{label}/auc_ci95_high"] = high
             frame[label] = values
-        write_scores(record.trial_dir, epoch, frame)
+        measurement = EpochMeasurement(found, frame)
         if config.extraction.enabled:
-            extracted, rows = extraction.extraction_metrics(
-                config.extraction, model, tokenizer,
-                [(s.id, ids, s.copies) for s, ids in zip(scored_members, scored_ids)],
-                [(s.id, ids, s.copies) for s, ids in zip(scored_nonmembers, scored_ids[len(scored_members):])],
-                seed=config.seed)
-            epoch_metrics.update(extracted)
-            write_table(record.trial_dir, "extraction", epoch, pd.DataFrame(rows))
-        if canaries:
-            exposed, rows = extraction.canary_metrics(config.data.canaries, model, tokenizer, canaries,
-                                                      seed=config.seed, batch_size=eval_batch)
-            epoch_metrics.update(exposed)
-            write_table(record.trial_dir, "canaries", epoch, pd.DataFrame(rows))
+            members = [(s.id, ids, s.copies) for s, ids in zip(self.scored_members, self.scored_ids)]
+            nonmembers = [(s.id, ids, s.copies)
+                          for s, ids in zip(self.scored_nonmembers, self.scored_ids[len(self.scored_members):])]
+            extracted, rows = extraction.extraction_metrics(config.extraction, model, self.tokenizer, members,
+                                                            nonmembers, seed=config.seed)
+            found.update(extracted)
+            measurement.tables["extraction"] = pd.DataFrame(rows)
+        if self.canaries:
+            exposed, rows = extraction.canary_metrics(config.data.canaries, model, self.tokenizer, self.canaries,
+                                                      seed=config.seed, batch_size=self.eval_batch)
+            found.update(exposed)
+            measurement.tables["canaries"] = pd.DataFrame(rows)
         model.train(was_training)
-        return epoch_metrics
+        return measurement
 
-    pending: dict[str, Any] = {}
-    clock = {"start": time.perf_counter()}
-    tokens_per_epoch = sum(len(ids) for ids in train_ids)
-    flops_per_token = flops.train_flops_per_token(config.method.name, n_matmul, info.trainable_params, n_head,
-                                                  model.config, flops.mean_context(train_ids))
-    workers = distributed.world_size if distributed is not None else 1
+    # -- writing ----------------------------------------------------------------------------
 
-    def finish_epoch(epoch_metrics: dict[str, float], checkpoint: Path | None) -> None:
-        record.add_epoch(epoch_metrics)
-        if progress:
-            _print_epoch(epoch_metrics, config)
-        if report is not None:
-            report(dict(epoch_metrics), checkpoint)
+    def write(self, epoch: int, measurement: EpochMeasurement) -> None:
+        """The epoch's per-sample rows into the trial folder (rank 0 only)."""
+        if not self.lead:
+            return
+        if measurement.scores is not None:
+            write_scores(self.record.trial_dir, epoch, measurement.scores)
+        for name, rows in measurement.tables.items():
+            write_table(self.record.trial_dir, name, epoch, rows)
 
-    if 0 not in record.done_epochs():
-        finish_epoch(evaluate(0, model), None)
+    def record_epoch(self, epoch_metrics: dict[str, float], checkpoint: Path | None) -> None:
+        """Append the epoch to result.json, print it, and report it with its checkpoint."""
+        self.record.add_epoch(epoch_metrics)
+        if self.progress:
+            _print_epoch(epoch_metrics, self.config)
+        if self.report is not None:
+            self.report(dict(epoch_metrics), checkpoint)
 
-    def evaluate_after_training(epoch: int) -> None:
-        elapsed = time.perf_counter() - clock["start"]
-        if replica is None:
-            pending.update(evaluate(epoch, model))
+    # -- the Trainer's epoch end, in its order ------------------------------------------------
+
+    def after_training_epoch(self, epoch: int) -> None:
+        """First at an epoch's end: measure the trained weights (on ZeRO-3, gathered into
+        rank 0's replica) and the epoch's speed and memory; nothing is written yet."""
+        elapsed = time.perf_counter() - self.epoch_started
+        if self.replica is None:
+            measurement = self.measure(epoch, self.model)
         else:  # ZeRO-3: every rank gathers the weights into rank 0's copy
-            pending.update(evaluate(epoch, replica.refresh(model, device)))
-            replica.offload()
-        pending["perf/train_tokens_per_s"] = tokens_per_epoch / max(elapsed, 1e-9)
-        pending["perf/peak_mem_gb"] = _peak_memory_gb()
-        utilization = flops.mfu(pending["perf/train_tokens_per_s"], flops_per_token, device, workers)
+            measurement = self.measure(epoch, self.replica.refresh(self.model, self.device))
+            self.replica.offload()
+        speed = self.tokens_per_epoch / max(elapsed, 1e-9)
+        measurement.metrics.update({"perf/train_tokens_per_s": speed, "perf/peak_mem_gb": _peak_memory_gb()})
+        utilization = flops.mfu(speed, self.flops_per_token, self.device, self.workers)
         if utilization is not None:  # on a GPU whose peak rate is known
-            pending["perf/mfu"] = utilization
+            measurement.metrics["perf/mfu"] = utilization
+        self.measured = measurement
 
-    def on_epoch_end(end: EpochEnd) -> None:
-        epoch_metrics = {**pending, "epoch": end.epoch, "train/loss": end.train_loss}
-        pending.clear()
-        finish_epoch(epoch_metrics, end.checkpoint_dir)
-        clock["start"] = time.perf_counter()
+    def epoch_saved(self, end: EpochEnd) -> None:
+        """Second: the epoch's checkpoint exists (or none is kept); write what
+        after_training_epoch measured, record it with the training loss, report it."""
+        measurement, self.measured = self.measured, None
+        if measurement is None or measurement.metrics["epoch"] != end.epoch:
+            raise RuntimeError(f"epoch {end.epoch} ended without being measured first: the Trainer called "
+                               "its callbacks out of the order memray.train.fit relies on")
+        self.write(end.epoch, measurement)
+        self.record_epoch({**measurement.metrics, "epoch": end.epoch, "train/loss": end.train_loss}, end.checkpoint_dir)
+        self.epoch_started = time.perf_counter()
 
-    if config.train.epochs > 0 and (resume_from is None or _checkpoint_epoch(resume_from) < config.train.epochs):
-        clock["start"] = time.perf_counter()
-        fit(model, tokenizer, train_ids, config.train, lr=info.lr, seed=config.seed,
-            checkpoints_dir=record.trial_dir / CHECKPOINTS_DIR, evaluate=evaluate_after_training,
-            on_epoch_end=on_epoch_end, resume_from=resume_from, progress=progress, deepspeed=deepspeed,
-            gradient_checkpointing=bool(zero and zero.activation_checkpointing))
-    return dict(record.epochs[-1])
+    def run(self, resume_from: Path | None) -> dict[str, float]:
+        """Epoch 0 (before training) unless recorded, then training from `resume_from` (or
+        the start) with every epoch measured, written and reported; the last epoch's metrics."""
+        if 0 not in self.record.done_epochs():
+            measurement = self.measure(0, self.model)
+            self.write(0, measurement)
+            self.record_epoch(measurement.metrics, None)
+        epochs = self.config.train.epochs
+        if epochs > 0 and (resume_from is None or _checkpoint_epoch(resume_from) < epochs):
+            self.epoch_started = time.perf_counter()
+            fit(self.model, self.tokenizer, self.train_ids, self.config.train, lr=self.info.lr, seed=self.config.seed,
+                checkpoints_dir=self.record.trial_dir / CHECKPOINTS_DIR, evaluate=self.after_training_epoch,
+                on_epoch_end=self.epoch_saved, resume_from=resume_from, progress=self.progress,
+                deepspeed=self.deepspeed, gradient_checkpointing=bool(self.zero and self.zero.activation_checkpointing))
+        return dict(self.record.epochs[-1])
 
 
 def _dtype(config: TrialConfig) -> torch.dtype:

@@ -101,3 +101,23 @@ def test_chunked_loss_by_default_only_for_large_vocabularies():
     with torch.device("meta"):
         gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=2))  # GPT-2's 50,257 tokens
     assert train.ChunkedLoss.applies(gpt2, TrainConfig(), None)
+
+
+def test_an_epoch_is_handed_on_only_after_it_was_measured():
+    """The Trainer's order at an epoch's end (on_epoch_end, then log and save) is what lets
+    a trial measure the weights in memory and report them with the checkpoint: checked."""
+    from types import SimpleNamespace
+
+    from memray.train import _EpochHook
+
+    calls = []
+    hook = _EpochHook(lambda epoch: calls.append(("measure", epoch)),
+                      lambda end: calls.append(("saved", end.epoch, end.checkpoint_dir.name)), saving=True)
+    args, state = SimpleNamespace(output_dir="ckpt"), SimpleNamespace(epoch=1.0, global_step=4)
+    hook.on_epoch_end(args, state, None)
+    hook.on_log(args, state, None, logs={"loss": 2.0})
+    hook.on_save(args, state, None)
+    assert calls == [("measure", 1), ("saved", 1, "checkpoint-4")]
+    state = SimpleNamespace(epoch=2.0, global_step=8)
+    with pytest.raises(RuntimeError, match="ended epoch 1 .* before its on_epoch_end"):
+        hook.on_save(args, state, None)  # a save with no measured epoch: out of order

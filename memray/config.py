@@ -406,7 +406,7 @@ class TrialConfig(Schema):
 
 class ResourceRule(Schema):
     """Resources for the trials a rule matches; the first matching rule wins, and a trial no
-    rule matches gets memray.sweep's default for its model size and method.
+    rule matches gets memray.sweep.planning's default for its model size and method.
 
     A single-process trial (workers: 1) takes `cpus` and `gpus`; a fraction of a GPU lets
     several small trials share one. A trial with workers > 1 is a data-parallel Ray Train

@@ -25,6 +25,7 @@ import pandas as pd
 import pytest
 import torch
 
+from faults import clear_fault, inject_fault
 from memray import sweep
 from memray.config import ConfigError, DeepSpeedConfig, ResourceRule, TrainConfig, validate, validate_trial
 from memray.distributed import ModelShape, deepspeed_config, estimate_memory, resolve_zero
@@ -324,7 +325,7 @@ def test_mixed_sweep_on_3_cpus_survives_a_worker_killed_at_epoch_2(ray_3_cpus, t
     path = write_mixed_sweep(tmp_path, "mixed", epochs=3)
     # single-process trials do not read train.deepspeed: the base may set it for the 2-worker cell
     path.write_text(path.read_text().replace("batch_size: 4}", "batch_size: 4, deepspeed: {stage: 3}}"))
-    monkeypatch.setenv(sweep.FAULT_ENV, "0:2")  # cell 0 (full, 2 workers): its last worker dies after epoch 2
+    inject_fault(monkeypatch, 0, 2)  # cell 0 (full, 2 workers): its last worker dies after epoch 2
     code = sweep.run_sweep(path, storage=tmp_path / "results", max_failures=1)
     assert code == 0
     sweep_dir = tmp_path / "results" / "mixed"
@@ -376,7 +377,7 @@ def test_a_failed_multi_worker_trial_is_finished_by_resume_from_its_last_epoch(r
     path.write_text(path.read_text().replace("  method: [{name: full, lr: 0.003}, {name: head, lr: 0.003}, "
                                              "{name: lora, rank: 4, lr: 0.003}]",
                                              "  method: [{name: full, lr: 0.003}]"))
-    monkeypatch.setenv(sweep.FAULT_ENV, "0:1")
+    inject_fault(monkeypatch, 0, 1)
     assert sweep.run_sweep(path, storage=tmp_path / "results", max_failures=0) == 1  # no retries: it fails
     sweep_dir = tmp_path / "results" / "resumed"
     trial_dir = trial_dirs(sweep_dir)[0]
@@ -384,7 +385,7 @@ def test_a_failed_multi_worker_trial_is_finished_by_resume_from_its_last_epoch(r
     assert failed["status"] == "failed" and [int(e["epoch"]) for e in failed["epochs"]] == [0, 1]
     epoch_1_scores = (trial_dir / "scores" / "epoch_001.parquet").stat().st_mtime_ns
 
-    monkeypatch.delenv(sweep.FAULT_ENV)
+    clear_fault(monkeypatch)
     assert sweep.resume_sweep(sweep_dir, max_failures=0) == 0
     resumed = read_result(trial_dir)
     assert resumed["status"] == "success" and [int(e["epoch"]) for e in resumed["epochs"]] == [0, 1, 2, 3]

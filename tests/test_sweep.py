@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from faults import clear_fault, inject_fault
 from memray import sweep
 from memray.config import ConfigError, ResourceRule, WandbConfig, load_sweep
 from memray.sweep import trial_names
@@ -271,7 +272,7 @@ def test_run_refuses_an_existing_sweep_folder(tmp_path):
 @pytest.mark.ray
 def test_fault_at_epoch_2_leaves_the_trial_errored_and_resume_finishes_it(local_ray, tmp_path, monkeypatch):
     path = write_small_sweep(tmp_path, "faulty", epochs=3)
-    monkeypatch.setenv(sweep.FAULT_ENV, "1:2")
+    inject_fault(monkeypatch, 1, 2)
     assert sweep.run_sweep(path, storage=str(tmp_path / "out"), max_failures=0) == 1
     folder = tmp_path / "out" / "faulty"
     dirs = trial_dirs(folder)
@@ -283,7 +284,7 @@ def test_fault_at_epoch_2_leaves_the_trial_errored_and_resume_finishes_it(local_
     assert all(read_result(dirs[index])["status"] == "success" for index in (0, 2))
     scores_before = file_states(dirs[1] / "scores")
 
-    monkeypatch.delenv(sweep.FAULT_ENV)
+    clear_fault(monkeypatch)
     assert sweep.resume_sweep(folder) == 0
     for index in (0, 2):  # finished trials: not a byte or a timestamp changed
         assert file_states(dirs[index]) == finished[index]
@@ -322,7 +323,7 @@ def test_uri_storage_mirrors_trial_folders_and_resumes_on_a_node_without_them(lo
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "scratch"))
     path = write_small_sweep(tmp_path, "remote", epochs=2, wandb_mode="disabled", methods=("full", "lora"))
     storage = f"file://{tmp_path / 'bucket'}"
-    monkeypatch.setenv(sweep.FAULT_ENV, "1:1")
+    inject_fault(monkeypatch, 1, 1)
     assert sweep.run_sweep(path, storage=storage, max_failures=0) == 1
     folder = tmp_path / "bucket" / "remote"
     dirs = trial_dirs(folder)
@@ -331,7 +332,7 @@ def test_uri_storage_mirrors_trial_folders_and_resumes_on_a_node_without_them(lo
     assert faulty["status"] == "failed" and [row["epoch"] for row in faulty["epochs"]] == [0, 1]
     shutil.rmtree(tmp_path / "scratch" / "memray")  # the node that ran it is gone
 
-    monkeypatch.delenv(sweep.FAULT_ENV)
+    clear_fault(monkeypatch)
     assert sweep.resume_sweep(storage + "/remote") == 0
     resumed = read_result(dirs[1])
     assert resumed["status"] == "success" and resumed["attempts"] == 2

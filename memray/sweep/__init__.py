@@ -19,7 +19,7 @@ The names below are the package's entry points (the CLI's and the tests').
 
 from memray.config import resolve_wandb_mode
 from memray.results import trial_names
-from memray.sweep.context import FAULT_ENV
+from memray.sweep.context import EPOCH_HOOK_ENV
 from memray.sweep.planning import (
     TrialResources,
     check_rules,
@@ -33,6 +33,6 @@ from memray.sweep.ray_tune import dry_run_text, resume_sweep, run_sweep
 from memray.sweep.status import sweep_status
 from memray.sweep.wandb import wandb_run_id
 
-__all__ = ["FAULT_ENV", "TrialResources", "check_rules", "dry_run_text", "max_concurrent_trials", "plan_sweep",
+__all__ = ["EPOCH_HOOK_ENV", "TrialResources", "check_rules", "dry_run_text", "max_concurrent_trials", "plan_sweep",
            "resolve_wandb_mode", "resume_sweep", "run_sweep", "schedule_order", "sweep_status", "trial_cost",
            "trial_names", "trial_resources", "wandb_run_id"]

@@ -6,6 +6,7 @@ whatever happens. No Ray here: the Tune trainable (`ray_tune`) and the Ray Train
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
@@ -15,9 +16,10 @@ from memray.sweep.storage import SweepFolder, TrialMirror
 from memray.sweep.wandb import WandbSettings, WandbTrial
 
 DEFAULT_MAX_FAILURES = 2  # retries per trial: enough for a lost node, cheap for a real bug (it resumes)
-# "<cell>:<epoch>": that trial raises after reporting that epoch (tests); in a multi-worker
-# trial its last worker process dies instead, as on a lost node
-FAULT_ENV = "MEMRAY_FAULT"
+#: `path/to/file.py:function`: a function every trial process calls after each epoch it
+#: reports, with (cell index, epoch, rank, world size). Instrumentation and tests use it
+#: (the tests' fault injection is tests/faults.py); unset, nothing is called.
+EPOCH_HOOK_ENV = "MEMRAY_EPOCH_HOOK"
 
 
 @dataclass(frozen=True)
@@ -33,20 +35,25 @@ class SweepContext:
     cache_dir: str
     workdir: str  # where `memray run` started: relative paths in the sweep mean what they meant there
     env: dict[str, str] = field(default_factory=dict)
-    fault: tuple[int, int] | None = None
+    epoch_hook: str | None = None  # EPOCH_HOOK_ENV as the driver saw it
     resources: dict[int, ResourceRule] = field(default_factory=dict)  # cell -> its rule (workers > 1: Ray Train)
     max_failures: int = DEFAULT_MAX_FAILURES  # Ray Train's restarts of a multi-worker trial's workers
 
 
-def parse_fault(text: str | None) -> tuple[int, int] | None:
-    """MEMRAY_FAULT's `<cell>:<epoch>` -> (cell, epoch); None when unset."""
-    if not text:
+def epoch_hook(spec: str | None) -> Callable[[int, int, int, int], None] | None:
+    """The function an EPOCH_HOOK_ENV value (`path/to/file.py:function`) names, loaded
+    from that file; None for no value. A bad value is a ConfigError naming the variable."""
+    if not spec:
         return None
-    cell, _, epoch = text.partition(":")
+    path, _, name = spec.rpartition(":")
     try:
-        return int(cell), int(epoch)
-    except ValueError:
-        raise ConfigError(FAULT_ENV, "", f"{text!r} must look like <cell>:<epoch>, e.g. 3:2") from None
+        module_spec = importlib.util.spec_from_file_location(f"memray_epoch_hook_{Path(path).stem}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        return getattr(module, name)
+    except (OSError, AttributeError, ImportError) as err:
+        raise ConfigError(EPOCH_HOOK_ENV, "", f"{spec!r} must name a function in a Python file "
+                                              f"(path/to/file.py:function): {err}") from None
 
 
 def run_and_finish(run: "WandbTrial", mirror: "TrialMirror | None", trial_dir: Path,

@@ -17,7 +17,7 @@ from typing import Any
 
 from memray.config import ResourceRule
 from memray.results import TRAIN_DIR, TRIALS_DIR
-from memray.sweep.context import SweepContext, run_and_finish
+from memray.sweep.context import SweepContext, epoch_hook, run_and_finish
 from memray.sweep.storage import TrialMirror
 from memray.sweep.wandb import WandbTrial
 
@@ -127,14 +127,16 @@ def _train_worker(params: dict[str, Any]) -> None:
         mirror.download(None)
     run = WandbTrial.start(context.wandb, cell, trial_name, Path(context.local_root)) if lead else WandbTrial(None)
 
+    hook = epoch_hook(context.epoch_hook)
+
     def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         # every rank reports each epoch (Ray Train's barrier); Tune keeps rank 0's metrics
         run.log(metrics)
         if mirror:
             mirror.upload()
         ray.train.report(dict(metrics))
-        if context.fault == (index, int(metrics["epoch"])) and rank == world - 1:
-            os._exit(1)  # a worker process lost, as when its node goes away
+        if hook is not None:
+            hook(index, int(metrics["epoch"]), rank, world)
 
     run_and_finish(run, mirror, trial_dir, lambda: run_trial(
         cell.config, report, trial_dir=trial_dir, resume=True, cache_dir=Path(context.cache_dir), axes=cell.axes,

@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence
 
 from memray.config import MODEL_ALIASES, ConfigError, resolve_wandb_mode
 from memray.results import STATE_FILE, SWEEP_FILE, TRIALS_DIR, TUNE_DIR, trial_names
-from memray.sweep.context import DEFAULT_MAX_FAILURES, FAULT_ENV, SweepContext, parse_fault, run_and_finish
+from memray.sweep.context import DEFAULT_MAX_FAILURES, EPOCH_HOOK_ENV, SweepContext, epoch_hook, run_and_finish
 from memray.sweep.planning import (
     SweepPlan,
     axes_text,
@@ -46,8 +46,9 @@ from memray.sweep.status import sweep_status
 from memray.sweep.storage import SweepFolder, TrialMirror, open_sweep
 from memray.sweep.wandb import WandbSettings, WandbTrial
 
-#: Environment variables handed from the driver to every trial (never a secret such as WANDB_API_KEY).
-FORWARDED_ENV = ("MEMRAY_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
+#: Environment variables handed from the driver to every trial (never a secret such as
+#: WANDB_API_KEY), besides memray's own MEMRAY_* settings.
+FORWARDED_ENV = ("HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
                  "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM", "WANDB_BASE_URL", "DS_ACCELERATOR")
 
 
@@ -78,6 +79,8 @@ def run_cell(params: dict[str, Any], context: SweepContext) -> None:
         return
     run = WandbTrial.start(context.wandb, cell, trial_name, Path(context.local_root))
 
+    hook = epoch_hook(context.epoch_hook)
+
     def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         run.log(metrics)
         checkpoint = None
@@ -88,8 +91,8 @@ def run_cell(params: dict[str, Any], context: SweepContext) -> None:
         if mirror:
             mirror.upload()
         tune.report(dict(metrics), checkpoint=checkpoint)
-        if context.fault == (index, int(metrics["epoch"])):
-            raise RuntimeError(f"fault injected by {FAULT_ENV} at epoch {int(metrics['epoch'])}")
+        if hook is not None:
+            hook(index, int(metrics["epoch"]), 0, 1)
 
     run_and_finish(run, mirror, trial_dir, lambda: run_trial(
         cell.config, report, trial_dir=trial_dir, resume=True, cache_dir=Path(context.cache_dir), axes=cell.axes,
@@ -127,7 +130,7 @@ def _context(folder: SweepFolder, plan: SweepPlan, state: dict[str, Any],
                   else Path(tempfile.gettempdir()) / "memray" / f"{sweep.name}-{state['uid']}")
     mode = resolve_wandb_mode(sweep.wandb)
     cache_dir = os.environ.get("MEMRAY_CACHE") or str(local_root / "cache")
-    env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
+    env = {name: value for name, value in os.environ.items() if name in FORWARDED_ENV or name.startswith("MEMRAY_")}
     # W&B reads these too (e.g. a library's own W&B callback): keep it in this sweep's mode and folder
     env.update({"WANDB_MODE": mode, "WANDB_DIR": str(local_root), "WANDB_SILENT": "true"})
     return SweepContext(
@@ -135,7 +138,7 @@ def _context(folder: SweepFolder, plan: SweepPlan, state: dict[str, Any],
         trial_names=trial_names(plan.cells),
         wandb=WandbSettings(mode, sweep.wandb.project, sweep.wandb.entity, sweep.name, state["uid"]),
         local_root=str(local_root), cache_dir=cache_dir, workdir=state.get("workdir", os.getcwd()), env=env,
-        fault=parse_fault(os.environ.get(FAULT_ENV)),
+        epoch_hook=os.environ.get(EPOCH_HOOK_ENV),
         resources={index: r.rule for index, r in plan.resources.items()}, max_failures=max_failures,
     )
 

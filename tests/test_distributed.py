@@ -25,11 +25,11 @@ import pandas as pd
 import pytest
 import torch
 
-from faults import clear_fault, inject_fault
 from memray import sweep
 from memray.config import ConfigError, DeepSpeedConfig, ResourceRule, TrainConfig, validate, validate_trial
 from memray.distributed import ModelShape, deepspeed_config, estimate_memory, resolve_zero
 
+from faults import clear_fault, inject_fault
 from helpers import read_result, trial_dirs
 
 REPO = Path(__file__).resolve().parent.parent

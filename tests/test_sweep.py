@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from faults import clear_fault, inject_fault
 from memray import sweep
 from memray.config import ConfigError, ResourceRule, WandbConfig, load_sweep
 from memray.sweep import trial_names
 
+from faults import clear_fault, inject_fault
 from helpers import file_states, read_result, trial_dirs, wandb_runs, write_small_sweep
 
 REPO = Path(__file__).resolve().parent.parent

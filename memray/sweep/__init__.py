@@ -8,8 +8,9 @@ The parts, in the direction they import each other (none imports Ray at import t
   memory estimates, the longest-first order and the concurrency cap (no Ray);
 - `wandb`: one W&B run per trial, the same run on every attempt;
 - `status`: `memray status` from the trial folders alone;
-- `context`: what every trial of a sweep shares, and running a trial with its W&B run and
-  mirror closed whatever happens;
+- `context`: what every trial of a sweep shares, running a trial with its W&B run and
+  mirror closed whatever happens, and the epoch hook (`MEMRAY_EPOCH_HOOK`) that tests use
+  to inject faults;
 - `ray_train`: the Ray Train launcher of multi-worker (DeepSpeed ZeRO) trials;
 - `ray_tune`: the Tune trainable, the Tuner and its restore, `memray run / resume` and the
   dry run. `ray_tune` and `ray_train` are the only modules of memray that import Ray.

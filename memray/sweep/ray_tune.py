@@ -133,6 +133,7 @@ def _context(folder: SweepFolder, plan: SweepPlan, state: dict[str, Any],
     env = {name: value for name, value in os.environ.items() if name in FORWARDED_ENV or name.startswith("MEMRAY_")}
     # W&B reads these too (e.g. a library's own W&B callback): keep it in this sweep's mode and folder
     env.update({"WANDB_MODE": mode, "WANDB_DIR": str(local_root), "WANDB_SILENT": "true"})
+    epoch_hook(os.environ.get(EPOCH_HOOK_ENV))  # a bad value is an error here, before any trial starts
     return SweepContext(
         folder=folder, name=sweep.name, cells={cell.index: cell for cell in plan.cells},
         trial_names=trial_names(plan.cells),

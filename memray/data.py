@@ -59,12 +59,15 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from memray.config import ConfigError, DataConfig
 from memray.corpus import pydoc_texts, pydoc_topics
+from memray.schema import ConfigError
+
+if TYPE_CHECKING:  # config derives its dataset names from this module's registry
+    from memray.config import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +157,7 @@ class DatasetSpec:
     blocks: bool = False  # cut into max_length-token blocks: a shorter max_length makes more samples
 
 
-#: Every dataset by name; `config.DATASETS` (the names `data.dataset` accepts) is derived from it.
+#: Every dataset by name; `config.dataset_names()` (the names `data.dataset` accepts) is derived from it.
 REGISTRY: dict[str, DatasetSpec] = {}
 
 

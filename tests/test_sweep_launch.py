@@ -1,9 +1,11 @@
 """launch/: the cluster YAML passes Ray's own schema, the runtime env and the RayJob carry
-memray's packages and no secret, and the submit / resume scripts call `ray job` with stable
-submission ids (run here against a stand-in `ray` that records its arguments)."""
+no secret, the launch scripts run the project's environment and say how to install what it
+lacks, and they validate a sweep before reaching any cluster. The jobs themselves run on a
+real two-node cluster in test_launch_cluster.py."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -36,7 +38,7 @@ def test_runtime_env_is_valid_and_names_secrets_only():
     runtime_env = yaml.safe_load((LAUNCH / "runtime-env.yaml").read_text())
     RuntimeEnv(**runtime_env)  # Ray accepts every field (the packages: test_install.py)
     assert all(re.fullmatch(r"\$\{[A-Z_]+\}", value) for value in runtime_env["env_vars"].values())
-    assert "WANDB_API_KEY" in runtime_env["env_vars"]
+    assert set(runtime_env["env_vars"]) == {"WANDB_API_KEY", "HF_TOKEN"}
 
 
 def test_rayjob_runs_memray_with_token_auth_shared_storage_and_a_secret_key():
@@ -47,70 +49,70 @@ def test_rayjob_runs_memray_with_token_auth_shared_storage_and_a_secret_key():
     assert spec["entrypoint"].startswith("python -m memray.cli run ") and "--storage /mnt/memray" in spec["entrypoint"]
     cluster = spec["rayClusterSpec"]
     assert cluster["authOptions"] == {"mode": "token"}
-    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
-    launch_env = yaml.safe_load((LAUNCH / "runtime-env.yaml").read_text())
-    assert runtime_env["pip"]["packages"] == launch_env["pip"]["packages"]
     templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
     for template in templates:
         (container,) = template["spec"]["containers"]
         assert {"name": "memray-storage", "mountPath": "/mnt/memray"} in container["volumeMounts"]
-        assert all("value" not in env for env in container["env"])  # from Secrets, never inline
+        assert container["image"] == "${MEMRAY_IMAGE}"  # built from launch/Dockerfile
+        assert {env["name"] for env in container["env"]} == {"WANDB_API_KEY", "HF_TOKEN"}
+        assert all(env["valueFrom"]["secretKeyRef"]["optional"] for env in container["env"])  # Secrets, never inline
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
 
 
-@pytest.fixture
-def fake_ray(tmp_path):
-    """A `ray` on PATH that records its arguments; `ray job status` answers $FAKE_JOB_STATUS."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    calls = tmp_path / "calls.txt"
-    script = bin_dir / "ray"
-    script.write_text(f"""#!/usr/bin/env bash
-echo "$*" >> {calls}
-if [ "$1 $2" = "job status" ]; then
-    [ -n "$FAKE_JOB_STATUS" ] || exit 1
-    echo "Status for job '${{@: -1}}': $FAKE_JOB_STATUS"
-fi
-""")
-    script.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable,
-           "RAY_ADDRESS": "http://127.0.0.1:8265"}
-    return env, calls
+def _jobs():
+    """launch/jobs.py as a module."""
+    spec = importlib.util.spec_from_file_location("launch_jobs", LAUNCH / "jobs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def test_submit_validates_then_submits_with_a_stable_id(fake_ray):
-    env, calls = fake_ray
-    done = subprocess.run([str(LAUNCH / "submit"), "sweeps/demo.yaml", "/mnt/memray", "train.epochs=2"],
-                          env=env, capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert done.returncode == 0, done.stderr
-    (call,) = calls.read_text().splitlines()
-    assert call.startswith("job submit --address http://127.0.0.1:8265 --submission-id memray-demo ")
-    assert "--runtime-env launch/runtime-env.yaml" in call
-    assert call.endswith("-- python -m memray.cli run sweeps/demo.yaml train.epochs=2 --address auto --storage /mnt/memray")
+def test_the_job_gets_the_submitters_secrets_and_otherwise_the_nodes():
+    jobs = _jobs()
+    env = jobs.runtime_env(pip=False, environ={"WANDB_API_KEY": "key-from-here", "HF_TOKEN": ""})
+    assert env["env_vars"] == {"WANDB_API_KEY": "key-from-here", "HF_TOKEN": "${HF_TOKEN}"}
+    assert env["working_dir"] == str(REPO) and "pip" not in env
+    packages = jobs.runtime_env(pip=True, environ={})["pip"]["packages"]
+    lock = [line for line in (REPO / ".ci" / "requirements.lock").read_text().splitlines()
+            if line and not line.startswith("#")]
+    assert packages == [pin for pin in lock if not pin.startswith("ray==")] and len(packages) == len(lock) - 1
 
 
-def test_submit_refuses_a_bad_sweep_before_reaching_the_cluster(fake_ray, tmp_path):
-    env, calls = fake_ray
+def test_a_missing_cluster_extra_is_named(monkeypatch):
+    jobs = _jobs()
+    assert jobs.missing_cluster_extra() == []  # this environment has it (bash .ci/setup --cluster)
+    real_version = jobs.metadata.version
+
+    def version(name):
+        if name.lower().replace("_", "-") in ("aiohttp-cors", "boto3"):
+            raise jobs.metadata.PackageNotFoundError(name)
+        return real_version(name)
+
+    monkeypatch.setattr(jobs.metadata, "version", version)
+    assert sorted(jobs.missing_cluster_extra()) == ["aiohttp_cors (from ray[default])", "boto3"]
+
+
+def _launch(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([str(LAUNCH / args[0]), *args[1:]], env=env, capture_output=True, text=True, cwd=REPO,
+                          timeout=120)
+
+
+def test_launch_scripts_without_memray_say_how_to_install(tmp_path):
+    """A bare interpreter (the one this environment was made from) has no memray: one line
+    naming it and the set-up command, exit code 2."""
+    bare = Path(sys.base_prefix) / "bin" / "python3"
+    env = {**os.environ, "PYTHON": str(bare), "RAY_ADDRESS": "http://127.0.0.1:9"}
+    for script in (["submit", "sweeps/demo.yaml", str(tmp_path)], ["resume", str(tmp_path / "demo")]):
+        done = _launch(*script, env=env)
+        assert done.returncode == 2
+        assert f"{bare} has no memray installed: install with `bash .ci/setup --cluster`" in done.stderr
+
+
+def test_submit_refuses_a_bad_sweep_before_reaching_the_cluster(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: bad\nbase: {method: {name: lora, placement: mlpp}}\n")
-    done = subprocess.run([str(LAUNCH / "submit"), str(bad), "/mnt/memray"], env=env, capture_output=True,
-                          text=True, cwd=REPO, timeout=120)
-    assert done.returncode != 0 and "method.placement" in done.stderr
-    assert not calls.exists()
-
-
-@pytest.mark.parametrize(("status", "submitted"), [("", True), ("SUCCEEDED", True), ("RUNNING", False)])
-def test_resume_submits_once_per_sweep(fake_ray, status, submitted):
-    env, calls = fake_ray
-    done = subprocess.run([str(LAUNCH / "resume"), "/mnt/memray/demo/"], env={**env, "FAKE_JOB_STATUS": status},
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
-    lines = calls.read_text().splitlines()
-    submits = [line for line in lines if line.startswith("job submit")]
-    if submitted:
-        assert done.returncode == 0, done.stderr
-        (call,) = submits
-        assert "--submission-id memray-demo-resume " in call
-        assert call.endswith("-- python -m memray.cli resume /mnt/memray/demo --address auto")
-        assert any(line.startswith("job delete") for line in lines) == bool(status)
-    else:
-        assert done.returncode == 1 and "still running" in done.stderr and not submits
+    env = {**os.environ, "PYTHON": sys.executable, "RAY_ADDRESS": "http://127.0.0.1:9"}  # nothing listens there
+    done = _launch("submit", str(bad), str(tmp_path), env=env)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"memray: error: {bad}") and "method.placement" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -160,13 +160,11 @@ def _job_state(client, job_id: str) -> str | None:
 
 def _sweep_name(sweep_file: str, overrides: list[str]) -> str:
     """Validate the sweep file whole (keys, models, methods, resource rules); its name."""
-    from memray.config import ConfigError, load_sweep, parse_override
-    from memray.sweep import check_cells, check_rules
+    from memray.config import ConfigError
+    from memray.sweep.planning import load_checked
 
     try:
-        sweep, cells = load_sweep(sweep_file, dict(parse_override(text) for text in overrides))
-        check_rules(sweep.resources, cells, sweep_file)
-        check_cells(cells, sweep_file, published=True)
+        sweep, _, _ = load_checked(sweep_file, overrides, published=True)
     except ConfigError as err:
         print(f"memray: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -73,6 +73,17 @@ DEFAULT_ATTACKS: tuple[str, ...] = ("loss", "ref", "zlib", "mink", "mink++")
 #: Fine-tuning methods, from the `methods` registry (one module of memray/methods each).
 METHODS: tuple[str, ...] = METHOD_REGISTRY.names()
 
+#: GPU types a resource rule may bind trials to (`gpu_type`): name -> (the GPU as CUDA names
+#: it, its memory in GB). Each is a Ray custom resource that every GPU of a node of that type
+#: carries once (launch/cluster.yaml's node types, launch/rayjob.yaml's worker groups).
+GPU_TYPES: dict[str, tuple[str, float]] = {
+    "a10g_24gb": ("A10G", 24),  # AWS g5
+    "l4_24gb": ("L4", 24),  # AWS g6, GCP g2
+    "a100_40gb": ("A100", 40),  # AWS p4d
+    "a100_80gb": ("A100", 80),  # AWS p4de
+    "h100_80gb": ("H100", 80),  # AWS p5
+}
+
 
 # ---------------------------------------------------------------------------------------
 # Sections
@@ -421,7 +432,25 @@ class ResourceRule(Schema):
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: int = Field(0, ge=0)  # whole GPUs: ZeRO workers do not share a GPU
     strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # bundle placement
-    gpu_memory_gb: float = Field(80, gt=0)  # memory of one GPU, for the dry run's does-it-fit check
+    # the GPU type (GPU_TYPES) the trial runs on: a Ray custom resource of that node type, one
+    # per GPU, asked for in the same amount as the GPUs; unset: any GPU
+    gpu_type: str | None = None
+    # memory of one GPU, for the dry run's does-it-fit check; unset: the gpu_type's, else 80
+    gpu_memory_gb: float | None = Field(None, gt=0)
+
+    @property
+    def gpu_memory(self) -> float:
+        """GB of one GPU of this rule: gpu_memory_gb, else its gpu_type's, else 80."""
+        if self.gpu_memory_gb is not None:
+            return self.gpu_memory_gb
+        return GPU_TYPES[self.gpu_type][1] if self.gpu_type else 80.0
+
+    @field_validator("gpu_type")
+    @classmethod
+    def _known_gpu_type(cls, gpu_type: str | None) -> str | None:
+        if gpu_type is not None and gpu_type not in GPU_TYPES:
+            raise ValueError(f"{gpu_type!r} is not one of {', '.join(GPU_TYPES)}")
+        return gpu_type
 
     @field_validator("match")
     @classmethod
@@ -452,6 +481,8 @@ class ResourceRule(Schema):
             raise ValueError(f"{', '.join(sorted(per_worker))} only apply with workers > 1")
         if self.workers > 1 and self.gpus:
             raise ValueError("with workers > 1 the GPUs go to the workers: set gpus_per_worker, not gpus")
+        if self.gpu_type and not (self.gpus or self.gpus_per_worker):
+            raise ValueError(f"gpu_type {self.gpu_type} needs GPUs: set gpus (or gpus_per_worker)")
         return self
 
 

@@ -23,6 +23,7 @@ PEAK_BF16_TFLOPS: tuple[tuple[tuple[str, ...], float], ...] = (
     (("A100",), 312.0),
     (("L40S",), 362.1),
     (("L4",), 121.0),
+    (("A10G",), 70.0),  # AWS's A10 variant (g5): fewer tensor FLOP/s than the A10's 125
 )
 
 

@@ -170,10 +170,10 @@ def test_dry_run_shows_workers_memory_per_gpu_and_what_does_not_fit(tmp_path, mo
     path.write_text(path.read_text().replace("gpus_per_worker: 1", "gpus_per_worker: 1, gpu_memory_gb: 24"))
     monkeypatch.setattr(models, "model_config", lambda model, source="config", published=False: GPT2Config(
         n_layer=48, n_embd=1600, n_head=25))
-    text = sweep.dry_run_text(path, ["train.batch_size=64"])
-    full = next(line for line in text.splitlines() if "method=full" in line)
-    assert "DOES NOT FIT 24 GB" in full
-    assert "warning: 1 trial(s) will not fit on their GPUs" in text
+    with pytest.raises(ConfigError) as error:  # a rule that sends a trial to GPUs it cannot fit
+        sweep.dry_run_text(path, ["train.batch_size=64"])
+    assert (error.value.source, error.value.field) == (str(path), "resources.0")
+    assert "to a 24 GB GPU" in error.value.message and "its share has 24 GB" in error.value.message
 
 
 def test_multi_worker_rules_are_for_full_finetuning_with_whole_gpus(tmp_path):

@@ -24,6 +24,8 @@ from memray.sweep.context import EPOCH_HOOK_ENV
 from memray.sweep.planning import (
     TrialResources,
     check_rules,
+    gpu_budget_gb,
+    gpu_hours,
     max_concurrent_trials,
     plan_sweep,
     schedule_order,
@@ -34,6 +36,6 @@ from memray.sweep.ray_tune import dry_run_text, resume_sweep, run_sweep
 from memray.sweep.status import sweep_status
 from memray.sweep.wandb import wandb_run_id
 
-__all__ = ["EPOCH_HOOK_ENV", "TrialResources", "check_rules", "dry_run_text", "max_concurrent_trials", "plan_sweep",
+__all__ = ["EPOCH_HOOK_ENV", "TrialResources", "check_rules", "dry_run_text", "gpu_budget_gb", "gpu_hours", "max_concurrent_trials", "plan_sweep",
            "resolve_wandb_mode", "resume_sweep", "run_sweep", "schedule_order", "sweep_status", "trial_cost",
            "trial_names", "trial_resources", "wandb_run_id"]

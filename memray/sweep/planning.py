@@ -122,15 +122,16 @@ class TrialResources:
         multi-worker trial reserves only its own process: Ray Train requests its workers."""
         head = {"CPU": self.rule.cpus}
         if self.rule.workers == 1 and self.rule.gpus:
-            head["GPU"] = self.rule.gpus
+            head.update(gpu_resources(self.rule, self.rule.gpus))
         return [head]
 
     def total(self) -> dict[str, float]:
         """Everything the trial holds while it runs, workers included."""
         rule = self.rule
         if rule.workers == 1:
-            return {"CPU": rule.cpus, "GPU": rule.gpus}
-        return {"CPU": rule.cpus + rule.workers * rule.cpus_per_worker, "GPU": float(rule.workers * rule.gpus_per_worker)}
+            return {"CPU": rule.cpus, "GPU": rule.gpus, **gpu_resources(rule, rule.gpus)}
+        return {"CPU": rule.cpus + rule.workers * rule.cpus_per_worker,
+                **gpu_resources(rule, float(rule.workers * rule.gpus_per_worker))}
 
     def describe(self) -> str:
         rule = self.rule
@@ -138,7 +139,17 @@ class TrialResources:
         if rule.workers > 1:
             text = (f"cpus={rule.cpus:g} + {rule.workers} workers x (cpus={rule.cpus_per_worker:g} "
                     f"gpus={rule.gpus_per_worker})")
+        if rule.gpu_type:
+            text += f" on {rule.gpu_type}"
         return f"{text} [{self.source}]"
+
+
+def gpu_resources(rule: ResourceRule, gpus: float) -> dict[str, float]:
+    """Ray resources for `gpus` GPUs under the rule: GPU, and as much of its gpu_type's custom
+    resource (one per GPU of a node of that type), which binds the trial to such nodes."""
+    if not gpus:
+        return {}
+    return {"GPU": gpus, **({rule.gpu_type: gpus} if rule.gpu_type else {})}
 
 
 def memory_estimate(config: TrialConfig, rule: ResourceRule, shape: Any) -> Any:
@@ -165,7 +176,7 @@ def memory_estimate(config: TrialConfig, rule: ResourceRule, shape: Any) -> Any:
 def gpu_budget_gb(rule: ResourceRule) -> float | None:
     """GPU memory one worker of the rule may use: its share of one GPU; None without GPUs."""
     share = rule.gpus_per_worker if rule.workers > 1 else min(rule.gpus, 1.0)
-    return rule.gpu_memory_gb * min(share, 1.0) if share else None
+    return rule.gpu_memory * min(share, 1.0) if share else None
 
 
 def trial_resources(config: TrialConfig, rules: list[ResourceRule], has_gpus: bool) -> TrialResources:
@@ -217,6 +228,52 @@ def schedule_order(cells: list[Cell]) -> list[int]:
     one `grid_search` in list order and its FIFO scheduler starts pending trials in that
     order, so the longest trials start first and the short ones fill in behind them."""
     return [cell.index for cell in sorted(cells, key=lambda c: (-trial_cost(c.config), c.index))]
+
+
+#: Model-FLOPs utilization at which the dry run turns FLOPs into GPU-hours: small-batch
+#: fine-tuning with fp32 master weights and per-epoch scoring reaches about a quarter of a
+#: GPU's dense bf16 peak (memray.flops.PEAK_BF16_TFLOPS); `perf/mfu` measures it per trial.
+PLAN_MFU = 0.25
+
+
+def trial_flops(config: TrialConfig, shape: Any, hf_config: Any) -> float:
+    """Model FLOPs of a whole trial, counted as memray.flops counts them (N = the model's
+    parameters, the context = data.max_length, an upper bound): every training token of
+    every epoch (duplicates included), the forward passes of each evaluation (members and
+    non-members up to eval.max_scored, the validation set; before the first epoch and after
+    each), the reference model's statistics once, and the greedy decoding of extraction."""
+    from memray.flops import attention_flops, train_flops_per_token
+
+    data, epochs = config.data, config.train.epochs
+    members = data.members or 1000  # None: the dataset's default, of this order
+    nonmembers = data.nonmembers or members
+    copies = 1.0
+    if data.duplicates:
+        copies += data.duplicates.fraction * (sum(data.duplicates.copies) / len(data.duplicates.copies) - 1)
+    head = shape.vocab * shape.hidden
+    trainable = {"full": shape.params, "head": head}.get(config.method.name, 0.01 * shape.params)
+    context = float(data.max_length)
+    train = members * copies * data.max_length * epochs * train_flops_per_token(
+        config.method.name, shape.params, trainable, head, hf_config, context)
+    forward = 2 * shape.params + attention_flops(hf_config, context, trained=False)
+    cap = config.eval.max_scored or max(members, nonmembers)
+    scored = (min(members, cap) + min(nonmembers, cap) + data.validation) * data.max_length * (epochs + 1)
+    reference = (members + nonmembers) * data.max_length if any(a.name == "ref" for a in config.attacks) else 0
+    decoded = 0.0
+    if config.extraction.enabled:
+        decoded = 2 * config.extraction.samples * config.extraction.suffix_tokens * (epochs + 1)
+    return train + forward * (scored + reference + decoded)
+
+
+def gpu_hours(flops: float, gpu_type: str) -> float:
+    """Hours of one GPU of the type to do `flops` at PLAN_MFU of its dense bf16 peak (a trial
+    on a share of a GPU takes longer, on that share: the same GPU-hours)."""
+    from memray.config import GPU_TYPES
+    from memray.flops import PEAK_BF16_TFLOPS
+
+    name = GPU_TYPES[gpu_type][0]
+    peak = next(tflops for keys, tflops in PEAK_BF16_TFLOPS if all(key in name for key in keys))
+    return flops / (peak * 1e12 * PLAN_MFU) / 3600
 
 
 def check_cells(cells: list[Cell], source: str, published: bool = False) -> None:
@@ -316,12 +373,14 @@ def axes_text(axes: Mapping[str, Any]) -> str:
     return " ".join(f"{key}={value_text(value)}" for key, value in axes.items())
 
 
-def model_shape(config: TrialConfig, shapes: dict[str, Any]) -> Any:
-    """The model's shape (parameters counted without weights), once per model."""
+def model_info(config: TrialConfig, infos: dict[str, Any]) -> tuple[Any, Any]:
+    """(shape, transformers config) of the trial's model, parameters counted without
+    weights, once per model."""
     from memray import models
     from memray.distributed import ModelShape
 
     key = json.dumps(config.model.model_dump(mode="json"), sort_keys=True)
-    if key not in shapes:
-        shapes[key] = ModelShape.from_config(models.model_config(config.model, published=True))
-    return shapes[key]
+    if key not in infos:
+        hf_config = models.model_config(config.model, published=True)
+        infos[key] = (ModelShape.from_config(hf_config), hf_config)
+    return infos[key]

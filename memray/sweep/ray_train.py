@@ -18,6 +18,7 @@ from typing import Any
 from memray.config import ResourceRule
 from memray.results import TRAIN_DIR, TRIALS_DIR
 from memray.sweep.context import SweepContext, epoch_hook, run_and_finish
+from memray.sweep.planning import gpu_resources
 from memray.sweep.storage import TrialMirror
 from memray.sweep.wandb import WandbTrial
 
@@ -43,7 +44,7 @@ def run_workers(index: int, rule: ResourceRule, context: SweepContext) -> None:
             epochs.put(dict(metrics[0]))
 
     use_gpu = rule.gpus_per_worker > 0
-    per_worker = {"CPU": rule.cpus_per_worker, **({"GPU": rule.gpus_per_worker} if use_gpu else {})}
+    per_worker = {"CPU": rule.cpus_per_worker, **gpu_resources(rule, rule.gpus_per_worker)}
     epochs = Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
         _train_worker,

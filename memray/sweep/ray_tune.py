@@ -28,21 +28,24 @@ from memray.config import MODEL_ALIASES, ConfigError, resolve_wandb_mode
 from memray.results import STATE_FILE, SWEEP_FILE, TRIALS_DIR, TUNE_DIR, trial_names
 from memray.sweep.context import DEFAULT_MAX_FAILURES, EPOCH_HOOK_ENV, SweepContext, epoch_hook, run_and_finish
 from memray.sweep.planning import (
+    PLAN_MFU,
     SweepPlan,
     axes_text,
     capacity_text,
     check_cells,
     check_rules,
     gpu_budget_gb,
+    gpu_hours,
     load_checked,
     local_capacity,
     memory_estimate,
-    model_shape,
+    model_info,
     plan_sweep,
     resolved_sweep_yaml,
+    trial_flops,
 )
 from memray.sweep.ray_train import run_workers
-from memray.sweep.status import sweep_status
+from memray.sweep.status import sweep_status, text_table
 from memray.sweep.storage import SweepFolder, TrialMirror, open_sweep
 from memray.sweep.wandb import WandbSettings, WandbTrial
 
@@ -225,19 +228,39 @@ def dry_run_text(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] 
     cap = plan.max_concurrent or "no cap (every trial reserves all it uses)"
     lines = [f"{len(cells)} trials", f"sweep folder: <storage>/{sweep.name}   Ray: {capacity_text(capacity)}; "
                                      f"concurrent trials: {cap}; longest first"]
-    shapes: dict[str, Any] = {}
-    too_big = []
+    infos: dict[str, Any] = {}
+    too_big, misplaced, groups = [], [], {}
     for index in plan.order:
         cell, resources = plan.cells[index], plan.resources[index]
         axes = axes_text(cell.axes) or "(base)"
-        estimate = memory_estimate(cell.config, resources.rule, model_shape(cell.config, shapes))
+        shape, hf_config = model_info(cell.config, infos)
+        estimate = memory_estimate(cell.config, resources.rule, shape)
         budget = gpu_budget_gb(resources.rule)
-        fits = "" if budget is None or estimate.total <= budget else f"  DOES NOT FIT {budget:g} GB"
-        lines.append(f"  {names[index]}  {axes}  {resources.describe()}  mem {estimate.describe()}{fits}")
-        if fits:
-            too_big.append(names[index])
+        fits = budget is None or estimate.total <= budget
+        lines.append(f"  {names[index]}  {axes}  {resources.describe()}  mem {estimate.describe()}"
+                     + ("" if fits else f"  DOES NOT FIT {budget:g} GB"))
+        if not fits:
+            (too_big if resources.source == "default" else misplaced).append((index, axes, resources, estimate, budget))
+        rule = resources.rule
+        kind = rule.gpu_type or ("any GPU" if rule.gpus or rule.gpus_per_worker else "CPU")
+        group = groups.setdefault(kind, {"trials": 0, "flops": 0.0, "memory": [], "unfit": 0})
+        group["trials"] += 1
+        group["flops"] += trial_flops(cell.config, shape, hf_config)
+        group["memory"].append(estimate.total)
+        group["unfit"] += not fits
+    if misplaced:
+        index, axes, resources, estimate, budget = misplaced[0]
+        rule = resources.rule
+        gpu = f"{rule.gpu_type} ({rule.gpu_memory:g} GB)" if rule.gpu_type else f"{rule.gpu_memory:g} GB GPU"
+        more = f"; {len(misplaced) - 1} more trial(s) do not fit their rule's GPUs" if len(misplaced) > 1 else ""
+        raise ConfigError(str(path), resources.source,
+                          f"sends grid cell {index} ({axes}) to a {gpu}, {resources.describe().split(' [')[0]}: "
+                          f"it needs ~{estimate.total:.1f} GB per GPU, its share has {budget:g} GB (a larger "
+                          f"share or GPU type, more workers, or a smaller batch){more}")
+    lines += _gpu_type_table(groups)
     if too_big:
-        lines.append(f"warning: {len(too_big)} trial(s) will not fit on their GPUs ({', '.join(too_big)}): "
+        lines.append(f"warning: {len(too_big)} trial(s) will not fit on their GPUs "
+                     f"({', '.join(names[t[0]] for t in too_big)}): "
                      "more workers, ZeRO stage 3, offload (train.deepspeed) or a smaller batch")
     if unplaceable:
         where = "this machine's local Ray" if address is None else "this cluster"
@@ -249,6 +272,25 @@ def dry_run_text(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] 
         lines.append(f"models {', '.join(aliases)}: their published shapes; `memray run` checks that they load "
                      "(local cache, or the hub)")
     return "\n".join(lines)
+
+
+def _gpu_type_table(groups: dict[str, dict[str, Any]]) -> list[str]:
+    """The dry run's summary: per GPU type (a node type of the cluster), its trials, their
+    GPU-hours, the memory one trial needs, and how many do not fit."""
+    from memray.config import GPU_TYPES
+
+    header = ["GPU type", "GPU", "trials", "GPU-hours", "PFLOP", "memory per trial", "do not fit"]
+    rows = []
+    for kind, group in sorted(groups.items()):
+        gpu = f"{GPU_TYPES[kind][0]} {GPU_TYPES[kind][1]:g} GB" if kind in GPU_TYPES else "-"
+        hours = f"{gpu_hours(group['flops'], kind):.1f}" if kind in GPU_TYPES else "-"
+        memory = f"{min(group['memory']):.1f}-{max(group['memory']):.1f} GB" if kind != "CPU" else "-"
+        rows.append([kind, gpu, str(group["trials"]), hours, f"{group['flops'] / 1e15:.0f}", memory,
+                     str(group["unfit"])])
+    unfit = sum(group["unfit"] for group in groups.values())
+    return [f"per GPU type (GPU-hours: the FLOP count at {PLAN_MFU:.0%} of the GPU's dense bf16 peak):",
+            *("  " + line for line in text_table(header, rows).splitlines()),
+            f"{unfit} trial{'s do' if unfit != 1 else ' does'} not fit their GPUs"]
 
 
 def run_sweep(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] | None = None,

@@ -19,7 +19,7 @@ def _number(value: Any, digits: int) -> str:
     return f"{value:.{digits}f}"
 
 
-def _text_table(header: list[str], rows: list[list[str]]) -> str:
+def text_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in [header, *rows]]
     lines.insert(1, "  ".join("-" * width for width in widths))
@@ -48,7 +48,7 @@ def sweep_status(sweep_dir: str | Path) -> str:
         if result.get("reason"):
             reasons.append(f"  {names[cell.index]}: {result['reason']}")
     summary = ", ".join(f"{count} {state}" for state, count in sorted(counts.items()))
-    parts = [f"sweep {sweep.name} ({folder}): {len(cells)} trials: {summary}", _text_table(header, rows)]
+    parts = [f"sweep {sweep.name} ({folder}): {len(cells)} trials: {summary}", text_table(header, rows)]
     if reasons:
         parts += ["reasons:", *reasons]
     return "\n".join(parts)

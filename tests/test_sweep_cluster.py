@@ -1,28 +1,22 @@
-"""Sweeps that lose their driver or a node: `memray run` killed with SIGKILL mid-sweep and
-then `memray resume`d; a two-node local Ray cluster (a head and a worker started here) whose
-worker node is killed mid-trial. Drivers run in subprocesses, as `memray run` would.
+"""Sweeps that lose their driver: `memray run` killed with SIGKILL mid-sweep and then
+`memray resume`d (drivers run in subprocesses, as `memray run` would); trials sharing a GPU.
+A node lost mid-trial, on a real two-node cluster through launch/submit: test_launch_cluster.py.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import psutil
 import pytest
 
 from helpers import file_states, read_result, trial_dirs, write_small_sweep
 
-pytestmark = pytest.mark.ray  # every test here starts Ray (a driver subprocess or a cluster)
-
-#: The `ray` command of this environment (installed beside the interpreter; the venv need not be on PATH).
-RAY = str(Path(sys.executable).with_name("ray"))
+pytestmark = pytest.mark.ray  # every test here starts Ray (a driver subprocess)
 
 RUN = "import sys; from memray.sweep import run_sweep; sys.exit(run_sweep(sys.argv[1], storage=sys.argv[2], {extra}))"
 RESUME = "import sys; from memray.sweep import resume_sweep; sys.exit(resume_sweep(sys.argv[1]))"
@@ -92,62 +86,6 @@ def test_driver_killed_mid_sweep_is_resumed_to_the_end(tmp_path):
     leaked = [p for p in folder.rglob("*") if p.is_file() and FAKE_KEY.encode() in p.read_bytes()]
     assert leaked == []
     assert FAKE_KEY not in resumed.stdout + resumed.stderr + (tmp_path / "driver.log").read_text()
-
-
-@pytest.fixture
-def two_node_cluster(tmp_path):
-    """A head (1 CPU) and a worker node (1 CPU) started with `ray start`, token auth on.
-    Yields (address, env, worker process); every process it started is killed at the end."""
-    port = str(20000 + secrets.randbelow(20000))
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
-    common = ["--num-cpus=1", "--disable-usage-stats", "--block"]
-    head = subprocess.Popen([RAY, "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
-                            env=env, stdout=(tmp_path / "head.log").open("w"), stderr=subprocess.STDOUT)
-    started = [head]
-    try:
-        _wait_for(lambda: "Ray runtime started" in (tmp_path / "head.log").read_text(), 60, "the head node")
-        worker = subprocess.Popen([RAY, "start", f"--address=127.0.0.1:{port}", *common], env=env,
-                                  stdout=(tmp_path / "worker.log").open("w"), stderr=subprocess.STDOUT)
-        started.append(worker)
-        _wait_for(lambda: "Ray runtime started" in (tmp_path / "worker.log").read_text(), 60, "the worker node")
-        yield f"127.0.0.1:{port}", env, worker
-    finally:
-        processes = [p for process in started if process.poll() is None for p in _descendants(process.pid)]
-        _kill_tree(processes)
-        for process in started:
-            process.wait()
-
-
-def test_worker_node_killed_mid_trial_is_retried_and_the_sweep_completes(two_node_cluster, tmp_path):
-    address, env, worker = two_node_cluster
-    path = write_small_sweep(tmp_path, "twonode", epochs=3, wandb_mode="disabled")
-    storage = tmp_path / "out"
-    log = (tmp_path / "driver.log").open("w")
-    driver = subprocess.Popen([sys.executable, "-c", RUN.format(extra=f"address={address!r}"), str(path), str(storage)],
-                              env=env, stdout=log, stderr=subprocess.STDOUT)
-    folder = storage / "twonode"
-
-    def two_trials_training() -> bool:  # one per node: each node has 1 CPU
-        if not (folder / "sweep.yaml").is_file():
-            return False
-        results = [read_result(d) for d in trial_dirs(folder).values()]
-        return sum(r.get("status") == "running" and len(r.get("epochs", [])) >= 1 for r in results) == 2
-
-    try:
-        _wait_for(two_trials_training, 300, "two trials past epoch 0")
-        _kill_tree(_descendants(worker.pid))  # the worker node dies with its trial
-        worker.wait()
-        assert driver.wait(timeout=600) == 0, (tmp_path / "driver.log").read_text()[-4000:]
-    finally:
-        if driver.poll() is None:
-            _kill_tree(_descendants(driver.pid))
-    results = {index: read_result(d) for index, d in trial_dirs(folder).items()}
-    assert all(r["status"] == "success" for r in results.values())
-    assert all([row["epoch"] for row in r["epochs"]] == [0, 1, 2, 3] for r in results.values())
-    retried = [index for index, r in results.items() if r["attempts"] > 1]
-    assert len(retried) == 1  # the trial on the lost node, resumed on the head
-    text = (tmp_path / "driver.log").read_text()
-    assert "3 success" in text
 
 
 def test_small_lora_trials_share_one_gpu_four_at_a_time(tmp_path, memray_cache):

@@ -115,11 +115,15 @@ def _local_addresses() -> set[str]:
     return {address.address for addresses in psutil.net_if_addrs().values() for address in addresses}
 
 
-def cluster_is_this_machine(address: str) -> bool:
-    """Whether every alive node of the cluster has an address of this machine."""
+def cluster_is_this_machine(dashboard: str) -> bool:
+    """Whether every alive node of the cluster (its dashboard's URL) has an address of this
+    machine; False when the dashboard does not say."""
     from ray.util.state import list_nodes
 
-    nodes = list_nodes(address=address, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
+    try:
+        nodes = list_nodes(address=dashboard, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
+    except Exception:  # noqa: BLE001 - an older or restricted dashboard: treat the nodes as remote
+        return False
     return bool(nodes) and {node.node_ip for node in nodes} <= _local_addresses()
 
 
@@ -135,7 +139,7 @@ def _client(address: str):
               f"http://127.0.0.1:8265 through `ray dashboard launch/cluster.yaml`): {err}{hint}", 1)
 
 
-def job_plan(address: str, pip: bool, arguments: list[str]) -> tuple[str, dict]:
+def job_plan(dashboard: str, pip: bool, arguments: list[str]) -> tuple[str, dict]:
     """(entrypoint, runtime env) of a job running `python -m memray.cli ARGUMENTS`.
 
     On a cluster of this machine (every node started here, from this environment) the job
@@ -145,7 +149,7 @@ def job_plan(address: str, pip: bool, arguments: list[str]) -> tuple[str, dict]:
     travels as the working directory and the nodes' `python` runs it."""
     command = " ".join(shlex.quote(arg) for arg in ["-m", "memray.cli", *arguments])
     env = runtime_env(pip)
-    if not pip and cluster_is_this_machine(address):
+    if not pip and cluster_is_this_machine(dashboard):
         del env["working_dir"], env["excludes"]
         return f"cd {shlex.quote(str(ROOT))} && exec {shlex.quote(sys.executable)} {command}", env
     return f"python {command}", env
@@ -183,8 +187,8 @@ def _job_path(path: str, cwd: Path) -> str:
         return str(absolute)
 
 
-def _submit_job(client, job_id: str, address: str, arguments: list[str], pip: bool) -> None:
-    entrypoint, env = job_plan(address, pip, arguments)
+def _submit_job(client, job_id: str, arguments: list[str], pip: bool) -> None:
+    entrypoint, env = job_plan(client.get_address(), pip, arguments)
     client.submit_job(entrypoint=entrypoint, submission_id=job_id, runtime_env=env)
     print(f"submitted {job_id}: follow with `ray job logs --follow {job_id}` "
           f"(status: `ray job status {job_id}`)")
@@ -203,7 +207,7 @@ def submit(sweep_file: str, storage: str, overrides: list[str], pip: bool, addre
               "and the sweep folder to start over", 1)
     storage_path = storage if "://" in storage else str((cwd / storage).resolve())
     arguments = ["run", _job_path(sweep_file, cwd), *overrides, "--address", "auto", "--storage", storage_path]
-    _submit_job(client, job_id, address, arguments, pip)
+    _submit_job(client, job_id, arguments, pip)
     print(f"the sweep folder is {storage_path.rstrip('/')}/{name}")
     return 0
 
@@ -221,7 +225,7 @@ def resume(sweep_dir: str, pip: bool, address: str, cwd: Path) -> int:
             _fail(f"job {job} is still running: stop it first (`ray job stop {job}`)", 1)
     if _job_state(client, job_id) is not None:
         client.delete_job(job_id)
-    _submit_job(client, job_id, address, ["resume", location, "--address", "auto"], pip)
+    _submit_job(client, job_id, ["resume", location, "--address", "auto"], pip)
     return 0
 
 

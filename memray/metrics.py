@@ -1,9 +1,11 @@
-"""Metrics of membership inference and language modelling: AUC, TPR at fixed FPR, ROC
-points, bootstrap intervals of the AUC, perplexity.
+"""Metrics of membership inference and language modelling: AUC with its 95% interval
+(DeLong, or a stratified bootstrap), TPR at fixed FPR, ROC points, perplexity.
 
 Scores follow the attacks' convention (higher = more likely a member) and members are the
 positive class. Metric names are the ones of DESIGN.md: `mia/<attack>/auc`,
-`mia/<attack>/tpr@1%fpr`, `mia/<attack>/tpr@0.1%fpr`.
+`mia/<attack>/auc_lo`, `mia/<attack>/auc_hi`, `mia/<attack>/tpr@1%fpr`,
+`mia/<attack>/tpr@0.1%fpr`. A TPR at an FPR is reported only where the non-members resolve
+that FPR (at least 1/FPR of them); `unresolved_fprs` says which are left out and why.
 """
 
 from __future__ import annotations
@@ -93,6 +95,48 @@ def bootstrap_auc(scores, is_member, n: int, seed: int = 0) -> tuple[float, floa
     return percentile_interval(bootstrap_aucs(scores, is_member, n, seed))
 
 
+def delong_interval(scores, is_member, level: float = 0.95) -> tuple[float, float]:
+    """DeLong's interval (low, high) of the AUC: AUC -/+ z * its standard error, clipped to [0, 1].
+
+    The variance is DeLong, DeLong, Clarke-Pearson 1988 ("Comparing the areas under two or
+    more correlated ROC curves", Biometrics 44:837), computed from midranks as in Sun & Xu
+    2014 (IEEE Signal Processing Letters 21:1389): V10_i = (rank of member i among all -
+    its rank among members) / n, V01_j = 1 - (rank of non-member j among all - its rank
+    among non-members) / m, var = var(V10) / m + var(V01) / n. Closed form, O(N log N).
+    """
+    scores, labels = _checked(scores, is_member)
+    members, nonmembers = scores[labels], scores[~labels]
+    m, n = len(members), len(nonmembers)
+    if m < 2 or n < 2:
+        raise ValueError("DeLong's interval needs at least two members and two non-members")
+    all_ranks = stats.rankdata(np.concatenate([members, nonmembers]))
+    member_ranks, nonmember_ranks = stats.rankdata(members), stats.rankdata(nonmembers)
+    v10 = (all_ranks[:m] - member_ranks) / n  # per member: share of non-members it beats (ties 1/2)
+    v01 = 1.0 - (all_ranks[m:] - nonmember_ranks) / m  # per non-member: share of members above it
+    auc = float(v10.mean())
+    se = math.sqrt(v10.var(ddof=1) / m + v01.var(ddof=1) / n)
+    z = float(stats.norm.ppf(0.5 + level / 2))
+    return max(0.0, auc - z * se), min(1.0, auc + z * se)
+
+
+def resolves(fpr: float, nonmembers: int) -> bool:
+    """Whether `nonmembers` non-members resolve a false-positive rate of `fpr`: at least
+    1/fpr of them, so that one false positive is not already above the budget."""
+    return nonmembers >= math.ceil(1 / fpr - 1e-9)
+
+
+def unresolved_fprs(nonmembers: int) -> dict[str, str]:
+    """Metric suffix -> why it is not reported, for each TPR@FPR that `nonmembers` non-members
+    cannot resolve."""
+    return {suffix: f"{nonmembers} non-members cannot resolve an FPR of {fpr:g} (at least {math.ceil(1 / fpr - 1e-9)} are needed)"
+            for suffix, fpr in TPR_AT_FPR if not resolves(fpr, nonmembers)}
+
+
+def chance(low: float, high: float) -> bool:
+    """Whether an AUC interval holds 0.5: the attack is not distinguishable from chance."""
+    return low <= 0.5 <= high
+
+
 def perplexity(mean_loss: float) -> float:
     """exp(mean token loss in nats); inf when it overflows."""
     try:
@@ -101,9 +145,19 @@ def perplexity(mean_loss: float) -> float:
         return math.inf
 
 
-def mia_metrics(label: str, scores, is_member) -> dict[str, float]:
-    """AUC and TPR at 1% and 0.1% FPR of one attack, under their metric names."""
+def mia_metrics(label: str, scores, is_member, bootstrap: int = 0, seed: int = 0) -> dict[str, float]:
+    """One attack's metrics under their names: the AUC, its 95% interval (`auc_lo`,
+    `auc_hi`: DeLong's, or with `bootstrap` > 0 the percentile interval of that many
+    stratified resamples seeded by `seed`), and the TPR at each FPR of `TPR_AT_FPR` that
+    the non-members resolve (`resolves`); an unresolved one is left out."""
     metrics = {f"mia/{label}/auc": roc_auc(scores, is_member)}
+    if bootstrap:
+        low, high = bootstrap_auc(scores, is_member, bootstrap, seed)
+    else:
+        low, high = delong_interval(scores, is_member)
+    metrics[f"mia/{label}/auc_lo"], metrics[f"mia/{label}/auc_hi"] = low, high
+    nonmembers = int((~np.asarray(is_member, dtype=bool)).sum())
     for suffix, fpr in TPR_AT_FPR:
-        metrics[f"mia/{label}/{suffix}"] = tpr_at_fpr(scores, is_member, fpr)
+        if resolves(fpr, nonmembers):
+            metrics[f"mia/{label}/{suffix}"] = tpr_at_fpr(scores, is_member, fpr)
     return metrics

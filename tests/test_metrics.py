@@ -1,11 +1,13 @@
-"""AUC, TPR at FPR, ROC points, bootstrap and perplexity against hand-computed values."""
+"""AUC, its DeLong and bootstrap intervals, TPR at FPR, ROC points and perplexity against
+hand-computed values and a slow, independent bootstrap."""
 
 import math
 
 import numpy as np
 import pytest
 
-from memray.metrics import bootstrap_auc, mia_metrics, perplexity, roc_auc, roc_points, tpr_at_fpr
+from memray.metrics import (bootstrap_auc, chance, delong_interval, mia_metrics, perplexity, roc_auc, roc_points,
+                            tpr_at_fpr, unresolved_fprs)
 
 # members 0.9, 0.4, 0.7; non-members 0.8, 0.1, 0.3, 0.2
 SCORES = np.array([0.9, 0.8, 0.4, 0.1, 0.7, 0.3, 0.2])
@@ -43,13 +45,63 @@ def test_tpr_at_fpr_keeps_collinear_roc_points():
     assert tpr_at_fpr(scores, member, 0.7) == pytest.approx(2 / 3)
 
 
-def test_mia_metrics_names():
+def test_mia_metrics_names_and_only_resolved_tprs():
+    # 4 non-members resolve neither 1% nor 0.1% FPR: both TPRs are left out, with a reason
     metrics = mia_metrics("mink@0.1", SCORES, MEMBER)
-    assert metrics == {
-        "mia/mink@0.1/auc": pytest.approx(10 / 12),
-        "mia/mink@0.1/tpr@1%fpr": pytest.approx(1 / 3),
-        "mia/mink@0.1/tpr@0.1%fpr": pytest.approx(1 / 3),
-    }
+    low, high = delong_interval(SCORES, MEMBER)
+    assert metrics == {"mia/mink@0.1/auc": pytest.approx(10 / 12),
+                       "mia/mink@0.1/auc_lo": low, "mia/mink@0.1/auc_hi": high}
+    assert set(unresolved_fprs(4)) == {"tpr@1%fpr", "tpr@0.1%fpr"}
+    assert "100 are needed" in unresolved_fprs(4)["tpr@1%fpr"]
+    # 100 non-members resolve 1% but not 0.1%; 1000 resolve both
+    scores, member = noisy_scores(n=200)
+    assert set(mia_metrics("loss", scores, member)) == {"mia/loss/auc", "mia/loss/auc_lo", "mia/loss/auc_hi",
+                                                        "mia/loss/tpr@1%fpr"}
+    assert list(unresolved_fprs(100)) == ["tpr@0.1%fpr"] and unresolved_fprs(1000) == {}
+    scores, member = noisy_scores(n=2000)
+    assert "mia/loss/tpr@0.1%fpr" in mia_metrics("loss", scores, member)
+
+
+def test_delong_interval_equals_a_hand_computed_variance():
+    # structural components by brute force over every (member, non-member) pair
+    members, nonmembers = SCORES[MEMBER], SCORES[~MEMBER]
+    psi = np.array([[1.0 if x > y else 0.5 if x == y else 0.0 for y in nonmembers] for x in members])
+    v10, v01 = psi.mean(axis=1), psi.mean(axis=0)
+    se = math.sqrt(v10.var(ddof=1) / len(members) + v01.var(ddof=1) / len(nonmembers))
+    auc = psi.mean()
+    low, high = delong_interval(SCORES, MEMBER)
+    assert low == pytest.approx(max(0.0, auc - 1.959964 * se), abs=1e-6)
+    assert high == pytest.approx(min(1.0, auc + 1.959964 * se), abs=1e-6)
+
+
+def slow_bootstrap_se(scores: np.ndarray, member: np.ndarray, resamples: int, seed: int) -> float:
+    """The AUC's standard error by resampling members and non-members in a Python loop."""
+    rng = np.random.default_rng(seed)
+    members, nonmembers = scores[member], scores[~member]
+    aucs = []
+    for _ in range(resamples):
+        x = rng.choice(members, len(members))
+        y = rng.choice(nonmembers, len(nonmembers))
+        aucs.append(((x[:, None] > y[None, :]).mean() + 0.5 * (x[:, None] == y[None, :]).mean()))
+    return float(np.std(aucs, ddof=1))
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.8])
+def test_delong_interval_agrees_with_a_slow_bootstrap(shift):
+    rng = np.random.default_rng(11)
+    member = np.arange(400) < 200
+    scores = rng.normal(size=400) + shift * member
+    low, high = delong_interval(scores, member)
+    delong_se = (high - low) / (2 * 1.959964)
+    assert delong_se == pytest.approx(slow_bootstrap_se(scores, member, 2000, seed=5), rel=0.08)
+    # and memray's vectorized bootstrap gives about the same interval
+    boot_low, boot_high = bootstrap_auc(scores, member, n=2000, seed=0)
+    assert boot_low == pytest.approx(low, abs=0.012) and boot_high == pytest.approx(high, abs=0.012)
+    # no signal: the interval holds 0.5; a strong shift: it does not
+    assert chance(low, high) == (shift == 0.0)
+    # interval from bootstrap when asked
+    metrics = mia_metrics("loss", scores, member, bootstrap=300, seed=1)
+    assert (metrics["mia/loss/auc_lo"], metrics["mia/loss/auc_hi"]) == bootstrap_auc(scores, member, 300, seed=1)
 
 
 def noisy_scores(n: int = 200, seed: int = 3) -> tuple[np.ndarray, np.ndarray]:

@@ -11,7 +11,6 @@ torch, so the config can be validated before anything heavy loads.
 
 from __future__ import annotations
 
-import math
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,17 +37,21 @@ class AttackSpec:
     default_k: float | None = None  # the attack takes a share k of tokens; None: it takes no k
     needs_reference: bool = False  # reads the reference model's statistics
     needs_vocab_stats: bool = False  # reads the vocabulary mean / std of log-probs per position
+    # scored from reference models trained on halves of the audit pool (memray.references),
+    # not from one sample's statistics; `score` is then never called
+    needs_reference_models: bool = False
 
 
 ATTACKS: Registry[AttackSpec] = Registry("attack")
 
 
 def attack(name: str, default_k: float | None = None, needs_reference: bool = False,
-           needs_vocab_stats: bool = False) -> Callable[[AttackFn], AttackFn]:
+           needs_vocab_stats: bool = False, needs_reference_models: bool = False) -> Callable[[AttackFn], AttackFn]:
     """Register an attack under the name the config uses; ValueError if the name is taken."""
 
     def register(function: AttackFn) -> AttackFn:
-        ATTACKS.add(name, AttackSpec(name, function, default_k, needs_reference, needs_vocab_stats))
+        ATTACKS.add(name, AttackSpec(name, function, default_k, needs_reference, needs_vocab_stats,
+                                     needs_reference_models))
         return function
 
     return register
@@ -61,6 +64,8 @@ def attack_scores(
     reference: list[TokenStats] | None,
 ) -> dict[str, np.ndarray]:
     """Scores of every attack: label (`AttackConfig.label`) -> float64 array, one per sample.
+    Attacks scored from reference models (lira, rmia) are left out: `memray.references`
+    adds them once the references are trained.
 
     target: the fine-tuned model's statistics per sample; texts: the samples' texts (zlib);
     reference: the reference model's statistics for the same samples, or None when no
@@ -74,6 +79,8 @@ def attack_scores(
     refs = reference if reference is not None else [None] * len(target)
     scores: dict[str, np.ndarray] = {}
     for config in attacks:
+        if ATTACKS[config.name].needs_reference_models:
+            continue
         function = ATTACKS[config.name].score
         scores[config.label] = np.array(
             [function(config, stats, text, ref) for stats, text, ref in zip(target, texts, refs)],
@@ -82,10 +89,20 @@ def attack_scores(
     return scores
 
 
+#: The papers' rules memray follows where an attack leaves a choice; recorded in every
+#: result.json (`attack_rules`) and part of every trial id (`memray.config.TrialConfig.trial_id`),
+#: so that trials measured under other rules are never mixed with these on resume.
+ATTACK_RULES: dict[str, str] = {
+    "mink_tokens": "int(k * n) lowest tokens, at least 1 (Shi et al. 2024's code, MIMIR)",
+    "zlib_text": "the scored text: the tokens scored, decoded (a truncated sample's kept part)",
+    "blocks": "max_length tokens including BOS, so every token of a block is trained on and scored",
+}
+
+
 def lowest_mean(values: np.ndarray, k: float) -> float:
-    """Mean of the ceil(k * n) lowest values (at least one)."""
-    # a tiny slack so that e.g. 0.1 * 30 = 3.0000000000000004 counts 3 tokens, not 4
-    count = max(1, math.ceil(k * len(values) - 1e-9))
+    """Mean of the int(k * n) lowest values, at least one (the rule of Shi et al. 2024's
+    code and MIMIR: `int(len(x) * k)` truncates, so 0.2 of 9 tokens is 1 token)."""
+    count = max(1, int(k * len(values)))
     return float(np.mean(np.sort(values.astype(np.float64))[:count]))
 
 
@@ -119,7 +136,8 @@ def reference_score(config: AttackConfig, target: TokenStats, text: str, referen
 @attack("zlib")
 def zlib_score(config: AttackConfig, target: TokenStats, text: str, reference: TokenStats | None) -> float:
     """Zlib: the model's log-perplexity over the text's zlib entropy (compressed length in
-    bytes), negated; a member has a low loss for how compressible it is.
+    bytes), negated; a member has a low loss for how compressible it is. `text` is the text
+    that was scored (`memray.scoring.scored_texts`), so both cover the same tokens.
 
     Carlini et al. 2021, "Extracting Training Data from Large Language Models",
     https://arxiv.org/abs/2012.07805
@@ -153,3 +171,14 @@ def min_k_plus_plus_score(config: AttackConfig, target: TokenStats, text: str, r
     sigma = np.maximum(target.sigma.astype(np.float64), 1e-6)
     standardized = (target.logprobs.astype(np.float64) - target.mu) / sigma
     return lowest_mean(standardized, config.k)
+
+
+def _from_reference_models(config: AttackConfig, target: TokenStats, text: str, reference: TokenStats | None) -> float:
+    raise ValueError(f"attack {config.name!r} is scored from reference models (memray.references), not per sample")
+
+
+# LiRA and RMIA: their scores come from memray.reference_attacks once the reference models of
+# `references` (AttackConfig) are trained; registered here so that configs, the schema and the
+# CLI know them like every other attack
+attack("lira", needs_reference_models=True)(_from_reference_models)
+attack("rmia", needs_reference_models=True)(_from_reference_models)

@@ -25,6 +25,7 @@ from urllib.parse import urlparse
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from memray.attacks import ATTACK_RULES
 from memray.attacks import ATTACKS as ATTACK_REGISTRY
 from memray.methods import METHODS as METHOD_REGISTRY
 from memray.schema import ConfigError, Schema
@@ -244,9 +245,15 @@ class TrainConfig(Schema):
     deepspeed: DeepSpeedConfig | None = None
 
 
+#: Reference models of lira / rmia when an attack entry does not say (LiRA is strong from
+#: 16 up, RMIA from 2-4; 8 keeps the cost at 8 trials per target)
+DEFAULT_REFERENCES = 8
+
+
 class AttackConfig(Schema):
     name: str  # a registered attack (memray.attacks.ATTACKS)
     k: float | None = Field(None, gt=0, le=1)  # mink / mink++: share of lowest-scoring tokens
+    references: int | None = Field(None, ge=2)  # lira / rmia: reference models trained on halves of the audit pool
 
     @field_validator("name")
     @classmethod
@@ -263,6 +270,10 @@ class AttackConfig(Schema):
             raise ValueError(f"k is only used by {' and '.join(takes_k)}, not {self.name}")
         if self.k is None and default_k is not None:
             self.k = default_k
+        calibrated = ATTACK_REGISTRY[self.name].needs_reference_models
+        if self.references is not None and not calibrated:
+            takes = [name for name in ATTACK_REGISTRY if ATTACK_REGISTRY[name].needs_reference_models]
+            raise ValueError(f"references is only used by {' and '.join(takes)}, not {self.name}")
         return self
 
     @property
@@ -282,7 +293,7 @@ class EvalConfig(Schema):
     batch_size: int | None = Field(None, gt=0)  # samples per scoring pass; unset: EVAL_BATCH by device
     max_scored: int | None = Field(None, gt=0)  # cap per side (members, non-members) each epoch
     vocab_chunk: int = Field(8192, gt=0)  # vocabulary columns per chunk for mink++ statistics
-    bootstrap: int = Field(0, ge=0)  # resamples for AUC confidence intervals (0: off)
+    bootstrap: int = Field(0, ge=0)  # AUC intervals from this many bootstrap resamples; 0: DeLong's (closed form)
 
     def batch_on(self, device_type: str) -> int:
         """Samples per scoring pass on a device of this type ("cuda", "cpu", ...)."""
@@ -346,6 +357,21 @@ CHANGED_DEFAULTS: dict[tuple[str, str], tuple[Any, Any]] = {
 }
 
 
+class ReferenceConfig(Schema):
+    """Set on a reference model of lira / rmia: reference `index` of `of`, trained like its
+    target (this config less `reference`) on half `index` of the target's audit pool
+    (`memray.reference_attacks.half_masks`), scoring the whole pool every epoch."""
+
+    index: int = Field(ge=0)
+    of: int = Field(ge=2)
+
+    @model_validator(mode="after")
+    def _index_in_range(self) -> "ReferenceConfig":
+        if self.index >= self.of:
+            raise ValueError(f"index {self.index} is out of range for {self.of} references (0..{self.of - 1})")
+        return self
+
+
 class TrialConfig(Schema):
     """One fine-tuning trial: the resolved config the trial code runs."""
 
@@ -358,6 +384,24 @@ class TrialConfig(Schema):
     eval: EvalConfig = EvalConfig()
     attacks: list[AttackConfig] = Field(default_factory=_default_attacks)
     extraction: ExtractionConfig = ExtractionConfig()
+    reference: ReferenceConfig | None = None  # set on the reference models of lira / rmia only
+
+    @field_validator("attacks")
+    @classmethod
+    def _one_reference_count(cls, attacks: list[AttackConfig]) -> list[AttackConfig]:
+        counts = {a.references for a in attacks if a.references is not None}
+        if len(counts) > 1:
+            raise ValueError(f"lira and rmia share their reference models: give them the same references, "
+                             f"not {', '.join(map(str, sorted(counts)))}")
+        count = counts.pop() if counts else DEFAULT_REFERENCES  # one that gives none takes the other's
+        for attack in attacks:
+            if ATTACK_REGISTRY[attack.name].needs_reference_models:
+                attack.references = count
+        return attacks
+
+    def reference_models(self) -> int:
+        """How many reference models this trial's attacks need (0: none)."""
+        return max((a.references for a in self.attacks if a.references is not None), default=0)
 
     @model_validator(mode="after")
     def _extraction_fits(self) -> "TrialConfig":
@@ -400,6 +444,14 @@ class TrialConfig(Schema):
     def trial_id(self) -> str:
         """Short stable hash of everything that changes the result (not where it is written)."""
         payload = {k: v for k, v in self.resolved().items() if k != "output_dir"}
+        # the papers' rules (Min-K% token count, Zlib's text, BOS-inclusive blocks) change
+        # what is measured, so trials measured under them have ids of their own
+        payload["attack_rules"] = ATTACK_RULES
+        if payload["reference"] is None:
+            del payload["reference"]  # targets and plain trials: ids as before the section existed
+        for attack in payload["attacks"]:
+            if attack.get("references") is None:
+                del attack["references"]  # attacks other than lira / rmia: ids as before the key existed
         for (section, key), default in ADDED_LATER.items():
             if key in payload[section] and payload[section][key] == default:
                 del payload[section][key]  # trials that leave it at its default keep their ids (and folders)

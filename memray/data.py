@@ -27,8 +27,10 @@ own layout; the commit is kept with the split (`Split.origin`).
 Samples:
 - wikitext2: Salesforce/wikitext, wikitext-2-raw-v1: the train split's raw text as one
   token stream of the trial's tokenizer, cut into blocks of `max_length` tokens across
-  articles (the last block is dropped when under max_length / 4); no tokenizer family gets
-  a space added at line starts.
+  articles, BOS included (`block_tokens`: with a BOS token a block holds max_length - 1
+  text tokens, so none is truncated away when scored or trained on; the last block is
+  dropped when under a quarter of that); no tokenizer family gets a space added at line
+  starts.
 - webnlg: WebNLG 3.0 English (the Parquet export of webnlg-challenge/web_nlg): one sample
   per entry, "Triples: s | p | o; ...\\nText: <first reference>"; an entry longer than
   max_length is left out, not cut.
@@ -37,7 +39,7 @@ Samples:
 - local: a .jsonl (field `text_field`), .txt (one sample per non-empty line; use .jsonl for
   multi-line samples) or .csv (column `text_field`) file.
 - pydoc: the "finetune" half of CPython's `pydoc_data.topics`, each topic cut into blocks
-  of `max_length` tokens; the built-in tiny models are pretrained on the other half, and
+  of `max_length` tokens as wikitext2 (BOS included); the built-in tiny models are pretrained on the other half, and
   blocks sharing a 13-word run with it are left out.
 - synthetic: 5,000 fictional people, each with unique facts (name, birth, job, e-mail,
   phone), generated without randomness so that every machine sees the same records.
@@ -50,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import functools
 import hashlib
 import itertools
@@ -224,6 +227,17 @@ def _split(members: list[Sample], nonmembers: list[Sample], validation: list[Sam
     return Split(members, nonmembers, validation, digest, origin)
 
 
+def audit_half(split: Split, pool: list[Sample], in_half: Sequence[bool]) -> Split:
+    """The split of a reference model of lira / rmia: the pool samples `in_half` marks are
+    its members (each at least once, duplicated ones as often as in the target), the others
+    its non-members; validation and origin as the target's."""
+    if len(pool) != len(in_half):
+        raise ValueError(f"{len(in_half)} in/out flags for an audit pool of {len(pool)} samples")
+    members = [dataclasses.replace(s, copies=max(s.copies, 1)) for s, keep in zip(pool, in_half) if keep]
+    nonmembers = [dataclasses.replace(s, copies=0) for s, keep in zip(pool, in_half) if not keep]
+    return _split(members, nonmembers, split.validation, split.origin)
+
+
 def _default_members(data: DataConfig, pool: _Pool) -> int:
     default = REGISTRY[data.dataset].members
     if default is not None:
@@ -247,6 +261,13 @@ def _too_few(data: DataConfig, label: str, available: int, members: int, nonmemb
 # ---------------------------------------------------------------------------------------
 # Chunking into token blocks
 # ---------------------------------------------------------------------------------------
+
+
+def block_tokens(tokenizer: Any, max_length: int) -> int:
+    """Text tokens per block: `max_length` less the BOS slot when the tokenizer has a BOS
+    token (`memray.scoring.tokenize_texts` puts one first and truncates to max_length), so
+    that every token of a block is trained on and scored."""
+    return max_length - 1 if getattr(tokenizer, "bos_token_id", None) is not None else max_length
 
 
 def _token_blocks(token_ids: Sequence[int], max_length: int) -> list[Sequence[int]]:
@@ -297,7 +318,7 @@ def _pydoc_pool(max_length: int, tokenizer: Any) -> _Pool:
     topics = pydoc_topics("finetune")
     samples: list[tuple[str, str]] = []
     for (key, _), token_ids in zip(topics, _encode(tokenizer, [text for _, text in topics])):
-        for number, block in enumerate(_token_blocks(token_ids, max_length)):
+        for number, block in enumerate(_token_blocks(token_ids, block_tokens(tokenizer, max_length))):
             text = _decode(tokenizer, block)
             if not _seen_in_pretraining(text):
                 samples.append((f"pydoc/{key}/{number:03d}", text))
@@ -638,7 +659,7 @@ def _wikitext_pool(data: DataConfig, tokenizer: Any, source: str) -> _Pool:
     train, origin = _hub_train(data, WIKITEXT2, source)
     lines = "".join(train["text"]).splitlines(keepends=True)
     token_ids = list(itertools.chain.from_iterable(_encode_lines(tokenizer, lines)))
-    blocks = _token_blocks(token_ids, data.max_length)
+    blocks = _token_blocks(token_ids, block_tokens(tokenizer, data.max_length))
     return _Pool(f"wikitext2 (train split, {data.max_length}-token blocks)", len(blocks),
                  lambda i: (f"wikitext2/train/{i:05d}", _decode(tokenizer, blocks[i])), origin)
 

@@ -91,6 +91,13 @@ def tokenize_texts(tokenizer, texts: list[str], max_length: int) -> list[list[in
     return [[bos, *ids] if prepend else list(ids) for ids in encoded]
 
 
+def scored_texts(tokenizer, token_ids: list[list[int]]) -> list[str]:
+    """The text each sample's scored tokens spell (special tokens such as BOS left out):
+    the whole text when it fit in max_length, its kept part when it was truncated. Zlib
+    divides the loss of exactly these tokens by this text's compressed size."""
+    return [tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False) for ids in token_ids]
+
+
 # ---------------------------------------------------------------------------------------
 # Scoring
 # ---------------------------------------------------------------------------------------

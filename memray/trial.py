@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 from transformers import set_seed
 
-from memray import attacks, data, extraction, flops, methods, metrics, models, scoring
+from memray import attacks, data, extraction, flops, methods, metrics, models, reference_attacks, scoring
 from memray.config import TrialConfig
 from memray.distributed import DEEPSPEED_FILE, Distributed, EvalReplica, deepspeed_config, resolve_zero
 from memray.results import CHECKPOINTS_DIR, TrialRecord, atomic_write_text, write_scores, write_table
@@ -141,8 +141,14 @@ class TrialRun:
         max_length = config.data.max_length
 
         self.scored_members, self.scored_nonmembers = _scored_samples(config, split)
+        if config.reference is not None:  # a reference model of lira / rmia: half of the target's audit pool
+            pool = self.scored_members + self.scored_nonmembers
+            in_half = reference_attacks.half_masks(len(pool), config.reference.of, config.seed)[config.reference.index]
+            split = data.audit_half(split, pool, in_half)
+            self.scored_members, self.scored_nonmembers = split.members, split.nonmembers  # the whole pool
         self.scored = self.scored_members + self.scored_nonmembers
         self.scored_ids = scoring.tokenize_texts(self.tokenizer, [s.text for s in self.scored], max_length)
+        self.scored_texts = scoring.scored_texts(self.tokenizer, self.scored_ids)  # zlib's text: what was scored
         self.validation_ids = scoring.tokenize_texts(self.tokenizer, [s.text for s in split.validation], max_length)
         self.canaries = extraction.make_canaries(config.data.canaries, config.seed) if config.data.canaries else []
         training_texts = split.training_texts() + [c.text for c in self.canaries for _ in range(c.repeats)]
@@ -159,6 +165,7 @@ class TrialRun:
                                               self.eval_batch)
         self.model, self.info = methods.apply_method(model, config.method, source)
         record.update(split_hash=split.split_hash, data_origin=split.origin, method_info=self.info.__dict__,
+                      attack_rules=_attack_rules(config, len(self.scored_nonmembers)),
                       samples={"members": len(split.members), "nonmembers": len(split.nonmembers),
                                "validation": len(split.validation), "train_texts": len(self.train_ids),
                                "scored_members": len(self.scored_members),
@@ -202,15 +209,13 @@ class TrialRun:
         val_tokens = sum(len(s.logprobs) for s in validation)
         val_loss = -sum(float(s.logprobs.sum()) for s in validation) / max(val_tokens, 1)
         found: dict[str, float] = {"epoch": epoch, "val/loss": val_loss, "val/ppl": metrics.perplexity(val_loss)}
-        scores = attacks.attack_scores(config.attacks, target, [s.text for s in self.scored], self.reference)
-        frame = pd.DataFrame({"sample_id": [s.id for s in self.scored], "member": self.is_member, "copies": self.copies})
+        scores = attacks.attack_scores(config.attacks, target, self.scored_texts, self.reference)
+        # nll: each sample's mean token loss, the statistic of lira / rmia (memray.references)
+        frame = pd.DataFrame({"sample_id": [s.id for s in self.scored], "member": self.is_member, "copies": self.copies,
+                              "nll": [s.loss for s in target]})
         for label, values in scores.items():
-            found.update(metrics.mia_metrics(label, values, self.is_member))
+            found.update(metrics.mia_metrics(label, values, self.is_member, config.eval.bootstrap, config.seed))
             found.update(_duplicate_aucs(label, values, self.is_member, self.copies))
-            if config.eval.bootstrap:
-                low, high = metrics.bootstrap_auc(values, self.is_member, config.eval.bootstrap, seed=config.seed)
-                found[f"mia/{label}/auc_ci95_low"] = low
-                found[f"mia/{label}/auc_ci95_high"] = high
             frame[label] = values
         measurement = EpochMeasurement(found, frame)
         if config.extraction.enabled:
@@ -294,6 +299,15 @@ class TrialRun:
         return dict(self.record.epochs[-1])
 
 
+def _attack_rules(config: TrialConfig, nonmembers: int) -> dict[str, Any]:
+    """What result.json records of how the attacks were measured: the papers' rules, the
+    AUC interval, and the TPRs at FPRs the scored non-members cannot resolve (left out)."""
+    interval = (f"percentile bootstrap, {config.eval.bootstrap} stratified resamples" if config.eval.bootstrap
+                else "DeLong (normal approximation of the AUC's variance)")
+    return {**attacks.ATTACK_RULES, "auc_interval": f"95%, {interval}",
+            "tpr_unresolved": metrics.unresolved_fprs(nonmembers)}
+
+
 def _dtype(config: TrialConfig) -> torch.dtype:
     if config.model.dtype == "bfloat16":
         return torch.bfloat16
@@ -363,7 +377,8 @@ def _print_epoch(epoch_metrics: dict[str, float], config: TrialConfig) -> None:
 
 
 def summary_table(trial_dir: Path) -> str:
-    """The per-epoch table of a trial folder: epoch, losses, perplexity, each attack's AUC."""
+    """The per-epoch table of a trial folder: epoch, losses, perplexity, each attack's AUC
+    (marked * where its interval holds 0.5)."""
     from memray.results import read_result
 
     result = read_result(trial_dir) or {}
@@ -380,12 +395,17 @@ def summary_table(trial_dir: Path) -> str:
                 line.append(str(int(value)))
             elif value is None or (isinstance(value, float) and math.isnan(value)):
                 line.append("-")
+            elif key.endswith("/auc"):
+                low, high = row.get(key + "_lo"), row.get(key + "_hi")
+                chance = low is not None and high is not None and low <= 0.5 <= high
+                line.append(f"{value:.4f}" + ("*" if chance else " "))
             else:
-                line.append(f"{value:.4f}" if "auc" in key else f"{value:.3f}")
+                line.append(f"{value:.3f}")
         lines.append(line)
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = ["  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in lines]
     text.insert(1, "  ".join("-" * width for width in widths))
     status = result.get("status", "unknown")
     reason = f" ({result['reason']})" if result.get("reason") else ""
+    text.append("* the AUC's 95% interval holds 0.5: not distinguishable from chance")
     return "\n".join([f"{Path(trial_dir)}: {status}{reason}", *text])

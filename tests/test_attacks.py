@@ -34,7 +34,7 @@ def test_each_attack_equals_a_hand_computation():
     compressed = len(zlib.compress(TEXT.encode()))
     assert 10 < compressed < len(TEXT)  # the repeated text compresses
     assert scores["zlib"][0] == pytest.approx(-2.5 / compressed)
-    # k = 0.2 of 4 tokens: ceil(0.8) = 1 token, the lowest log-prob
+    # k = 0.2 of 4 tokens: int(0.8) = 0, at least 1 token: the lowest log-prob
     assert scores["mink"][0] == pytest.approx(-4.0)
     # k = 0.5: the 2 lowest, -4 and -3
     assert scores["mink@0.5"][0] == pytest.approx(-3.5)
@@ -44,13 +44,17 @@ def test_each_attack_equals_a_hand_computation():
     assert all(s.dtype == np.float64 and s.shape == (1,) for s in scores.values())
 
 
-def test_min_k_counts_ceil_of_k_tokens():
+def test_min_k_counts_int_of_k_tokens_at_least_one():
+    """The rule of Shi et al. 2024's code and MIMIR: int(k * n) lowest tokens, at least 1."""
     logprobs = -np.arange(1, 101, dtype=np.float32)  # -1 .. -100
-    # 0.55 * 100 is 55.00000000000001 in floating point: still 55 tokens, -100 .. -46
-    scores = attack_scores([AttackConfig(name="mink", k=0.55)], [stats(logprobs)], ["x"], None)
-    assert scores["mink@0.55"][0] == pytest.approx(-np.mean(np.arange(46, 101)))
     scores = attack_scores([AttackConfig(name="mink", k=0.553)], [stats(logprobs)], ["x"], None)
-    assert scores["mink@0.553"][0] == pytest.approx(-np.mean(np.arange(45, 101)))  # ceil(55.3) = 56
+    assert scores["mink@0.553"][0] == pytest.approx(-np.mean(np.arange(46, 101)))  # int(55.3) = 55
+    nine = -np.arange(1, 10, dtype=np.float32)  # 0.2 of 9 tokens: int(1.8) = 1 (ceil would take 2)
+    assert attack_scores([AttackConfig(name="mink")], [stats(nine)], ["x"], None)["mink"][0] == pytest.approx(-9.0)
+    standardized = stats(nine, mu=[0] * 9, sigma=[1] * 9)
+    assert attack_scores([AttackConfig(name="mink++")], [standardized], ["x"], None)["mink++"][0] == pytest.approx(-9.0)
+    one = stats([-2.0])  # 0.2 of 1 token: int(0.2) = 0, so the one token
+    assert attack_scores([AttackConfig(name="mink")], [one], ["x"], None)["mink"][0] == pytest.approx(-2.0)
 
 
 def test_lower_loss_scores_higher_for_every_attack():
@@ -85,3 +89,18 @@ def test_mink_plus_plus_without_vocab_stats_is_a_clear_error():
 def test_mismatched_lengths_are_an_error():
     with pytest.raises(ValueError, match="one entry per sample"):
         attack_scores(ALL, [SAMPLE, SAMPLE], [TEXT], [REFERENCE, REFERENCE])
+
+
+def test_zlib_divides_by_the_compressed_size_of_the_scored_text():
+    """A text truncated to max_length is scored on its kept part, and zlib compresses that part."""
+    from memray import models, scoring
+    from memray.config import ModelConfig
+
+    tokenizer = models.load_tokenizer(ModelConfig(name="tiny-gpt2"))
+    text = " ".join(f"word{i}" for i in range(200))
+    ids = scoring.tokenize_texts(tokenizer, [text], 16)
+    [kept] = scoring.scored_texts(tokenizer, ids)
+    assert text.startswith(kept) and len(kept) < len(text) / 5
+    sample = stats([-2.0] * (len(ids[0]) - 1))
+    score = attack_scores([AttackConfig(name="zlib")], [sample], [kept], None)["zlib"][0]
+    assert score == pytest.approx(-2.0 / len(zlib.compress(kept.encode())))

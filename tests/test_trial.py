@@ -65,8 +65,13 @@ def test_every_epoch_is_reported_with_its_checkpoint(finished):
     for metrics, _ in reports:
         assert metrics["val/ppl"] == pytest.approx(math.exp(metrics["val/loss"]))
         for attack in ATTACKS:
-            for name in ("auc", "tpr@1%fpr", "tpr@0.1%fpr"):
+            for name in ("auc", "auc_lo", "auc_hi"):
                 assert 0.0 <= metrics[f"mia/{attack}/{name}"] <= 1.0
+            assert metrics[f"mia/{attack}/auc_lo"] <= metrics[f"mia/{attack}/auc"] <= metrics[f"mia/{attack}/auc_hi"]
+            # 32 non-members resolve neither 1% nor 0.1% FPR: no TPR is reported
+            assert f"mia/{attack}/tpr@1%fpr" not in metrics and f"mia/{attack}/tpr@0.1%fpr" not in metrics
+    # before training every attack is indistinguishable from chance: its interval holds 0.5
+    assert all(reports[0][0][f"mia/{attack}/auc_lo"] <= 0.5 <= reports[0][0][f"mia/{attack}/auc_hi"] for attack in ATTACKS)
     # only the newest checkpoint is kept by default
     assert [p.name for p in (trial_dir / "checkpoints").iterdir() if p.name.startswith("checkpoint-")] == ["checkpoint-16"]
 
@@ -79,6 +84,9 @@ def test_result_files(finished):
     assert [row["epoch"] for row in result["epochs"]] == [0, 1, 2, 3, 4]
     assert result["epochs"][-1] == reports[-1][0]
     assert len(result["split_hash"]) == 64
+    rules = result["attack_rules"]
+    assert rules["mink_tokens"].startswith("int(k * n)") and rules["auc_interval"].startswith("95%, DeLong")
+    assert set(rules["tpr_unresolved"]) == {"tpr@1%fpr", "tpr@0.1%fpr"}
     assert result["method_info"]["trainable_params"] == result["method_info"]["total_params"] > 0
     provenance = result["provenance"]
     assert provenance["versions"]["torch"] and provenance["hardware"]["cpus"]

@@ -23,9 +23,14 @@ What the numbers mean:
   perplexity (the checkpoint early stopping would keep).
 - Trials whose configs differ only in `seed` form a *group*; the seed tables give the
   mean ± sample standard deviation (ddof=1) over the group's successful trials.
-- AUC 95% intervals are percentile bootstraps of the final epoch's per-sample scores
-  (members and non-members resampled separately, `BOOTSTRAP_RESAMPLES` times); a group's
-  interval is that of the per-resample mean over its seeds.
+- AUC 95% intervals are the ones each trial recorded (`mia/<attack>/auc_lo`, `auc_hi`:
+  DeLong's unless `eval.bootstrap` asked for a bootstrap); a trial that recorded none gets
+  a percentile bootstrap of its final epoch's per-sample scores (members and non-members
+  resampled separately, `BOOTSTRAP_RESAMPLES` times). An AUC whose interval holds 0.5 is
+  marked "(chance)": not distinguishable from chance. A group's interval is that of the
+  per-resample mean over its seeds; the seed table lists groups of two or more seeds only.
+- A TPR at an FPR is reported only where the non-members resolve that FPR (at least
+  1/FPR of them); the notes say which were left out and why.
 - A model's size is the smallest base-parameter count any of its trials reports: a
   trial's `method_info.total_params`, less its `trainable_params` for PEFT methods (whose
   adapters, prefixes or prompts are added to the model). A model no trial has loaded yet
@@ -63,6 +68,7 @@ from memray.report.loading import (
 from memray.report.tables import (
     attacks_table,
     duplication_table,
+    epoch_zero_note,
     extraction_table,
     lora_table,
     method_by_model_tables,
@@ -70,6 +76,7 @@ from memray.report.tables import (
     sort_key,
     trials_table,
     unfinished_table,
+    unresolved_notes,
 )
 from memray.report.figures import make_figures
 from memray.report.publishing import (
@@ -120,6 +127,10 @@ def build_report(sweep_dir: Path, out_dir: Path | None = None, *, wandb: bool = 
         trial.attacks = attack_results(trial, sweep_dir, bootstrap)
     labels = list(dict.fromkeys(label for t in trials for label in t.attack_labels()))
     groups = make_groups(trials)
+    notes.extend(unresolved_notes(trials))
+    zero = epoch_zero_note(trials)
+    if zero:
+        notes.append(zero)
 
     tables = {"unfinished": unfinished_table(trials)}
     tables.update({t.name: t for t in method_by_model_tables(groups, labels, sizes)})

@@ -109,14 +109,20 @@ def plot_auc_vs_epoch(trials: list[Trial], dataset: str, labels: list[str], size
                 if not len(epochs):
                     continue
                 ax.plot(epochs, means, marker="o", markersize=3, color=colors[variant], label=variant)
-                if any(stds):
+                if len(group) == 1:  # one seed: its own 95% interval per epoch
+                    _, lows, _ = _by_epoch(group, f"mia/{label}/auc_lo")
+                    _, highs, _ = _by_epoch(group, f"mia/{label}/auc_hi")
+                    if len(lows) == len(highs) == len(epochs):
+                        ax.fill_between(epochs, lows, highs, color=colors[variant], alpha=0.15)
+                elif any(stds):
                     ax.fill_between(epochs, means - stds, means + stds, color=colors[variant], alpha=0.15)
             ax.axhline(CHANCE_AUC, color="grey", linestyle=":", linewidth=1)
             ax.set_title(f"{model} ({params_text(sizes[model]['params'])}), {_attack_title(label)}", fontsize="medium")
             ax.set_xlabel("epoch (0 = before fine-tuning)")
             ax.set_ylabel("membership AUC-ROC")
             ax.grid(alpha=0.3)
-    figure.suptitle(f"Membership-inference AUC per epoch, {dataset} (mean ± std over seeds; dotted: chance)")
+    figure.suptitle(f"Membership-inference AUC per epoch, {dataset} (band: 95% interval of one seed, or ± std "
+                    "over seeds; dotted: chance)")
     _legend(figure, axes)
     return _save(figure, path)
 

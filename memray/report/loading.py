@@ -41,9 +41,14 @@ class AttackResult:
     auc_best: float  # at the best-perplexity epoch
     tpr_1_best: float
     tpr_01_best: float
-    ci: tuple[float, float] | None = None  # bootstrap 95% interval of the AUC
+    ci: tuple[float, float] | None = None  # 95% interval of the AUC: the trial's own (auc_lo, auc_hi), else a bootstrap
     resampled: np.ndarray | None = None  # the bootstrap AUCs, for intervals of seed means
     roc: tuple[np.ndarray, np.ndarray] | None = None  # (FPR, TPR) points
+
+    @property
+    def chance(self) -> bool:
+        """Whether the AUC's interval holds 0.5: not distinguishable from chance."""
+        return self.ci is not None and self.ci[0] <= 0.5 <= self.ci[1]
 
 
 @dataclass
@@ -60,6 +65,7 @@ class Trial:
     method_info: dict[str, Any] = field(default_factory=dict)
     split_hash: str | None = None
     versions: dict[str, str | None] = field(default_factory=dict)  # python and packages that ran it
+    attack_rules: dict[str, Any] = field(default_factory=dict)  # how the attacks were measured (result.json)
     variant: str = ""  # method label, set once every trial is known
     attacks: dict[str, AttackResult] = field(default_factory=dict)
 
@@ -163,7 +169,7 @@ def load_trials(sweep_dir: Path, cells: list[Cell], skip: Path | None = None) ->
             reason=data.get("reason"), config=data["config"], axes=data.get("axes") or {},
             epochs=sorted(data.get("epochs") or [], key=lambda row: row["epoch"]),
             method_info=data.get("method_info") or {}, split_hash=data.get("split_hash"),
-            versions=_versions(data.get("provenance") or {}),
+            versions=_versions(data.get("provenance") or {}), attack_rules=data.get("attack_rules") or {},
         ))
     names = trial_names(cells) if cells else {}
     for cell in cells:
@@ -269,8 +275,9 @@ def _bootstrap_seed(name: str, label: str) -> int:
 
 
 def attack_results(trial: Trial, sweep_dir: Path, resamples: int) -> dict[str, AttackResult]:
-    """Per attack: final AUC and TPRs from result.json, AUC at the best epoch, and from the
-    final epoch's per-sample scores (when the file is there) the bootstrap interval and ROC."""
+    """Per attack: final AUC, its interval and TPRs from result.json, AUC at the best epoch,
+    and from the final epoch's per-sample scores (when the file is there) the bootstrap AUCs
+    (the interval of a trial that recorded none) and the ROC."""
     final, best = trial.final, trial.best
     if not final:
         return {}
@@ -292,6 +299,8 @@ def attack_results(trial: Trial, sweep_dir: Path, resamples: int) -> dict[str, A
                     result.resampled = bootstrap_aucs(values, member, resamples, _bootstrap_seed(trial.name, label))
                     result.ci = percentile_interval(result.resampled)
                 result.roc = roc_points(values, member, max_points=ROC_POINTS)
+        if is_finite(final.get(key + "auc_lo")) and is_finite(final.get(key + "auc_hi")):
+            result.ci = (final[key + "auc_lo"], final[key + "auc_hi"])  # what the trial measured (DeLong by default)
         results[label] = result
     return results
 

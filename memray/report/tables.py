@@ -30,6 +30,39 @@ def _pm(mean: float, std: float, digits: int = 3) -> str:
     return _num(mean, digits) + (f" ± {_num(std, digits)}" if is_finite(std) else "")
 
 
+#: Marks an AUC whose 95% interval holds 0.5 (not distinguishable from chance).
+CHANCE_MARK = " (chance)"
+
+
+def _chance_mark(trial: Trial, label: str) -> str:
+    attack = trial.attacks.get(label)
+    return CHANCE_MARK if attack is not None and attack.chance else ""
+
+
+def unresolved_notes(trials: list[Trial]) -> list[str]:
+    """One note per TPR@FPR that some trials leave out, with the reason they recorded."""
+    reasons: dict[str, dict[str, int]] = {}
+    for trial in trials:
+        for suffix, reason in (trial.attack_rules.get("tpr_unresolved") or {}).items():
+            reasons.setdefault(suffix, {}).setdefault(reason, 0)
+            reasons[suffix][reason] += 1
+    return [f"{suffix.upper()} is not reported for {count} trial(s): {reason}."
+            for suffix, found in reasons.items() for reason, count in found.items()]
+
+
+def epoch_zero_note(trials: list[Trial]) -> str | None:
+    """How many epoch-0 AUCs (before fine-tuning, where members and non-members are alike to
+    the model) hold 0.5 in their interval, i.e. are marked as chance."""
+    bounds = [(row[f"mia/{label}/auc_lo"], row[f"mia/{label}/auc_hi"])
+              for t in trials for row in t.epochs[:1] if int(row["epoch"]) == 0
+              for label in t.attack_labels() if is_finite(row.get(f"mia/{label}/auc_lo"))]
+    if not bounds:
+        return None
+    chance = sum(low <= 0.5 <= high for low, high in bounds)
+    return (f"Epoch 0 (before fine-tuning): {chance} of {len(bounds)} attack AUCs are not distinguishable from "
+            "chance (their 95% interval holds 0.5); the per-epoch figures shade each AUC's interval.")
+
+
 def _interval(ci: tuple[float, float] | None, digits: int = 3) -> str:
     return f"[{_num(ci[0], digits)}, {_num(ci[1], digits)}]" if ci else "-"
 
@@ -96,11 +129,12 @@ def trials_table(trials: list[Trial], labels: list[str]) -> Table:
                      "seed": str(t.seed), "status": t.status, "epochs": _epochs_text(t),
                      "val PPL (final)": _num(final.get("val/ppl"), 2),
                      "val PPL (best)": _num(best.get("val/ppl"), 2) + (f" @{int(best['epoch'])}" if best else ""),
-                     **{f"{label} AUC": _num(final.get(f"mia/{label}/auc")) for label in labels},
+                     **{f"{label} AUC": _num(final.get(f"mia/{label}/auc")) + _chance_mark(t, label) for label in labels},
                      "note": _note(t)})
     return Table("trials", "Trials: final and best-epoch validation perplexity, final AUC per attack",
                  pd.DataFrame(rows), pd.DataFrame(text),
-                 "Final = last recorded epoch; best = epoch of lowest validation perplexity (shown after @).")
+                 "Final = last recorded epoch; best = epoch of lowest validation perplexity (shown after @). "
+                 f"{CHANCE_MARK} = the AUC's 95% interval holds 0.5: not distinguishable from chance.")
 
 
 def attacks_table(trials: list[Trial]) -> Table:
@@ -109,24 +143,30 @@ def attacks_table(trials: list[Trial]) -> Table:
         for label, a in t.attacks.items():
             rows.append({"trial": t.name, "dataset": t.dataset, "model": t.model, "method": t.variant,
                          "seed": t.seed, "status": t.status, "attack": label, "epoch": t.final.get("epoch"),
-                         "auc": a.auc, "auc ci95 low": a.ci[0] if a.ci else None,
+                         "auc": a.auc, "chance": a.chance, "auc ci95 low": a.ci[0] if a.ci else None,
                          "auc ci95 high": a.ci[1] if a.ci else None, "tpr@1%fpr": a.tpr_1,
                          "tpr@0.1%fpr": a.tpr_01, "best epoch": t.best.get("epoch"), "auc at best epoch": a.auc_best,
                          "tpr@1%fpr at best epoch": a.tpr_1_best, "tpr@0.1%fpr at best epoch": a.tpr_01_best})
             text.append({"trial": t.name, "method": t.variant, "status": t.status, "attack": label,
-                         "epoch": str(int(t.final["epoch"])), "AUC": _num(a.auc), "AUC 95% CI": _interval(a.ci),
+                         "epoch": str(int(t.final["epoch"])), "AUC": _num(a.auc) + (CHANCE_MARK if a.chance else ""),
+                         "AUC 95% CI": _interval(a.ci),
                          "TPR@1%FPR": _num(a.tpr_1), "TPR@0.1%FPR": _num(a.tpr_01),
                          "AUC (best epoch)": _num(a.auc_best)})
-    return Table("attacks", "Attacks per trial: AUC with bootstrap 95% interval, TPR at 1% and 0.1% FPR",
+    return Table("attacks", "Attacks per trial: AUC with its 95% interval, TPR at 1% and 0.1% FPR",
                  pd.DataFrame(rows), pd.DataFrame(text),
-                 f"At the final epoch; intervals from {BOOTSTRAP_RESAMPLES} stratified bootstrap resamples of "
-                 "the per-sample scores; the last column is the AUC at the best-perplexity epoch (its TPRs are "
+                 f"At the final epoch; intervals as the trial recorded them (DeLong's unless eval.bootstrap was set; "
+                 f"trials that recorded none: {BOOTSTRAP_RESAMPLES} stratified bootstrap resamples of the per-sample "
+                 f"scores); {CHANCE_MARK} = the interval holds 0.5, not distinguishable from chance; a TPR is '-' "
+                 "where the non-members cannot resolve its FPR (see the notes); the last column is the AUC at "
+                 "the best-perplexity epoch (its TPRs are "
                  "in the CSV).")
 
 
 def seeds_table(groups: list[Group], labels: list[str], sizes: dict[str, dict[str, Any]]) -> Table:
+    """Mean ± std over seeds of each configuration that has two or more finished seeds
+    (one seed has no spread to show)."""
     rows, text = [], []
-    for g in groups:
+    for g in (g for g in groups if len(g.finished) >= 2):
         seeds = f"{len(g.finished)}/{len(g.trials)}"
         ppl, ppl_std, _ = g.stat("val/ppl")
         best_ppl, best_std, _ = g.stat("val/ppl", best=True)
@@ -147,8 +187,8 @@ def seeds_table(groups: list[Group], labels: list[str], sizes: dict[str, dict[st
                          "val PPL (final)": _pm(ppl, ppl_std, 2), "val PPL (best)": _pm(best_ppl, best_std, 2)})
     return Table("seeds", "Over seeds: mean ± std of the finished trials of each configuration",
                  pd.DataFrame(rows), pd.DataFrame(text),
-                 "Seeds = finished / all trials of the configuration; the interval is a bootstrap 95% "
-                 "interval of the seed-mean AUC.")
+                 "Seeds = finished / all trials of the configuration; only configurations with two or more "
+                 "finished seeds are listed; the interval is a bootstrap 95% interval of the seed-mean AUC.")
 
 
 def method_by_model_tables(groups: list[Group], labels: list[str], sizes: dict[str, dict[str, Any]]) -> list[Table]:

@@ -28,6 +28,12 @@ def _trial(args: argparse.Namespace) -> int:
     trial_dir = Path(args.trial_dir) if args.trial_dir else trial.default_trial_dir(config)
     print(f"[memray] trial folder: {trial_dir}", file=sys.stderr)
     final = trial.run_trial(config, trial_dir=trial_dir, resume=not args.fresh, progress=not args.quiet)
+    if config.reference_models():  # lira / rmia: their reference models, trained here one after another
+        from memray import references
+
+        print(f"[memray] {config.reference_models()} reference models of lira / rmia in "
+              f"{trial_dir / references.REFERENCES_DIR}", file=sys.stderr)
+        final = references.complete_target(config, trial_dir, final, resume=not args.fresh, progress=not args.quiet)
     print(trial.summary_table(trial_dir))
     return 0 if final else 1
 

@@ -10,7 +10,8 @@ from memray.attacks import ATTACKS, attack_scores
 from memray.config import AttackConfig
 from memray.scoring import TokenStats
 
-ALL = [AttackConfig(name=n) for n in ATTACKS]  # every registered attack; mink and mink++ get k = 0.2
+# every attack scored per sample (mink and mink++ get k = 0.2); lira and rmia come from reference models
+ALL = [AttackConfig(name=n) for n in ATTACKS if not ATTACKS[n].needs_reference_models]
 
 
 def float32(values) -> np.ndarray | None:
@@ -104,3 +105,10 @@ def test_zlib_divides_by_the_compressed_size_of_the_scored_text():
     sample = stats([-2.0] * (len(ids[0]) - 1))
     score = attack_scores([AttackConfig(name="zlib")], [sample], [kept], None)["zlib"][0]
     assert score == pytest.approx(-2.0 / len(zlib.compress(kept.encode())))
+
+
+def test_reference_model_attacks_are_left_to_their_references():
+    configs = [AttackConfig(name="loss"), AttackConfig(name="lira", references=4), AttackConfig(name="rmia", references=4)]
+    assert list(attack_scores(configs, [SAMPLE], [TEXT], None)) == ["loss"]
+    with pytest.raises(ValueError, match="scored from reference models"):
+        ATTACKS["lira"].score(configs[1], SAMPLE, TEXT, None)

@@ -159,11 +159,15 @@ def read_sweep_file(sweep_dir: Path) -> tuple[SweepConfig | None, list[Cell], st
 
 
 def load_trials(sweep_dir: Path, cells: list[Cell], skip: Path | None = None) -> list[Trial]:
-    """Trials of the folder, plus a pending entry for each grid cell that has no folder."""
+    """Trials of the folder, plus a pending entry for each grid cell that has no folder.
+    Reference models of lira / rmia (a config with `reference`) are part of their target,
+    not trials of their own."""
     sweep_dir = Path(sweep_dir)
     trials = []
     for trial_dir in find_trial_dirs(sweep_dir, skip):
         data = json.loads((trial_dir / RESULT_FILE).read_text())
+        if data["config"].get("reference"):
+            continue
         trials.append(Trial(
             name=trial_dir.name, path=str(trial_dir.relative_to(sweep_dir)), status=data["status"],
             reason=data.get("reason"), config=data["config"], axes=data.get("axes") or {},

@@ -213,14 +213,17 @@ def max_concurrent_trials(resources: Sequence[TrialResources], capacity: Mapping
 def trial_cost(config: TrialConfig) -> float:
     """Relative run time: parameters x tokens through the model over the whole trial,
     training passes weighted by the method's `train_pass_cost`; the per-epoch evaluation scores members,
-    non-members and the validation set once each (epoch 0 included)."""
+    non-members and the validation set once each (epoch 0 included). A target of lira / rmia
+    costs its reference models too (each as much as the target: its half of the audit pool
+    and the whole pool scored every epoch, about the target's tokens)."""
     members = config.data.members or 1000  # None: the dataset's default, of this order
     train_tokens = members * config.data.max_length * config.train.epochs
     if config.data.duplicates:
         train_tokens *= 1 + config.data.duplicates.fraction * (max(config.data.duplicates.copies) - 1)
     scored = members + (config.data.nonmembers or members) + config.data.validation
     eval_tokens = scored * config.data.max_length * (config.train.epochs + 1)
-    return approx_params(config) * (METHODS[config.method.name].train_pass_cost * train_tokens + eval_tokens)
+    one = approx_params(config) * (METHODS[config.method.name].train_pass_cost * train_tokens + eval_tokens)
+    return one * (1 + config.reference_models())
 
 
 def schedule_order(cells: list[Cell]) -> list[int]:

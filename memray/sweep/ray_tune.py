@@ -59,6 +59,7 @@ def run_cell(params: dict[str, Any], context: SweepContext) -> None:
     """Tune function trainable: run grid cell `params["cell"]` as a trial in its folder."""
     from ray import tune
 
+    from memray.references import complete_target
     from memray.results import read_result
     from memray.trial import run_trial
 
@@ -97,9 +98,13 @@ def run_cell(params: dict[str, Any], context: SweepContext) -> None:
         if hook is not None:
             hook(index, int(metrics["epoch"]), 0, 1)
 
-    run_and_finish(run, mirror, trial_dir, lambda: run_trial(
-        cell.config, report, trial_dir=trial_dir, resume=True, cache_dir=Path(context.cache_dir), axes=cell.axes,
-        progress=False))
+    def trial() -> dict[str, float]:
+        final = run_trial(cell.config, report, trial_dir=trial_dir, resume=True, cache_dir=Path(context.cache_dir),
+                          axes=cell.axes, progress=False)
+        # lira / rmia: the reference models train in this trial's process after it, in its folder
+        return complete_target(cell.config, trial_dir, final, cache_dir=Path(context.cache_dir), progress=False)
+
+    run_and_finish(run, mirror, trial_dir, trial)
 
 
 def _connect(address: str | None, num_cpus: int | None) -> bool:
@@ -226,7 +231,9 @@ def dry_run_text(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] 
         plan = plan_sweep(sweep, cells, str(path), capacity, nodes, strict=False)
     names = trial_names(cells)
     cap = plan.max_concurrent or "no cap (every trial reserves all it uses)"
-    lines = [f"{len(cells)} trials", f"sweep folder: <storage>/{sweep.name}   Ray: {capacity_text(capacity)}; "
+    references = sum(cell.config.reference_models() for cell in cells)
+    lines = [f"{len(cells)} trials" + (f" and {references} reference models of lira / rmia, trained in their "
+                                       f"targets' processes" if references else ""), f"sweep folder: <storage>/{sweep.name}   Ray: {capacity_text(capacity)}; "
                                      f"concurrent trials: {cap}; longest first"]
     infos: dict[str, Any] = {}
     too_big, misplaced, groups = [], [], {}
@@ -237,8 +244,10 @@ def dry_run_text(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] 
         estimate = memory_estimate(cell.config, resources.rule, shape)
         budget = gpu_budget_gb(resources.rule)
         fits = budget is None or estimate.total <= budget
+        references = cell.config.reference_models()
         lines.append(f"  {names[index]}  {axes}  {resources.describe()}  mem {estimate.describe()}"
-                     + ("" if fits else f"  DOES NOT FIT {budget:g} GB"))
+                     + ("" if fits else f"  DOES NOT FIT {budget:g} GB")
+                     + (f"  + {references} reference models (lira / rmia) in its process" if references else ""))
         if not fits:
             (too_big if resources.source == "default" else misplaced).append((index, axes, resources, estimate, budget))
         rule = resources.rule

@@ -94,7 +94,7 @@ def test_result_files(finished):
     assert (trial_dir / "config.yaml").is_file()
     for epoch in range(5):
         scores = pd.read_parquet(trial_dir / "scores" / f"epoch_{epoch:03d}.parquet")
-        assert list(scores.columns) == ["sample_id", "member", "copies", *ATTACKS]
+        assert list(scores.columns) == ["sample_id", "member", "copies", "nll", *ATTACKS]
         assert scores["member"].sum() == 32 and (~scores["member"]).sum() == 32
         assert set(scores.loc[scores["member"], "copies"]) == {1}
         assert set(scores.loc[~scores["member"], "copies"]) == {0}

@@ -17,7 +17,10 @@ from memray.config import ConfigError
 def _trial(args: argparse.Namespace) -> int:
     from memray.config import load_trial
 
-    config = load_trial(args.file, args.overrides, cell=args.cell)
+    notes: list[str] = []
+    config = load_trial(args.file, args.overrides, cell=args.cell, notes=notes)
+    for note in notes:
+        print(f"[memray] {note}", file=sys.stderr)
     if args.output_dir:
         config.output_dir = args.output_dir
     from memray import data, methods, models, trial  # heavy imports only after the config is valid
@@ -38,9 +41,17 @@ def _trial(args: argparse.Namespace) -> int:
     return 0 if final else 1
 
 
+def _verbosity(args: argparse.Namespace) -> None:
+    """`-v`: the trials' library output (warnings, banners, bars) on the console too; without
+    it, in each trial folder's trial.log."""
+    if getattr(args, "verbose", False):
+        os.environ["MEMRAY_VERBOSE"] = "1"  # handed to every trial with the other MEMRAY_* settings
+
+
 def _run(args: argparse.Namespace) -> int:
     from memray import sweep
 
+    _verbosity(args)
     if args.dry_run:
         print(sweep.dry_run_text(args.file, args.overrides, address=args.address, num_cpus=args.num_cpus))
         return 0
@@ -51,6 +62,7 @@ def _run(args: argparse.Namespace) -> int:
 def _resume(args: argparse.Namespace) -> int:
     from memray import sweep
 
+    _verbosity(args)
     return sweep.resume_sweep(args.sweep_dir, address=args.address, num_cpus=args.num_cpus,
                               max_failures=args.max_failures)
 
@@ -111,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--address", default=None, help="Ray cluster address (e.g. auto); default: a local Ray")
         p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
         p.add_argument("--max-failures", type=int, default=2, help="retries of a failing trial")
+        p.add_argument("-v", "--verbose", action="store_true",
+                       help="the trials' library warnings and banners on the console too (always in trial.log)")
 
     p = commands.add_parser("run", help="run every grid cell of a sweep file as a Ray Tune trial")
     p.add_argument("file")
@@ -155,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"memray: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        where = f"`memray resume {args.sweep_dir}`" if hasattr(args, "sweep_dir") else "`memray resume <sweep dir>`"
+        print(f"memray: interrupted; {where} continues from the last epochs" if args.command in ("run", "resume")
+              else "memray: interrupted; the same command continues from the last epoch", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -712,6 +712,10 @@ def _describe(err: dict[str, Any], model: type[BaseModel]) -> tuple[str, str]:
         allowed = _allowed_keys(model, tuple(loc[:-1])) or []
         hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
         text = "unknown key"
+        owners = [name for name in METHOD_REGISTRY if str(loc[-1]) in METHOD_REGISTRY[name].config.model_fields]
+        if clean[:1] == ["method"] and len(clean) == 2 and owners:
+            return field, (f"{loc[-1]} belongs to method {' / '.join(owners)} (set method.name={owners[0]}), "
+                           f"not to {loc[1] if len(loc) > 2 else 'this method'}")
         if hint:
             text += f" (did you mean {hint[0]!r}?)"
         elif allowed:
@@ -801,11 +805,46 @@ def _axes_text(axes: dict[str, Any]) -> str:
     return ", ".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in axes.items())
 
 
-def load_trial(path: str | Path, overrides: list[str] | None = None, cell: int | None = None) -> TrialConfig:
+def switch_method(tree: dict[str, Any], overrides: dict[str, Any], grid: dict[str, list[Any]] | None = None,
+                  notes: list[str] | None = None) -> dict[str, Any]:
+    """Overrides that switch the method (`method.name=lora` on a `full` base) start from the
+    new method's own settings: the grid's first `method` entry of that name when the sweep
+    has one (its lr, rank, ...), else the base's keys the new method accepts but its lr
+    (tuned for the old method: the new one's default instead). Returns the overrides to apply,
+    with the switch spelled out as a whole `method` section; one line per switch goes to
+    `notes`."""
+    name = overrides.get("method.name")
+    old = tree.get("method") if isinstance(tree.get("method"), dict) else {}
+    if name is None or name == old.get("name") or name not in METHOD_REGISTRY:
+        return overrides
+    entries = [v for v in (grid or {}).get("method", []) if isinstance(v, dict) and v.get("name") == name]
+    accepted = set(METHOD_REGISTRY[name].config.model_fields)
+    if entries:
+        section = dict(entries[0])
+        how = f"the sweep grid's {name} entry"
+    else:
+        # lr is every method's key, but one tuned for the old method: the new one's default instead
+        section = {key: value for key, value in old.items() if key in accepted and key != "lr"}
+        how = f"{old.get('name')}'s settings that {name} accepts"
+    section["name"] = name
+    dropped = sorted(set(old) - set(section) - {"name"})
+    rest = {key: value for key, value in overrides.items() if not key.startswith("method.")}
+    own = {key: value for key, value in overrides.items() if key.startswith("method.") and key != "method.name"}
+    if notes is not None:
+        settings = ", ".join(f"{k} {v}" for k, v in section.items() if k != "name") or "its defaults"
+        lost = f"; dropped {', '.join(f'{k} {old[k]}' for k in dropped)} (of {old.get('name')})" if dropped else ""
+        lr = "" if "lr" in section else f" (lr: {name}'s default)"
+        notes.append(f"method.name={name}: {settings} from {how}{lr}{lost}")
+    return {"method": section, **own, **rest}
+
+
+def load_trial(path: str | Path, overrides: list[str] | None = None, cell: int | None = None,
+               notes: list[str] | None = None) -> TrialConfig:
     """The trial `memray trial FILE [key=value ...] [--cell N]` runs.
 
     A plain trial file, or a sweep file's `base` (with `--cell N`: its N-th grid cell).
-    Command-line overrides apply last.
+    Command-line overrides apply last; one switching the method is `switch_method`'s (its
+    line goes to `notes`).
     """
     parsed = dict(parse_override(o) for o in overrides or [])
     source = str(path)
@@ -813,13 +852,13 @@ def load_trial(path: str | Path, overrides: list[str] | None = None, cell: int |
     if is_sweep(tree):
         sweep = validate(SweepConfig, tree, source)
         if cell is None:
-            raw = apply_overrides(sweep.base, parsed)
+            raw = apply_overrides(sweep.base, switch_method(sweep.base, parsed, sweep.grid, notes))
             return validate_trial(raw, source)
         cells = expand_grid(sweep.base, sweep.grid, source)
         if not 0 <= cell < len(cells):
             raise ConfigError(source, "--cell", f"{cell} is out of range: the grid has {len(cells)} cells (0..{len(cells) - 1})")
-        raw = apply_overrides(apply_overrides(sweep.base, cells[cell].axes), parsed)
-        return validate_trial(raw, source)
+        base = apply_overrides(sweep.base, cells[cell].axes)
+        return validate_trial(apply_overrides(base, switch_method(base, parsed, sweep.grid, notes)), source)
     if cell is not None:
         raise ConfigError(source, "--cell", "this is a plain trial file, not a sweep (no base/grid)")
-    return validate_trial(apply_overrides(tree, parsed), source)
+    return validate_trial(apply_overrides(tree, switch_method(tree, parsed, None, notes)), source)

@@ -5,6 +5,7 @@ they are read back.
 <storage>/<sweep name>/    the same on every run of the same sweep file
   sweep.yaml      the resolved sweep file (overrides applied): resume and status need only it
   sweep.json      when and from what the sweep was made, and its W&B id seed
+  driver.json     while a `memray run / resume` works on the folder: its pid and host
   trials/<cell>-<slug>/   one trial folder per grid cell (below), checkpoints included
   tune/           Ray Tune's experiment state, per-trial results and its copy of the last checkpoint
   train/          Ray Train's run state of multi-worker trials (one run per attempt)
@@ -15,11 +16,12 @@ they are read back.
 ```
 <trial dir>/
   config.yaml              resolved trial config
-  result.json              status, reason, provenance, split hash, method info, per-epoch metrics
+  result.json              status (STATES), reason, provenance, split hash, method info, per-epoch metrics
   scores/epoch_003.parquet per-sample scores: sample_id, member, copies, one column per attack
   checkpoints/             Trainer checkpoints (adapter weights only for PEFT methods; sharded
                            DeepSpeed checkpoints for a data-parallel trial)
   deepspeed.json           a data-parallel trial's resolved DeepSpeed config
+  trial.log                in a sweep: what the trial's processes printed (library warnings, banners)
 ```
 `result.json` is rewritten atomically after every epoch, so a killed trial leaves a
 readable record of every epoch it finished. Readers (`memray status`, `memray report`)
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
 
 SWEEP_FILE = "sweep.yaml"
 STATE_FILE = "sweep.json"
+DRIVER_FILE = "driver.json"  # pid and host of the `memray run / resume` working on the folder
 TRIALS_DIR = "trials"
 TUNE_DIR = "tune"
 TRAIN_DIR = "train"  # Ray Train's run state of multi-worker trials (their checkpoints stay in the trial folders)
@@ -59,6 +62,34 @@ CHECKPOINTS_DIR = "checkpoints"
 #: Packages whose versions are recorded with every trial.
 TRACKED_PACKAGES = ("memray-ft", "torch", "transformers", "peft", "accelerate", "datasets",
                     "ray", "deepspeed", "scikit-learn", "wandb", "numpy")
+
+
+#: A trial's state in result.json, `memray status`, the report and W&B: `running` while a
+#: process works on it (or until a reader finds no process alive: then `lost`), and how it ended.
+STATES = ("success", "failed", "interrupted", "lost", "running")
+
+
+def ending_state(err: BaseException) -> str:
+    """How a trial that raised `err` ended: `interrupted` (Ctrl-C, SIGTERM, a stopped actor's
+    SystemExit) or `failed` (any other exception)."""
+    return "interrupted" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "failed"
+
+
+def driver_alive(note: str | None) -> bool:
+    """Whether the driver a `driver.json` text names is alive: a live process of this host
+    (a driver on another host counts as alive; no note: none)."""
+    if not note:
+        return False
+    driver = json.loads(note)
+    if driver.get("host") != platform.node():
+        return True
+    try:
+        os.kill(int(driver["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def trial_names(cells: list["Cell"]) -> dict[int, str]:

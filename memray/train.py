@@ -25,6 +25,7 @@ from transformers import (
     DataCollatorForLanguageModeling,
     PreTrainedTokenizerBase,
     PrinterCallback,
+    ProgressCallback,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -135,6 +136,15 @@ def _block_loss(states: torch.Tensor, targets: torch.Tensor, weight: torch.Tenso
     transformers' loss does)."""
     logits = torch.nn.functional.linear(states, weight, bias).float()
     return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+
+
+class _ProgressBar(ProgressCallback):
+    """The Trainer's progress bar with the epoch and the last logged loss in the bar itself,
+    instead of a raw `{'loss': ...}` dict printed under it at every log."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
+            self.training_bar.set_postfix(epoch=f"{state.epoch:.0f}", loss=f"{float(logs['loss']):.4g}")
 
 
 class _Trainer(Trainer):
@@ -302,7 +312,10 @@ def fit(
         callbacks=[_EpochHook(evaluate, on_epoch_end, saving)],
         chunked_loss=ChunkedLoss.of(model) if ChunkedLoss.applies(model, train, deepspeed) else None,
     )
-    if not progress:
+    if progress:
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(_ProgressBar())
+    else:
         trainer.remove_callback(PrinterCallback)  # no per-step log lines
         hf_logging.disable_progress_bar()  # no "Writing model shards" bars
     os.makedirs(checkpoints_dir, exist_ok=True)

@@ -7,7 +7,8 @@ a `report` that forwards to Ray Tune, `memray trial` passes one that prints.
 Every epoch (epoch 0 = before training) it measures validation loss / perplexity and
 the membership-inference attacks on the same scored members and non-members, writes the
 per-sample scores, appends the metrics to `result.json`, and reports them together with
-the epoch's checkpoint folder. A trial that raises is marked failed with its reason.
+the epoch's checkpoint folder. A trial that raises is marked `failed` with its reason, or
+`interrupted` (KeyboardInterrupt, SystemExit).
 
 A data-parallel trial (`distributed`) runs this in every worker process: each trains its
 share of every batch under DeepSpeed ZeRO, rank 0 alone evaluates and writes the trial
@@ -21,6 +22,7 @@ import hashlib
 import json
 import math
 import resource
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -33,9 +35,9 @@ import torch
 from transformers import set_seed
 
 from memray import attacks, data, extraction, flops, methods, metrics, models, reference_attacks, scoring
-from memray.config import TrialConfig
+from memray.config import ConfigError, TrialConfig
 from memray.distributed import DEEPSPEED_FILE, Distributed, EvalReplica, deepspeed_config, resolve_zero
-from memray.results import CHECKPOINTS_DIR, TrialRecord, atomic_write_text, write_scores, write_table
+from memray.results import CHECKPOINTS_DIR, TrialRecord, atomic_write_text, ending_state, write_scores, write_table
 from memray.train import EpochEnd, fit, latest_checkpoint, use_bf16
 
 Report = Callable[[dict[str, float], "Path | None"], None]
@@ -71,6 +73,7 @@ def run_trial(
     the caller; every rank passes the same arguments); None: a single-process trial.
     """
     trial_dir = Path(trial_dir) if trial_dir else default_trial_dir(config)
+    new_folder = not trial_dir.exists()
     record = TrialRecord.open(trial_dir) if resume else TrialRecord(trial_dir / "result.json")
     finished = resume and _finished(record, config)
     checkpoints_dir = trial_dir / CHECKPOINTS_DIR
@@ -88,8 +91,15 @@ def run_trial(
     try:
         trial = TrialRun(config, record, report, Path(cache_dir) if cache_dir else None, progress, distributed)
         final = trial.run(resume_from)
+    except ConfigError as err:
+        if new_folder and not record.epochs and not record.readonly:  # bad input found while setting up: leave nothing behind
+            shutil.rmtree(trial_dir, ignore_errors=True)
+        else:
+            record.finish("failed", f"ConfigError: {err}")
+        raise
     except BaseException as err:  # KeyboardInterrupt too: the record must say why it stopped
-        record.finish("failed", f"{type(err).__name__}: {err}")
+        state = ending_state(err)
+        record.finish(state, f"{type(err).__name__}: {err}" if state == "failed" else type(err).__name__)
         raise
     record.finish("success")
     return final
@@ -249,7 +259,7 @@ class TrialRun:
         """Append the epoch to result.json, print it, and report it with its checkpoint."""
         self.record.add_epoch(epoch_metrics)
         if self.progress:
-            _print_epoch(epoch_metrics, self.config)
+            print(f"[memray] {epoch_line(epoch_metrics, self.config)}", file=sys.stderr, flush=True)
         if self.report is not None:
             self.report(dict(epoch_metrics), checkpoint)
 
@@ -365,7 +375,8 @@ def _peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def _print_epoch(epoch_metrics: dict[str, float], config: TrialConfig) -> None:
+def epoch_line(epoch_metrics: dict[str, float], config: TrialConfig) -> str:
+    """One epoch in one line: epoch, training loss, validation perplexity, each attack's AUC."""
     parts = []
     for key in (*TABLE_COLUMNS, *(f"mia/{a.label}/auc" for a in config.attacks)):
         value = epoch_metrics.get(key)
@@ -373,7 +384,7 @@ def _print_epoch(epoch_metrics: dict[str, float], config: TrialConfig) -> None:
             continue
         name = key.removeprefix("mia/").removesuffix("/auc") + (" auc" if key.startswith("mia/") else "")
         parts.append(f"{name} {value:.4g}" if key != "epoch" else f"epoch {int(value)}")
-    print("[memray] " + " | ".join(parts), file=sys.stderr, flush=True)
+    return " | ".join(parts)
 
 
 def summary_table(trial_dir: Path) -> str:

@@ -19,11 +19,11 @@ import pandas as pd
 
 from memray.config import APPROX_PARAMS, Cell, ConfigError, SweepConfig, load_sweep
 from memray.metrics import bootstrap_aucs, percentile_interval, roc_points
-from memray.results import RESULT_FILE, SWEEP_FILE, scores_path, trial_names
+from memray.results import DRIVER_FILE, RESULT_FILE, SWEEP_FILE, driver_alive, scores_path, trial_names
 
 BOOTSTRAP_RESAMPLES = 1000  # percentile 95% bounds move by ~0.003 AUC between reruns at this count
 ROC_POINTS = 400  # per curve in plots and report.json: enough to draw the low-FPR steps
-STATUSES = ("success", "running", "failed", "pending")
+STATUSES = ("success", "running", "failed", "interrupted", "lost", "pending")
 #: Keys that are their own table columns, not part of a method label.
 OWN_COLUMNS = ("seed", "output_dir", "data.split_seed", "model.name", "data.dataset")
 #: Config sections compared as one value (a duplication setting is one level of the axis).
@@ -57,7 +57,7 @@ class Trial:
 
     name: str
     path: str  # relative to the sweep folder; "" for a pending cell
-    status: str  # success, running, failed or pending
+    status: str  # success, running, failed, interrupted, lost (running, with no driver alive) or pending
     reason: str | None
     config: dict[str, Any]
     axes: dict[str, Any]
@@ -163,13 +163,16 @@ def load_trials(sweep_dir: Path, cells: list[Cell], skip: Path | None = None) ->
     Reference models of lira / rmia (a config with `reference`) are part of their target,
     not trials of their own."""
     sweep_dir = Path(sweep_dir)
+    driver = sweep_dir / DRIVER_FILE
+    alive = driver_alive(driver.read_text() if driver.is_file() else None)
     trials = []
     for trial_dir in find_trial_dirs(sweep_dir, skip):
         data = json.loads((trial_dir / RESULT_FILE).read_text())
         if data["config"].get("reference"):
             continue
+        status = "lost" if data["status"] == "running" and not alive else data["status"]
         trials.append(Trial(
-            name=trial_dir.name, path=str(trial_dir.relative_to(sweep_dir)), status=data["status"],
+            name=trial_dir.name, path=str(trial_dir.relative_to(sweep_dir)), status=status,
             reason=data.get("reason"), config=data["config"], axes=data.get("axes") or {},
             epochs=sorted(data.get("epochs") or [], key=lambda row: row["epoch"]),
             method_info=data.get("method_info") or {}, split_hash=data.get("split_hash"),

@@ -4,6 +4,8 @@ a W&B run of job type "report" in the sweep's group.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 import warnings
@@ -14,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from memray.config import SweepConfig, resolve_wandb_mode
+from memray.results import STATE_FILE
 from memray.report.loading import Group, STATUSES, Trial, read_sweep_file
 from memray.report.tables import Table
 from memray.report.figures import FigureFile
@@ -121,9 +124,17 @@ def sweep_uses_wandb(sweep_dir: Path) -> bool:
     return sweep is not None and sweep.wandb.mode != "disabled"
 
 
+def report_run_id(sweep_dir: Path, name: str) -> str:
+    """The sweep's report run id: from its W&B id seed (sweep.json), else its name."""
+    state_file = Path(sweep_dir) / STATE_FILE
+    seed = json.loads(state_file.read_text()).get("uid", name) if state_file.is_file() else name
+    return hashlib.sha256(f"{seed}:report".encode()).hexdigest()[:16]
+
+
 def log_to_wandb(sweep_dir: Path, name: str, sweep: SweepConfig | None, figures: dict[str, FigureFile],
                  tables: dict[str, Table]) -> dict[str, Any]:
-    """Log the figures and tables to a W&B run of job type "report" in the sweep's group,
+    """Log the figures and tables to the sweep's one W&B report run (job type "report", in
+    the sweep's group, the same id on every `memray report`, so that each report updates it),
     in the sweep's W&B mode (offline where that is `disabled` or unknown). Never raises: a
     W&B problem is a warning and comes back as {"logged": False, "error": ...}."""
     settings = sweep.wandb if sweep is not None else None
@@ -136,7 +147,8 @@ def log_to_wandb(sweep_dir: Path, name: str, sweep: SweepConfig | None, figures:
 
             run = wandb.init(project=settings.project if settings else "memray",
                              entity=settings.entity if settings else None, group=name, job_type="report",
-                             name=f"{name}-report", dir=str(sweep_dir), mode=attempt,
+                             name=f"{name}-report", id=report_run_id(sweep_dir, name), resume="allow",
+                             dir=str(sweep_dir), mode=attempt,
                              config={"sweep": name, "sweep_dir": str(sweep_dir)},
                              settings=wandb.Settings(init_timeout=120, console="off", silent=True))
             logged: dict[str, Any] = {f"report/{key}": wandb.Image(str(figure.path), caption=figure.caption)

@@ -108,8 +108,12 @@ def _epochs_text(trial: Trial) -> str:
 def _note(trial: Trial) -> str:
     if trial.status == "failed":
         return f"failed: {trial.reason or 'no reason recorded'}"
+    if trial.status == "interrupted":
+        return "interrupted (Ctrl-C or SIGTERM): `memray resume` finishes it"
+    if trial.status == "lost":
+        return "lost: its process died (killed, out of memory, node lost): `memray resume` finishes it"
     if trial.status == "running":
-        return "unfinished (running, or stopped before its last epoch)"
+        return "running"
     if trial.status == "pending":
         return "pending (not started)"
     return ""

@@ -7,11 +7,15 @@ whatever happens. No Ray here: the Tune trainable (`ray_tune`) and the Ray Train
 from __future__ import annotations
 
 import importlib.util
+import os
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping, TextIO
 
 from memray.config import Cell, ConfigError, ResourceRule
+from memray.results import ending_state, read_result
 from memray.sweep.storage import SweepFolder, TrialMirror
 from memray.sweep.wandb import WandbSettings, WandbTrial
 
@@ -20,6 +24,10 @@ DEFAULT_MAX_FAILURES = 2  # retries per trial: enough for a lost node, cheap for
 #: reports, with (cell index, epoch, rank, world size). Instrumentation and tests use it
 #: (the tests' fault injection is tests/faults.py); unset, nothing is called.
 EPOCH_HOOK_ENV = "MEMRAY_EPOCH_HOOK"
+#: "1": a trial's library output (warnings, banners, progress bars) on the console too
+#: (`memray run -v`); else it goes to the trial's log file alone.
+VERBOSE_ENV = "MEMRAY_VERBOSE"
+TRIAL_LOG = "trial.log"  # in the trial folder: everything the trial's process printed
 
 
 @dataclass(frozen=True)
@@ -56,16 +64,49 @@ def epoch_hook(spec: str | None) -> Callable[[int, int, int, int], None] | None:
                                               f"(path/to/file.py:function): {err}") from None
 
 
+@contextmanager
+def trial_output(trial_dir: Path) -> Iterator[TextIO]:
+    """While a trial runs in this process (a Ray worker of its own): everything written to
+    stdout and stderr, at the file-descriptor level (library warnings, DeepSpeed's and
+    transformers' banners and bars), is appended to `<trial_dir>/trial.log` instead of the
+    console, unless VERBOSE_ENV is "1". Yields the console's stream for memray's own lines."""
+    if os.environ.get(VERBOSE_ENV) == "1":
+        yield sys.stderr
+        return
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    console = os.fdopen(os.dup(saved[1]), "w", buffering=1)
+    log = os.open(trial_dir / TRIAL_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    try:
+        yield console
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+        console.close()
+
+
 def run_and_finish(run: "WandbTrial", mirror: "TrialMirror | None", trial_dir: Path,
                     trial: Callable[[], Mapping[str, float] | None]) -> None:
-    """Run the trial; whatever happens, close its W&B run and mirror its folder to storage."""
+    """Run the trial; whatever happens, close its W&B run with the trial's state (as
+    result.json says it ended) and mirror its folder to storage."""
     try:
         final = trial()
-    except BaseException:
-        run.finish(trial_dir, None)
+    except BaseException as err:
+        result = read_result(trial_dir) or {}
+        state = result.get("status") if result.get("status") not in (None, "running") else ending_state(err)
+        run.finish(trial_dir, None, state, result.get("reason"))
         if mirror:
             mirror.upload()
         raise
-    run.finish(trial_dir, final)
+    run.finish(trial_dir, final, "success")
     if mirror:
         mirror.upload()

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from memray.config import ResourceRule
-from memray.results import TRAIN_DIR, TRIALS_DIR
-from memray.sweep.context import SweepContext, epoch_hook, run_and_finish
+from memray.results import TRAIN_DIR, TRIALS_DIR, read_result
+from memray.sweep.context import SweepContext, epoch_hook, run_and_finish, trial_output
 from memray.sweep.planning import gpu_resources
 from memray.sweep.storage import TrialMirror
 from memray.sweep.wandb import WandbTrial
@@ -99,14 +99,19 @@ def _recorded_epochs(trial_dir: Path) -> list[dict[str, Any]]:
 
 
 def _train_worker(params: dict[str, Any]) -> None:
-    """One Ray Train worker of a multi-worker trial: one rank of `run_trial` under DeepSpeed."""
-    import ray.train
-
+    """One Ray Train worker of a multi-worker trial: one rank of `run_trial` under DeepSpeed,
+    its library output in the trial's log file."""
     context: SweepContext = params["context"]
     index = int(params["cell"])
     os.environ.update(context.env)
     if Path(context.workdir).is_dir():
         os.chdir(context.workdir)
+    with trial_output(Path(context.local_root) / TRIALS_DIR / context.trial_names[index]):
+        _train_rank(index, context)
+
+
+def _train_rank(index: int, context: SweepContext) -> None:
+    import ray.train
     import torch
 
     if torch.cuda.is_available():
@@ -127,6 +132,8 @@ def _train_worker(params: dict[str, Any]) -> None:
     if mirror:
         mirror.download(None)
     run = WandbTrial.start(context.wandb, cell, trial_name, Path(context.local_root)) if lead else WandbTrial(None)
+    if lead:
+        run.replay((read_result(trial_dir) or {}).get("epochs") or [])  # what an earlier attempt's W&B lost
 
     hook = epoch_hook(context.epoch_hook)
 

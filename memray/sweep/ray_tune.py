@@ -15,6 +15,7 @@ The trial folder is the source of truth: a retried or resumed trial finds its ow
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import sys
@@ -22,11 +23,18 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, TextIO
 
 from memray.config import MODEL_ALIASES, ConfigError, resolve_wandb_mode
-from memray.results import STATE_FILE, SWEEP_FILE, TRIALS_DIR, TUNE_DIR, trial_names
-from memray.sweep.context import DEFAULT_MAX_FAILURES, EPOCH_HOOK_ENV, SweepContext, epoch_hook, run_and_finish
+from memray.results import STATE_FILE, SWEEP_FILE, TRIALS_DIR, TUNE_DIR, TrialRecord, read_result, trial_names
+from memray.sweep.context import (
+    DEFAULT_MAX_FAILURES,
+    EPOCH_HOOK_ENV,
+    SweepContext,
+    epoch_hook,
+    run_and_finish,
+    trial_output,
+)
 from memray.sweep.planning import (
     PLAN_MFU,
     SweepPlan,
@@ -45,9 +53,9 @@ from memray.sweep.planning import (
     trial_flops,
 )
 from memray.sweep.ray_train import run_workers
-from memray.sweep.status import sweep_status, text_table
+from memray.sweep.status import clear_driver, sweep_status, text_table, write_driver
 from memray.sweep.storage import SweepFolder, TrialMirror, open_sweep
-from memray.sweep.wandb import WandbSettings, WandbTrial
+from memray.sweep.wandb import WandbSettings, WandbTrial, reconcile_trial
 
 #: Environment variables handed from the driver to every trial (never a secret such as
 #: WANDB_API_KEY), besides memray's own MEMRAY_* settings.
@@ -56,25 +64,32 @@ FORWARDED_ENV = ("HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
 
 
 def run_cell(params: dict[str, Any], context: SweepContext) -> None:
-    """Tune function trainable: run grid cell `params["cell"]` as a trial in its folder."""
-    from ray import tune
-
-    from memray.references import complete_target
-    from memray.results import read_result
-    from memray.trial import run_trial
-
+    """Tune function trainable: run grid cell `params["cell"]` as a trial in its folder,
+    its process's library output in the trial's log file (`trial_output`)."""
     index = int(params["cell"])
-    cell, trial_name = context.cells[index], context.trial_names[index]
     os.environ.update(context.env)
     if Path(context.workdir).is_dir():
         os.chdir(context.workdir)
-    trial_dir = Path(context.local_root) / TRIALS_DIR / trial_name
+    trial_dir = Path(context.local_root) / TRIALS_DIR / context.trial_names[index]
+    with trial_output(trial_dir) as console:
+        _run_cell(index, context, trial_dir, console)
+
+
+def _run_cell(index: int, context: SweepContext, trial_dir: Path, console: TextIO) -> None:
+    from ray import tune
+
+    from memray.references import complete_target
+    from memray.trial import epoch_line, run_trial
+
+    cell, trial_name = context.cells[index], context.trial_names[index]
     mirror = TrialMirror(context.folder, trial_name, trial_dir) if context.folder.is_uri else None
     if mirror:
         mirror.download(tune.get_checkpoint())
     done = read_result(trial_dir) or {}
     if done.get("status") == "success" and done.get("trial_id") == cell.config.trial_id():
-        # finished before Tune recorded it (a driver killed in between): report, touch nothing
+        # finished before Tune recorded it (a driver killed in between): complete its W&B
+        # history, report, touch nothing else
+        reconcile_trial(context.wandb, cell, trial_name, Path(context.local_root), done)
         tune.report(dict(done["epochs"][-1]))
         return
     rule = context.resources.get(index)
@@ -82,10 +97,12 @@ def run_cell(params: dict[str, Any], context: SweepContext) -> None:
         run_workers(index, rule, context)
         return
     run = WandbTrial.start(context.wandb, cell, trial_name, Path(context.local_root))
+    run.replay(done.get("epochs") or [])  # what an earlier attempt recorded but W&B lost
 
     hook = epoch_hook(context.epoch_hook)
 
     def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        print(f"[memray] {trial_name}: {epoch_line(metrics, cell.config)}", file=console, flush=True)
         run.log(metrics)
         checkpoint = None
         if checkpoint_dir is not None:
@@ -165,10 +182,63 @@ def _trainable(context: SweepContext, plan: SweepPlan) -> Any:
                                resources=lambda config: groups[int(config["cell"])])
 
 
+class _TuneMessages(logging.Filter):
+    """Drops Ray Tune's messages that mislead a memray user (its restore hint, the metrics
+    of trials stopped before their first report) and notes whether Ctrl-C stopped the run."""
+
+    DROPPED = ("Stop signal received", "has been interrupted", "Failed to fetch metrics", "Could not fetch metrics")
+    LOGGERS = ("ray.tune.tune", "ray.tune.analysis.experiment_analysis")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.interrupted = False
+        for name in self.LOGGERS:
+            logging.getLogger(name).addFilter(self)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("Stop signal received"):
+            self.interrupted = True
+        return not any(text in message for text in self.DROPPED)
+
+    def remove(self) -> None:
+        for name in self.LOGGERS:
+            logging.getLogger(name).removeFilter(self)
+
+
+def settle_states(context: SweepContext, state: str) -> list[str]:
+    """Trials whose result.json still says `running` when no process runs them (before a
+    resume starts, or after the Tuner returned) get `state` (`lost` or `interrupted`);
+    returns their names. Only trial folders on this node's storage are seen."""
+    settled = []
+    reason = ("its process died (killed, out of memory, or its node lost)" if state == "lost"
+              else "the sweep was stopped (Ctrl-C or SIGTERM)")
+    for name in context.trial_names.values():
+        trial_dir = Path(context.local_root) / TRIALS_DIR / name
+        record = TrialRecord.open(trial_dir)
+        if record.data.get("status") == "running":
+            record.finish(state, reason)
+            settled.append(name)
+    return settled
+
+
+def complete_wandb(context: SweepContext) -> None:
+    """Log into every trial's W&B run the epochs of its result.json that its local W&B
+    files lack (trials whose processes died before W&B flushed). Only where the driver sees
+    the trials' W&B files: the sweep folder is a path, not a URI."""
+    if context.wandb.mode == "disabled" or context.folder.is_uri:
+        return
+    for index, cell in context.cells.items():
+        result = read_result(Path(context.local_root) / TRIALS_DIR / context.trial_names[index])
+        if result:
+            reconcile_trial(context.wandb, cell, context.trial_names[index], Path(context.local_root), result)
+
+
 def _fit(folder: SweepFolder, plan: SweepPlan, state: dict[str, Any], max_failures: int, restore: bool) -> int:
     from ray import tune
 
     context = _context(folder, plan, state, max_failures)
+    settle_states(context, "lost")  # `running` with no driver alive: its processes died with it
     trainable = _trainable(context, plan)
     # Tune snapshots its state at every checkpoint (num_to_keep=1) and warns when that is
     # frequent; with epochs of seconds (the demo) that is expected, not a bottleneck
@@ -188,12 +258,28 @@ def _fit(folder: SweepFolder, plan: SweepPlan, state: dict[str, Any], max_failur
                 name=TUNE_DIR, storage_path=folder.location,
                 failure_config=tune.FailureConfig(max_failures=max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # the trial folder keeps its own
+                verbose=1,  # Tune's status table; each epoch is memray's one line per trial, not a metrics dump
             ),
         )
-    results = tuner.fit()
+    write_driver(folder)
+    messages = _TuneMessages()
+    interrupted, errors = False, True
+    try:
+        errors = bool(tuner.fit().errors)
+        interrupted = messages.interrupted
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        messages.remove()
+        settle_states(context, "interrupted" if interrupted else "lost")
+        complete_wandb(context)
+        clear_driver(folder)
     print(sweep_status(folder.location))
     print(_where_text(folder, context))
-    return 1 if results.errors else 0
+    if interrupted:
+        print(f"[memray] interrupted: `memray resume {folder}` finishes the sweep", file=sys.stderr)
+        return 130
+    return 1 if errors else 0
 
 
 def _where_text(folder: SweepFolder, context: SweepContext) -> str:

@@ -1,16 +1,38 @@
 """`memray status`: one row per trial of a sweep folder, read from its trial folders alone
-(no Ray)."""
+(no Ray); and the driver file (`driver.json`: the pid and host of the `memray run /
+resume` working on the folder) by which a `running` trial with no driver alive reads as
+`lost`."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import platform
 from pathlib import Path
 from typing import Any
 
-from memray.results import RESULT_FILE, TRIALS_DIR, trial_names
+from memray import results
+from memray.results import DRIVER_FILE, RESULT_FILE, TRIALS_DIR, trial_names
 from memray.sweep.planning import axes_text
-from memray.sweep.storage import open_sweep
+from memray.sweep.storage import SweepFolder, open_sweep
+
+
+def write_driver(folder: SweepFolder) -> None:
+    """Note in the sweep folder that this process drives it."""
+    folder.write_text(json.dumps({"pid": os.getpid(), "host": platform.node()}), DRIVER_FILE)
+
+
+def clear_driver(folder: SweepFolder) -> None:
+    """Remove the driver note (the driver is done with the folder)."""
+    fs, path = folder.fs_path(DRIVER_FILE)
+    if folder.exists(DRIVER_FILE):
+        fs.delete_file(path)
+
+
+def driver_alive(folder: SweepFolder) -> bool:
+    """Whether a `memray run / resume` is working on the folder (`memray.results.driver_alive`)."""
+    return results.driver_alive(folder.read_text(DRIVER_FILE))
 
 
 def _number(value: Any, digits: int) -> str:
@@ -31,6 +53,7 @@ def sweep_status(sweep_dir: str | Path) -> str:
     AUC at its last epoch), read from the trial folders alone (no Ray); failed trials'
     reasons below the table."""
     folder, sweep, cells, _, _ = open_sweep(sweep_dir)
+    alive = driver_alive(folder)
     names = trial_names(cells)
     labels = list(dict.fromkeys(a.label for cell in cells for a in cell.config.attacks))
     header = ["trial", "axes", "state", "epoch", "val ppl", *(f"{label} auc" for label in labels)]
@@ -39,6 +62,8 @@ def sweep_status(sweep_dir: str | Path) -> str:
         text = folder.read_text(TRIALS_DIR, names[cell.index], RESULT_FILE)
         result = json.loads(text) if text else {}
         state = result.get("status", "pending")
+        if state == "running" and not alive:
+            state = "lost"  # no driver works on the folder: the process running it died
         counts[state] = counts.get(state, 0) + 1
         epochs = result.get("epochs") or []
         last = epochs[-1] if epochs else {}

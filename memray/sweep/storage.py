@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from memray.config import Cell, ConfigError, SweepConfig, load_sweep
+from memray.config import Cell, ConfigError, SweepConfig, is_sweep, load_sweep, load_yaml
 from memray.results import CHECKPOINTS_DIR, RESULT_FILE, STATE_FILE, SWEEP_FILE, TRIALS_DIR
 
 DEFAULT_STORAGE = "results"  # relative to where `memray run` starts
@@ -44,6 +44,7 @@ class SweepFolder:
         location = str(location)
         folder = cls(location.rstrip("/") if _is_uri(location) else str(Path(location).expanduser().resolve()))
         if not folder.exists(SWEEP_FILE):
+            _not_a_sweep_folder(location)
             raise ConfigError(location, "", f"not a sweep folder: it has no {SWEEP_FILE}")
         return folder
 
@@ -139,3 +140,20 @@ def open_sweep(sweep_dir: str | Path) -> tuple[SweepFolder, SweepConfig, list[Ce
     if "uid" not in state:
         raise ConfigError(folder.path(STATE_FILE), "uid", "missing: this sweep folder was not made by `memray run`")
     return folder, sweep, cells, state, source
+
+
+def _not_a_sweep_folder(path: str | Path) -> None:
+    """A sweep *file* given where a sweep folder is expected: a ConfigError naming the folder
+    that `memray run` made of it."""
+    candidate = Path(path)
+    if not candidate.is_file() or candidate.suffix not in (".yaml", ".yml"):
+        return
+    try:
+        tree = load_yaml(candidate)
+    except ConfigError:
+        return
+    name = tree.get("name", candidate.stem) if is_sweep(tree) else None
+    if name:
+        raise ConfigError(str(path), "", f"a sweep file, not a sweep folder: `memray run {path}` keeps its results "
+                                         f"in <storage>/{name}/ (default ./results/{name}); "
+                                         f"`memray status results/{name}`")

@@ -1,19 +1,37 @@
-"""W&B for a sweep: one run per trial, grouped by the sweep name, with the cell's axes as
-config columns; the same run id on every attempt of a trial, so a resumed trial continues
-its run; ROC curves and an AUC table at the end. Every call is guarded: a W&B problem is a
-warning, never a failed trial. Whether runs go online (`auto`: iff an API key is set) is
-`memray.config.resolve_wandb_mode`.
+"""W&B for a sweep: one run per trial, grouped by the sweep name, with the cell's axes and
+key hyperparameters as flat config columns and tags; the same run id on every attempt of
+a trial, so a resumed trial continues its run; ROC curves and an AUC table at the end.
+
+`result.json` is the source of truth for a run's history. Every attempt of a trial (and
+the driver at the end of `memray run / resume`) first reads what the run's W&B files
+already hold (`logged_epochs`: the history of every local folder of the run id, after the
+processes that wrote them have closed them), then logs from `result.json` the epochs
+they lack, in order, with the epoch as the W&B step. So whatever interrupts, kills and
+resumes happened (a W&B process that died before it flushed included), the union of the
+run's folders holds every epoch of `result.json` exactly once, and `wandb sync` of those
+folders gives one run per trial with the whole curve.
+
+Every call is guarded: a W&B problem is a warning, never a failed trial. Whether runs go
+online (`auto`: iff an API key is set) is `memray.config.resolve_wandb_mode`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import struct
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 from memray.config import Cell
+
+#: How long an attempt waits for an earlier attempt's W&B process to close the run's files
+#: (it flushes what it holds when its trial process dies) before reading them.
+CLOSE_WAIT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -32,64 +50,202 @@ def wandb_run_id(sweep_uid: str, cell_index: int) -> str:
     return hashlib.sha256(f"{sweep_uid}:{cell_index}".encode()).hexdigest()[:16]
 
 
+def _flat(prefix: str, value: Any) -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flat(f"{prefix}.{key}" if prefix else str(key), item))
+        return out
+    return {prefix: value}
+
+
 def wandb_config(cell: Cell, trial_name: str) -> dict[str, Any]:
-    """W&B config: the cell's axes as flat columns, then the grid axes and the resolved config."""
+    """W&B config: flat columns (every grid axis as its dotted key, e.g. `method.rank`, and
+    the key hyperparameters), then the nested axes and resolved config."""
+    from memray.methods import default_lr
+
     config, method = cell.config, cell.config.method
     duplicates = config.data.duplicates
-    return {
-        "model": config.model.name, "method": method.name,
-        "rank": getattr(method, "rank", None), "placement": getattr(method, "placement", None),
-        "dataset": config.data.dataset, "duplication": duplicates.fraction if duplicates else 0.0,
-        "seed": config.seed, "cell": cell.index, "trial": trial_name,
-        "axes": cell.axes, "config": config.resolved(),
+    columns = {
+        "model": config.model.name, "method": method.name, "dataset": config.data.dataset,
+        "lr": default_lr(method), "rank": getattr(method, "rank", None), "alpha": getattr(method, "alpha", None),
+        "placement": getattr(method, "placement", None), "virtual_tokens": getattr(method, "virtual_tokens", None),
+        "epochs": config.train.epochs, "batch_size": config.train.batch_size,
+        "duplication": duplicates.fraction if duplicates else 0.0, "seed": config.seed,
+        "cell": cell.index, "trial": trial_name,
     }
+    columns.update(_flat("", cell.axes))
+    return {**columns, "axes": cell.axes, "config": config.resolved()}
+
+
+def wandb_tags(cell: Cell, sweep_name: str) -> list[str]:
+    """Run tags: sweep, model, method and dataset, each as `kind:value`."""
+    config = cell.config
+    return [f"sweep:{sweep_name}", f"model:{config.model.name}", f"method:{config.method.name}",
+            f"dataset:{config.data.dataset}"]
+
+
+# -- reading a run's local files back --------------------------------------------------------
+
+
+def run_folders(wandb_dir: Path, run_id: str) -> list[Path]:
+    """The local folders of one run id (`offline-run-*-<id>`, `run-*-<id>`), oldest first."""
+    return sorted(Path(wandb_dir).glob(f"*run-*-{run_id}"), key=lambda p: p.name.split("-", 2)[-1])
+
+
+def _records(path: Path) -> Iterator[bytes]:
+    """The records of a `.wandb` file (W&B's LevelDB-style log: 32 KiB blocks of chunks with
+    a 7-byte header, after a 7-byte file header). A file cut short (a killed writer) yields
+    the records before the cut."""
+    data = path.read_bytes()
+    if data[:4] != b":W&B":
+        return
+    block, position, pending = 32768, 7, b""
+    while position + 7 <= len(data):
+        left = block - position % block
+        if left < 7:  # a block's tail too short for a header is padding
+            position += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        if kind == 0 and length == 0:
+            position += left
+            continue
+        if position + 7 + length > len(data):
+            return
+        chunk = data[position + 7:position + 7 + length]
+        position += 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            yield pending
+
+
+def _history_epochs(path: Path) -> set[int]:
+    from wandb.proto import wandb_internal_pb2
+
+    epochs = set()
+    for raw in _records(path):
+        record = wandb_internal_pb2.Record()
+        try:
+            record.ParseFromString(raw)
+        except Exception:  # noqa: BLE001 - a torn last record
+            break
+        if record.WhichOneof("record_type") == "history":
+            for item in record.history.item:
+                if (item.key or "/".join(item.nested_key)) == "epoch":
+                    epochs.add(int(json.loads(item.value_json)))
+    return epochs
+
+
+def _open_by_any_process(paths: Sequence[Path]) -> bool:
+    """Whether a process of this machine has one of `paths` open (Linux /proc; elsewhere False)."""
+    targets = {str(p.resolve()) for p in paths}
+    proc = Path("/proc")
+    if not targets or not proc.is_dir():
+        return False
+    for fd_dir in proc.glob("[0-9]*/fd"):
+        try:
+            for fd in fd_dir.iterdir():
+                if os.readlink(fd) in targets:
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def logged_epochs(wandb_dir: Path, run_id: str, wait_s: float = CLOSE_WAIT_S) -> set[int]:
+    """The epochs in the history of every local folder of `run_id` below `wandb_dir`, read
+    once no process holds their files open (waiting up to `wait_s` for a dying attempt's
+    W&B process to flush and close them)."""
+    files = [f for folder in run_folders(wandb_dir, run_id) for f in folder.glob("run-*.wandb")]
+    deadline = time.monotonic() + wait_s
+    while files and _open_by_any_process(files) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    epochs: set[int] = set()
+    for path in files:
+        epochs |= _history_epochs(path)
+    return epochs
+
+
+# -- a trial's run ----------------------------------------------------------------------------
 
 
 class WandbTrial:
-    """One trial's W&B run. Every call is guarded: a W&B problem is a warning, never a
-    failed trial."""
+    """One trial's W&B run: `start` reads what the run's earlier folders hold, `replay`
+    logs what they lack from result.json, `log` each new epoch once, `finish` closes it
+    with the trial's state. Every call is guarded."""
 
-    def __init__(self, run: Any):
+    def __init__(self, run: Any, logged: set[int] | None = None):
         self.run = run
+        self.logged = set(logged or ())  # epochs in the run's history (earlier folders and this one)
+        self.last_step: int | None = None  # the last epoch this folder logged
 
     @classmethod
-    def start(cls, settings: "WandbSettings", cell: Cell, trial_name: str, directory: Path) -> "WandbTrial":
+    def start(cls, settings: "WandbSettings", cell: Cell, trial_name: str, directory: Path,
+              wait_s: float = CLOSE_WAIT_S) -> "WandbTrial":
+        """Open the trial's run (offline folders below `directory / "wandb"`), knowing the
+        epochs its earlier folders already hold."""
         if settings.mode == "disabled":
             return cls(None)
+        run_id = wandb_run_id(settings.uid, cell.index)
+        wandb_dir = Path(directory) / "wandb"
+        try:
+            logged = logged_epochs(wandb_dir, run_id, wait_s)
+        except Exception as err:  # noqa: BLE001
+            warnings.warn(f"W&B files of {trial_name} could not be read: {err}", stacklevel=2)
+            logged = set()
+        _one_folder_per_second(wandb_dir, run_id)
         modes = [settings.mode] + (["offline"] if settings.mode == "online" else [])
         for mode in modes:
             try:
                 import wandb
 
-                directory.mkdir(parents=True, exist_ok=True)
+                wandb_dir.mkdir(parents=True, exist_ok=True)
                 run = wandb.init(
                     project=settings.project, entity=settings.entity, group=settings.group,
-                    job_type="trial", name=trial_name, id=wandb_run_id(settings.uid, cell.index),
+                    job_type="trial", name=trial_name, id=run_id, tags=wandb_tags(cell, settings.group),
                     resume="allow", config=wandb_config(cell, trial_name), dir=str(directory), mode=mode,
-                    settings=wandb.Settings(init_timeout=120, console="off"),
+                    settings=wandb.Settings(init_timeout=120, console="off", silent=True),
                 )
-                return cls(run)
+                trial = cls(run, logged)
+                if mode == "online":  # the server's history, which another node may have written
+                    trial.logged |= set(range(int(getattr(run, "starting_step", 0) or 0)))
+                return trial
             except Exception as err:  # noqa: BLE001 - W&B must never fail a trial
                 warnings.warn(f"W&B {mode} run for {trial_name} could not start: {err}", stacklevel=2)
         return cls(None)
 
+    def replay(self, rows: Sequence[Mapping[str, float]]) -> None:
+        """Log the epochs of `rows` (result.json's) that the run lacks, in epoch order."""
+        for row in sorted(rows, key=lambda r: int(r["epoch"])):
+            self.log(row)
+
     def log(self, metrics: Mapping[str, float]) -> None:
-        if self.run is None:
+        """Log one epoch at step = epoch, unless the run holds it already or a later epoch
+        was logged in this folder (W&B steps only go up)."""
+        epoch = int(metrics["epoch"])
+        if self.run is None or epoch in self.logged or (self.last_step is not None and epoch <= self.last_step):
             return
         try:
-            self.run.log(dict(metrics), step=int(metrics["epoch"]))
+            self.run.log(dict(metrics), step=epoch)
+            self.logged.add(epoch)
+            self.last_step = epoch
         except Exception as err:  # noqa: BLE001
             warnings.warn(f"W&B log failed: {err}", stacklevel=2)
 
-    def finish(self, trial_dir: Path, final: Mapping[str, float] | None) -> None:
-        """Log the ROC curves of the last epoch and the per-attack AUC table, then close.
-        `final` is None for a failed trial (the run is closed with exit code 1)."""
+    def finish(self, trial_dir: Path, final: Mapping[str, float] | None, state: str = "success",
+               reason: str | None = None) -> None:
+        """Record the trial's state (and reason) in the run's summary, log the ROC curves of
+        the last epoch and the per-attack AUC table when this folder logged that epoch, and
+        close the run (exit code 1 unless the trial succeeded)."""
         if self.run is None:
             return
         try:
-            if final is not None:
+            self.run.summary["state"] = state
+            if reason:
+                self.run.summary["reason"] = reason
+            if final is not None and self.last_step == int(final["epoch"]):
                 self._log_curves(trial_dir, final)
-            self.run.finish(exit_code=0 if final is not None else 1)
+            self.run.finish(exit_code=0 if state == "success" else 1)
             import wandb
 
             wandb.teardown()  # stop W&B's service now, not in an atexit hook Ray may cut short
@@ -116,4 +272,30 @@ class WandbTrial:
                 xs=[fpr.tolist() for fpr, _ in curves], ys=[tpr.tolist() for _, tpr in curves],
                 keys=[label for label in labels if label in scores],
                 title=f"ROC, epoch {epoch}", xname="false positive rate")
-        self.run.log(logged, step=epoch)
+        self.run.log(logged, step=epoch)  # the same step: merged into the last epoch's row
+
+
+def _one_folder_per_second(wandb_dir: Path, run_id: str) -> None:
+    """W&B names a run's folder by the second it starts; a second start of the same run in
+    that second would reuse (and overwrite) the folder, so wait for the next second."""
+    while any(p.name.split("-")[-2] == time.strftime("%Y%m%d_%H%M%S") for p in run_folders(wandb_dir, run_id)):
+        time.sleep(0.2)
+
+
+def reconcile_trial(settings: WandbSettings, cell: Cell, trial_name: str, directory: Path,
+                    result: Mapping[str, Any], wait_s: float = CLOSE_WAIT_S) -> bool:
+    """Log into the trial's run the epochs of its `result` (result.json) that its W&B files
+    lack, from this process (the driver, after the trials' processes are gone); True if
+    anything was missing."""
+    rows = result.get("epochs") or []
+    if settings.mode == "disabled" or not rows:
+        return False
+    run_id = wandb_run_id(settings.uid, cell.index)
+    missing = {int(r["epoch"]) for r in rows} - logged_epochs(Path(directory) / "wandb", run_id, wait_s)
+    if not missing:
+        return False
+    run = WandbTrial.start(settings, cell, trial_name, directory, wait_s=0)
+    run.replay(rows)
+    state = result.get("status") or "lost"
+    run.finish(Path(directory), None, state, result.get("reason"))
+    return True

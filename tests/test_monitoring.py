@@ -1,0 +1,160 @@
+"""Monitoring through interrupts and resumes: a real `memray run` interrupted with Ctrl-C
+(SIGINT to its process group), resumed, killed with `kill -9` (its whole process group,
+W&B's processes included, so nothing is flushed), resumed to the end; then every trial's
+W&B history (the union of its offline folders) holds every epoch of its result.json
+exactly once, under one run id, and every state on the way said what happened."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import read_result, trial_dirs, wandb_runs, write_small_sweep
+
+from memray import sweep
+from memray.sweep.wandb import logged_epochs
+
+
+def _start(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "MEMRAY_CACHE": str(cwd / "cache")}
+    return subprocess.Popen([sys.executable, "-m", "memray.cli", *args, "--num-cpus", "2"], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _wait_for(condition, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.5)
+
+
+def _epochs(dirs: dict[int, Path]) -> dict[int, list[int]]:
+    return {index: [int(row["epoch"]) for row in read_result(d).get("epochs", [])] for index, d in dirs.items()}
+
+
+def _history_union(folder: Path) -> dict[int, tuple[set[str], list[int]]]:
+    """Cell -> (run ids, epochs of every history row of its offline folders, oldest first)."""
+    union: dict[int, tuple[set[str], list[int]]] = {}
+    for run in wandb_runs(folder / "wandb"):
+        ids, epochs = union.setdefault(run["config"]["cell"], (set(), []))
+        ids.add(run["id"])
+        epochs += [int(row["epoch"]) for row in run["history"] if "epoch" in row]
+    return union
+
+
+@pytest.mark.ray
+def test_ctrl_c_then_kill_9_then_resume_leaves_whole_wandb_histories_and_honest_states(tmp_path):
+    path = write_small_sweep(tmp_path, "watched", epochs=5)
+    folder = tmp_path / "results" / "watched"
+
+    driver = _start(["run", str(path)], tmp_path)
+    _wait_for(lambda: (folder / "sweep.yaml").is_file())
+    dirs = trial_dirs(folder)
+    _wait_for(lambda: max(len(e) for e in _epochs(dirs).values()) >= 3)
+    os.killpg(driver.pid, signal.SIGINT)  # Ctrl-C in the terminal
+    output, _ = driver.communicate(timeout=240)
+    assert driver.returncode == 130, output
+    assert f"memray resume {folder}" in output.splitlines()[-1]
+    assert "Tuner.restore" not in output and "Could not fetch metrics" not in output
+    states = {index: read_result(d).get("status") for index, d in dirs.items()}
+    assert "interrupted" in states.values() and "failed" not in states.values(), states
+    assert "interrupted" in sweep.sweep_status(folder)
+
+    resumed = _start(["resume", str(folder)], tmp_path)
+    before = _epochs(dirs)
+    _wait_for(lambda: any(len(e) > len(before[i]) + 1 for i, e in _epochs(dirs).items()))
+    os.killpg(resumed.pid, signal.SIGKILL)  # kill -9: the driver, its Ray and W&B's processes
+    resumed.wait(timeout=60)
+    killed = {index: read_result(d).get("status") for index, d in dirs.items()}
+    assert "running" in killed.values(), killed
+    status = sweep.sweep_status(folder)  # no driver alive: a `running` trial is lost
+    assert "lost" in status and " running " not in status
+
+    final = _start(["resume", str(folder)], tmp_path)
+    output, _ = final.communicate(timeout=480)
+    assert final.returncode == 0, output
+    union = _history_union(folder)
+    for index, trial_dir in dirs.items():
+        result = read_result(trial_dir)
+        assert result["status"] == "success"
+        epochs = [int(row["epoch"]) for row in result["epochs"]]
+        assert epochs == list(range(6))
+        ids, history = union[index]
+        assert len(ids) == 1, ids  # one run per trial
+        assert history == epochs, (index, history)  # every epoch exactly once, in order
+
+
+def test_logged_epochs_reads_a_run_file_cut_short(tmp_path):
+    """A W&B file whose writer was killed mid-record still yields the epochs before the cut."""
+    wandb = pytest.importorskip("wandb")
+    run = wandb.init(project="p", id="cutshort01", dir=str(tmp_path), mode="offline",
+                     settings=wandb.Settings(silent=True, console="off"))
+    for epoch in range(4):
+        run.log({"epoch": epoch, "val/ppl": 10.0 - epoch}, step=epoch)
+    run.finish()
+    wandb.teardown()
+    (path,) = (tmp_path / "wandb").glob("offline-run-*-cutshort01/run-cutshort01.wandb")
+    assert logged_epochs(tmp_path / "wandb", "cutshort01") == {0, 1, 2, 3}
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    cut = logged_epochs(tmp_path / "wandb", "cutshort01")
+    assert cut <= {0, 1, 2, 3} and cut == set(range(len(cut)))
+
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO = REPO / "sweeps" / "demo.yaml"
+
+
+def test_switching_the_method_by_override_takes_its_grid_settings_and_says_so():
+    from memray.config import load_trial
+
+    notes: list[str] = []
+    config = load_trial(DEMO, ["method.name=lora", "method.rank=4", "train.epochs=3"], notes=notes)
+    assert config.method.name == "lora" and config.method.rank == 4 and config.method.lr == 0.003
+    assert config.method.placement == "attn" and config.train.epochs == 3
+    (note,) = notes
+    assert "method.name=lora" in note and "lr 0.003" in note and "grid's lora entry" in note
+
+
+def test_switching_the_method_of_a_plain_trial_drops_what_the_new_method_lacks(tmp_path):
+    from memray.config import load_trial
+
+    path = tmp_path / "one.yaml"
+    path.write_text("model: {name: tiny-gpt2}\nmethod: {name: prefix, virtual_tokens: 7, lr: 0.01}\n")
+    notes: list[str] = []
+    config = load_trial(path, ["method.name=prompt"], notes=notes)
+    assert config.method.name == "prompt" and config.method.virtual_tokens == 7 and config.method.lr is None
+    assert "prefix's settings that prompt accepts" in notes[0] and "lr 0.01" in notes[0]
+    notes.clear()
+    config = load_trial(path, ["method.name=lora"], notes=notes)
+    assert config.method.name == "lora" and config.method.lr is None  # lora's own default lr
+    assert "dropped" in notes[0] and "virtual_tokens 7" in notes[0] and "lr: lora's default" in notes[0]
+
+
+def test_a_key_of_another_method_names_that_method():
+    from memray.config import ConfigError, load_trial
+
+    with pytest.raises(ConfigError, match=r"method.rank: rank belongs to method lora.*method.name=lora"):
+        load_trial(DEMO, ["method.rank=4"])
+
+
+def test_status_of_a_sweep_file_names_the_folder_to_look_at():
+    from memray.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"a sweep file, not a sweep folder.*results/demo"):
+        sweep.sweep_status(DEMO)
+
+
+def test_a_failed_preflight_leaves_no_trial_folder(tmp_path, capsys):
+    from memray.cli import main
+
+    code = main(["trial", str(DEMO), "data.dataset=local", f"data.path={tmp_path / 'missing.jsonl'}",
+                 "--output-dir", str(tmp_path / "runs")])
+    assert code == 2 and "data.path" in capsys.readouterr().err
+    assert not any((tmp_path / "runs").rglob("*"))

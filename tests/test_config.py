@@ -118,7 +118,8 @@ def test_a_bad_grid_cell_is_named(tmp_path):
     path = write(tmp_path, sweep, "sweep.yaml")
     with pytest.raises(ConfigError) as err:
         load_sweep(path)
-    assert str(err.value) == f"{path} (grid cell 0: method.rank=4): method.rank: unknown key (allowed: lr, name)"
+    assert str(err.value) == (f"{path} (grid cell 0: method.rank=4): method.rank: rank belongs to method lora "
+                              "(set method.name=lora), not to full")
 
 
 def test_trial_id_ignores_output_dir_but_not_content():

@@ -27,7 +27,7 @@ def _start(args: list[str], cwd: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def _wait_for(condition, timeout: float = 240) -> None:
+def _wait_for(condition, timeout: float = 900) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "timed out"
@@ -50,26 +50,37 @@ def _history_union(folder: Path) -> dict[int, tuple[set[str], list[int]]]:
 
 @pytest.mark.ray
 def test_ctrl_c_then_kill_9_then_resume_leaves_whole_wandb_histories_and_honest_states(tmp_path):
-    path = write_small_sweep(tmp_path, "watched", epochs=5)
+    path = write_small_sweep(tmp_path, "watched", epochs=4, methods=("full", "lora"))
     folder = tmp_path / "results" / "watched"
+    started: list[subprocess.Popen] = []
+    try:
+        _interrupt_kill_and_resume(path, folder, tmp_path, started)
+    finally:
+        for process in started:  # whatever failed: no driver, Ray or W&B process of this test left
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
 
+
+def _interrupt_kill_and_resume(path: Path, folder: Path, tmp_path: Path, started: list[subprocess.Popen]) -> None:
     driver = _start(["run", str(path)], tmp_path)
+    started.append(driver)
     _wait_for(lambda: (folder / "sweep.yaml").is_file())
     dirs = trial_dirs(folder)
-    _wait_for(lambda: max(len(e) for e in _epochs(dirs).values()) >= 3)
+    _wait_for(lambda: max(len(e) for e in _epochs(dirs).values()) >= 2)
     os.killpg(driver.pid, signal.SIGINT)  # Ctrl-C in the terminal
-    output, _ = driver.communicate(timeout=240)
+    output, _ = driver.communicate(timeout=600)
     assert driver.returncode == 130, output
-    assert f"memray resume {folder}" in output.splitlines()[-1]
+    assert f"memray resume {folder}" in output.strip().splitlines()[-1]
     assert "Tuner.restore" not in output and "Could not fetch metrics" not in output
     states = {index: read_result(d).get("status") for index, d in dirs.items()}
     assert "interrupted" in states.values() and "failed" not in states.values(), states
     assert "interrupted" in sweep.sweep_status(folder)
 
     resumed = _start(["resume", str(folder)], tmp_path)
+    started.append(resumed)
     before = _epochs(dirs)
-    _wait_for(lambda: any(len(e) > len(before[i]) + 1 for i, e in _epochs(dirs).items()))
-    os.killpg(resumed.pid, signal.SIGKILL)  # kill -9: the driver, its Ray and W&B's processes
+    _wait_for(lambda: any(len(e) > len(before[i]) for i, e in _epochs(dirs).items()))
+    os.killpg(resumed.pid, signal.SIGKILL)  # kill -9: the driver and its Ray
     resumed.wait(timeout=60)
     killed = {index: read_result(d).get("status") for index, d in dirs.items()}
     assert "running" in killed.values(), killed
@@ -77,14 +88,15 @@ def test_ctrl_c_then_kill_9_then_resume_leaves_whole_wandb_histories_and_honest_
     assert "lost" in status and " running " not in status
 
     final = _start(["resume", str(folder)], tmp_path)
-    output, _ = final.communicate(timeout=480)
+    started.append(final)
+    output, _ = final.communicate(timeout=1200)
     assert final.returncode == 0, output
     union = _history_union(folder)
     for index, trial_dir in dirs.items():
         result = read_result(trial_dir)
         assert result["status"] == "success"
         epochs = [int(row["epoch"]) for row in result["epochs"]]
-        assert epochs == list(range(6))
+        assert epochs == list(range(5))
         ids, history = union[index]
         assert len(ids) == 1, ids  # one run per trial
         assert history == epochs, (index, history)  # every epoch exactly once, in order

@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # trials' epoch lines differ only in numbers: Ray's log deduplication (read when ray is
+    # imported) would print one and hide the others as "[repeated 2x across cluster]"
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come after options (`--cell 3 train.epochs=1`)

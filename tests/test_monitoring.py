@@ -21,10 +21,12 @@ from memray import sweep
 from memray.sweep.wandb import logged_epochs
 
 
-def _start(args: list[str], cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "MEMRAY_CACHE": str(cwd / "cache")}
-    return subprocess.Popen([sys.executable, "-m", "memray.cli", *args, "--num-cpus", "2"], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+def _start(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
+    """`memray ARGS` in a session of its own (its process group is the terminal's, for
+    signals), its console output in `log`; the session's MEMRAY_CACHE (conftest)."""
+    with log.open("w") as out:
+        return subprocess.Popen([sys.executable, "-m", "memray.cli", *args, "--num-cpus", "2"], cwd=cwd,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _wait_for(condition, timeout: float = 900) -> None:
@@ -62,21 +64,23 @@ def test_ctrl_c_then_kill_9_then_resume_leaves_whole_wandb_histories_and_honest_
 
 
 def _interrupt_kill_and_resume(path: Path, folder: Path, tmp_path: Path, started: list[subprocess.Popen]) -> None:
-    driver = _start(["run", str(path)], tmp_path)
+    driver = _start(["run", str(path)], tmp_path, tmp_path / "run.log")
     started.append(driver)
-    _wait_for(lambda: (folder / "sweep.yaml").is_file())
+    _wait_for(lambda: (folder / "sweep.yaml").is_file() or driver.poll() is not None)
+    assert driver.poll() is None, (tmp_path / "run.log").read_text()
     dirs = trial_dirs(folder)
     _wait_for(lambda: max(len(e) for e in _epochs(dirs).values()) >= 2)
     os.killpg(driver.pid, signal.SIGINT)  # Ctrl-C in the terminal
-    output, _ = driver.communicate(timeout=600)
+    driver.wait(timeout=600)
+    output = (tmp_path / "run.log").read_text()
     assert driver.returncode == 130, output
-    assert f"memray resume {folder}" in output.strip().splitlines()[-1]
+    assert f"memray resume {folder}" in output.strip().splitlines()[-1], output[-3000:]
     assert "Tuner.restore" not in output and "Could not fetch metrics" not in output
     states = {index: read_result(d).get("status") for index, d in dirs.items()}
     assert "interrupted" in states.values() and "failed" not in states.values(), states
     assert "interrupted" in sweep.sweep_status(folder)
 
-    resumed = _start(["resume", str(folder)], tmp_path)
+    resumed = _start(["resume", str(folder)], tmp_path, tmp_path / "resume-killed.log")
     started.append(resumed)
     before = _epochs(dirs)
     _wait_for(lambda: any(len(e) > len(before[i]) for i, e in _epochs(dirs).items()))
@@ -87,9 +91,10 @@ def _interrupt_kill_and_resume(path: Path, folder: Path, tmp_path: Path, started
     status = sweep.sweep_status(folder)  # no driver alive: a `running` trial is lost
     assert "lost" in status and " running " not in status
 
-    final = _start(["resume", str(folder)], tmp_path)
+    final = _start(["resume", str(folder)], tmp_path, tmp_path / "resume.log")
     started.append(final)
-    output, _ = final.communicate(timeout=1200)
+    final.wait(timeout=1200)
+    output = (tmp_path / "resume.log").read_text()
     assert final.returncode == 0, output
     union = _history_union(folder)
     for index, trial_dir in dirs.items():

@@ -9,10 +9,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, TextIO
+from typing import Callable, Mapping, TextIO
 
 from memray.config import Cell, ConfigError, ResourceRule
 from memray.results import ending_state, read_result
@@ -64,34 +63,23 @@ def epoch_hook(spec: str | None) -> Callable[[int, int, int, int], None] | None:
                                               f"(path/to/file.py:function): {err}") from None
 
 
-@contextmanager
-def trial_output(trial_dir: Path) -> Iterator[TextIO]:
-    """While a trial runs in this process (a Ray worker of its own): everything written to
-    stdout and stderr, at the file-descriptor level (library warnings, DeepSpeed's and
-    transformers' banners and bars), is appended to `<trial_dir>/trial.log` instead of the
-    console, unless VERBOSE_ENV is "1". Yields the console's stream for memray's own lines."""
+def trial_output(trial_dir: Path) -> TextIO:
+    """For the rest of this process (a trial's own Ray worker): everything written to stdout
+    and stderr, at the file-descriptor level (library warnings, DeepSpeed's and transformers'
+    banners and bars, what W&B and Ray print as the process ends), is appended to
+    `<trial_dir>/trial.log` instead of the console, unless VERBOSE_ENV is "1". Returns the
+    console's stream, for memray's own lines."""
     if os.environ.get(VERBOSE_ENV) == "1":
-        yield sys.stderr
-        return
+        return sys.stderr
     trial_dir.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    console = os.fdopen(os.dup(saved[1]), "w", buffering=1)
+    console = os.fdopen(os.dup(2), "w", buffering=1)
     log = os.open(trial_dir / TRIAL_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(log, 1)
     os.dup2(log, 2)
     os.close(log)
-    try:
-        yield console
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in saved:
-            os.close(fd)
-        console.close()
+    return console
 
 
 def run_and_finish(run: "WandbTrial", mirror: "TrialMirror | None", trial_dir: Path,

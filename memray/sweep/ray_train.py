@@ -106,8 +106,8 @@ def _train_worker(params: dict[str, Any]) -> None:
     os.environ.update(context.env)
     if Path(context.workdir).is_dir():
         os.chdir(context.workdir)
-    with trial_output(Path(context.local_root) / TRIALS_DIR / context.trial_names[index]):
-        _train_rank(index, context)
+    trial_output(Path(context.local_root) / TRIALS_DIR / context.trial_names[index])
+    _train_rank(index, context)
 
 
 def _train_rank(index: int, context: SweepContext) -> None:

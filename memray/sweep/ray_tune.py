@@ -71,8 +71,7 @@ def run_cell(params: dict[str, Any], context: SweepContext) -> None:
     if Path(context.workdir).is_dir():
         os.chdir(context.workdir)
     trial_dir = Path(context.local_root) / TRIALS_DIR / context.trial_names[index]
-    with trial_output(trial_dir) as console:
-        _run_cell(index, context, trial_dir, console)
+    _run_cell(index, context, trial_dir, trial_output(trial_dir))
 
 
 def _run_cell(index: int, context: SweepContext, trial_dir: Path, console: TextIO) -> None:
@@ -182,6 +181,17 @@ def _trainable(context: SweepContext, plan: SweepPlan) -> Any:
                                resources=lambda config: groups[int(config["cell"])])
 
 
+#: `memray run / resume`'s exit code when Ctrl-C (or SIGTERM) stopped the sweep, as a shell's.
+INTERRUPTED = 130
+
+
+def _interrupted_line(folder: SweepFolder, code: int) -> None:
+    """After Ray is shut down (so that no trial output follows it): the one line that says
+    how to go on."""
+    if code == INTERRUPTED:
+        print(f"memray: interrupted; `memray resume {folder}` finishes the sweep", file=sys.stderr, flush=True)
+
+
 class _TuneMessages(logging.Filter):
     """Drops Ray Tune's messages that mislead a memray user (its restore hint, the metrics
     of trials stopped before their first report) and notes whether Ctrl-C stopped the run."""
@@ -276,10 +286,7 @@ def _fit(folder: SweepFolder, plan: SweepPlan, state: dict[str, Any], max_failur
         clear_driver(folder)
     print(sweep_status(folder.location))
     print(_where_text(folder, context))
-    if interrupted:
-        print(f"[memray] interrupted: `memray resume {folder}` finishes the sweep", file=sys.stderr)
-        return 130
-    return 1 if errors else 0
+    return INTERRUPTED if interrupted else 1 if errors else 0
 
 
 def _where_text(folder: SweepFolder, context: SweepContext) -> str:
@@ -416,12 +423,14 @@ def run_sweep(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] | N
         folder.write_text(json.dumps(state, indent=2), STATE_FILE)
         folder.write_text(resolved_sweep_yaml(sweep, cells, str(path), parsed), SWEEP_FILE)
         print(f"[memray] sweep {sweep.name}: {len(cells)} trials in {folder}", file=sys.stderr)
-        return _fit(folder, plan, state, max_failures, restore=False)
+        code = _fit(folder, plan, state, max_failures, restore=False)
     finally:
         if started:
             import ray
 
             ray.shutdown()
+    _interrupted_line(folder, code)
+    return code
 
 
 def resume_sweep(sweep_dir: str | Path, address: str | None = None, *, num_cpus: int | None = None,
@@ -437,9 +446,11 @@ def resume_sweep(sweep_dir: str | Path, address: str | None = None, *, num_cpus:
         capacity, nodes = _cluster_capacity()
         plan = plan_sweep(sweep, cells, source, capacity, nodes, strict=address is None)
         print(f"[memray] resuming sweep {sweep.name} in {folder}", file=sys.stderr)
-        return _fit(folder, plan, state, max_failures, restore=True)
+        code = _fit(folder, plan, state, max_failures, restore=True)
     finally:
         if started:
             import ray
 
             ray.shutdown()
+    _interrupted_line(folder, code)
+    return code

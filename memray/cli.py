@@ -30,6 +30,8 @@ def _trial(args: argparse.Namespace) -> int:
     methods.check_method(models.model_config(config.model), config.method, args.file)
     trial_dir = Path(args.trial_dir) if args.trial_dir else trial.default_trial_dir(config)
     print(f"[memray] trial folder: {trial_dir}", file=sys.stderr)
+    if not args.verbose:
+        _library_output_to(trial_dir / "trial.log")
     final = trial.run_trial(config, trial_dir=trial_dir, resume=not args.fresh, progress=not args.quiet)
     if config.reference_models():  # lira / rmia: their reference models, trained here one after another
         from memray import references
@@ -46,6 +48,26 @@ def _verbosity(args: argparse.Namespace) -> None:
     it, in each trial folder's trial.log."""
     if getattr(args, "verbose", False):
         os.environ["MEMRAY_VERBOSE"] = "1"  # handed to every trial with the other MEMRAY_* settings
+
+
+def _library_output_to(log: Path) -> None:
+    """`memray trial` without -v: Python warnings (transformers' FutureWarnings, ...) go to
+    the trial's log file, transformers' info messages and "Loading weights" bars nowhere."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    class TrialLog(logging.FileHandler):  # opened at the first warning: a trial that fails its set-up leaves no folder
+        def _open(self):
+            log.parent.mkdir(parents=True, exist_ok=True)
+            return super()._open()
+
+    logging.captureWarnings(True)
+    warnings_logger = logging.getLogger("py.warnings")
+    warnings_logger.addHandler(TrialLog(log, delay=True))
+    warnings_logger.propagate = False
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -117,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trial-dir", default=None, help="exact trial folder (default <output_dir>/<slug>)")
     p.add_argument("--fresh", action="store_true", help="ignore checkpoints in the trial folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="library warnings and banners on the console (else in the trial folder's trial.log)")
     p.set_defaults(handler=_trial)
 
     def ray_options(p: argparse.ArgumentParser) -> None:

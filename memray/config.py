@@ -831,10 +831,11 @@ def switch_method(tree: dict[str, Any], overrides: dict[str, Any], grid: dict[st
     rest = {key: value for key, value in overrides.items() if not key.startswith("method.")}
     own = {key: value for key, value in overrides.items() if key.startswith("method.") and key != "method.name"}
     if notes is not None:
-        settings = ", ".join(f"{k} {v}" for k, v in section.items() if k != "name") or "its defaults"
+        shown = {**section, **{key.split(".", 1)[1]: value for key, value in own.items()}}
+        settings = ", ".join(f"{k} {v}" for k, v in shown.items() if k != "name") or "its defaults"
         lost = f"; dropped {', '.join(f'{k} {old[k]}' for k in dropped)} (of {old.get('name')})" if dropped else ""
         lr = "" if "lr" in section else f" (lr: {name}'s default)"
-        notes.append(f"method.name={name}: {settings} from {how}{lr}{lost}")
+        notes.append(f"method.name={name}: {settings} (from {how} and your overrides){lr}{lost}")
     return {"method": section, **own, **rest}
 
 

@@ -99,7 +99,8 @@ def run_trial(
         raise
     except BaseException as err:  # KeyboardInterrupt too: the record must say why it stopped
         state = ending_state(err)
-        record.finish(state, f"{type(err).__name__}: {err}" if state == "failed" else type(err).__name__)
+        record.finish(state, f"{type(err).__name__}: {err}" if state == "failed"
+                      else f"stopped by Ctrl-C or SIGTERM ({type(err).__name__})")
         raise
     record.finish("success")
     return final

@@ -136,7 +136,7 @@ def test_switching_the_method_by_override_takes_its_grid_settings_and_says_so():
     assert config.method.name == "lora" and config.method.rank == 4 and config.method.lr == 0.003
     assert config.method.placement == "attn" and config.train.epochs == 3
     (note,) = notes
-    assert "method.name=lora" in note and "lr 0.003" in note and "grid's lora entry" in note
+    assert "method.name=lora" in note and "rank 4" in note and "lr 0.003" in note and "grid's lora entry" in note
 
 
 def test_switching_the_method_of_a_plain_trial_drops_what_the_new_method_lacks(tmp_path):

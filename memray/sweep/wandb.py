@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import struct
 import time
 import warnings
@@ -119,11 +120,15 @@ def _records(path: Path) -> Iterator[bytes]:
             yield pending
 
 
-def _history_epochs(path: Path) -> set[int]:
+def _history_epochs(path: Path) -> set[int] | None:
+    """The epochs of a run file's history; None for a file with no record at all (its W&B
+    process died before it wrote the run)."""
     from wandb.proto import wandb_internal_pb2
 
-    epochs = set()
+    epochs: set[int] = set()
+    records = 0
     for raw in _records(path):
+        records += 1
         record = wandb_internal_pb2.Record()
         try:
             record.ParseFromString(raw)
@@ -133,7 +138,7 @@ def _history_epochs(path: Path) -> set[int]:
             for item in record.history.item:
                 if (item.key or "/".join(item.nested_key)) == "epoch":
                     epochs.add(int(json.loads(item.value_json)))
-    return epochs
+    return epochs if records else None
 
 
 def _open_by_any_process(paths: Sequence[Path]) -> bool:
@@ -155,14 +160,20 @@ def _open_by_any_process(paths: Sequence[Path]) -> bool:
 def logged_epochs(wandb_dir: Path, run_id: str, wait_s: float = CLOSE_WAIT_S) -> set[int]:
     """The epochs in the history of every local folder of `run_id` below `wandb_dir`, read
     once no process holds their files open (waiting up to `wait_s` for a dying attempt's
-    W&B process to flush and close them)."""
+    W&B process to flush and close them). A folder whose run file holds no record at all
+    (its W&B process killed before it wrote the run) is removed: it has nothing to sync,
+    and it would be a run without an id beside the trial's run."""
     files = [f for folder in run_folders(wandb_dir, run_id) for f in folder.glob("run-*.wandb")]
     deadline = time.monotonic() + wait_s
     while files and _open_by_any_process(files) and time.monotonic() < deadline:
         time.sleep(0.5)
     epochs: set[int] = set()
     for path in files:
-        epochs |= _history_epochs(path)
+        found = _history_epochs(path)
+        if found is not None:
+            epochs |= found
+        elif not _open_by_any_process([path]):
+            shutil.rmtree(path.parent, ignore_errors=True)
     return epochs
 
 

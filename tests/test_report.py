@@ -9,6 +9,7 @@ those scores with memray.metrics, as a trial does. The last test runs real tiny 
 """
 
 import json
+import time
 import math
 import shutil
 from pathlib import Path
@@ -152,7 +153,8 @@ def test_trials_table_numbers_equal_the_result_files(built):
     for name, result in results.items():
         row, final = trials.loc[name], result["epochs"][-1]
         best = min(result["epochs"], key=lambda r: r["val/ppl"])
-        assert row["status"] == result["status"]
+        # a trial result.json leaves `running` with no `memray run / resume` alive is lost
+        assert row["status"] == ("lost" if result["status"] == "running" else result["status"])
         assert row["epochs done"] == final["epoch"] and row["epochs planned"] == EPOCHS
         assert row["final val ppl"] == final["val/ppl"]
         assert (row["best val ppl"], row["best epoch"]) == (best["val/ppl"], best["epoch"])
@@ -230,12 +232,12 @@ def test_failed_running_and_pending_trials_are_reported_as_such(built):
     sweep_dir, path, report = built
     _, cells = load_sweep(sweep_dir / SWEEP_FILE)
     names = trial_names(cells)
-    assert report["counts"] == {"success": 13, "running": 1, "failed": 1, "pending": 1}
+    assert report["counts"] == {"success": 13, "lost": 1, "failed": 1, "pending": 1}  # running, no driver alive
     unfinished = _csv(path, "unfinished").set_index("trial")
     assert set(unfinished.index) == {names[FAILED_CELL], names[RUNNING_CELL], names[PENDING_CELL]}
     assert unfinished.loc[names[FAILED_CELL], "reason"] == "failed: OutOfMemoryError: CUDA out of memory"
     assert unfinished.loc[names[FAILED_CELL], "epochs"] == "1/3"
-    assert unfinished.loc[names[RUNNING_CELL], "reason"].startswith("unfinished")
+    assert unfinished.loc[names[RUNNING_CELL], "reason"].startswith("lost: its process died")
     assert unfinished.loc[names[PENDING_CELL], "status"] == "pending"
     text = path.read_text()
     assert "## Trials not finished" in text and "OutOfMemoryError: CUDA out of memory" in text
@@ -315,7 +317,7 @@ def test_a_copied_folder_without_sweep_file_still_reports(tmp_path, built):
     shutil.copytree(sweep_dir / "trials", copy / "somewhere" / "trials")
     path = build_report(copy, tmp_path / "out", bootstrap=0)
     report = json.loads((path.parent / "report.json").read_text())
-    assert report["counts"] == {"success": 13, "running": 1, "failed": 1}  # no sweep.yaml: no pending cells
+    assert report["counts"] == {"success": 13, "lost": 1, "failed": 1}  # no sweep.yaml: no pending cells
     assert report["sweep"]["name"] == "copy"
     # no bootstrap: the intervals the trials recorded, nothing resampled
     assert all(row["auc_ci95"] is not None for t in report["trials"] for row in t["attacks"].values())
@@ -378,7 +380,7 @@ def test_report_command_logs_figures_to_a_wandb_report_run(tmp_path, capsys, bui
     (sweep_dir / SWEEP_FILE).write_text(yaml.safe_dump({**SWEEP, "wandb": {"mode": "offline"}}, sort_keys=False))
     assert report_command(sweep_dir) == 0
     printed = capsys.readouterr().out
-    assert f"report: {sweep_dir / 'report' / 'report.md'} (16 trials: 13 success, 1 running, 1 failed, 1 pending)" in printed
+    assert f"report: {sweep_dir / 'report' / 'report.md'} (16 trials: 13 success, 1 failed, 1 lost, 1 pending)" in printed
     report = json.loads((sweep_dir / "report" / "report.json").read_text())
     assert report["wandb"]["logged"] and report["wandb"]["mode"] == "offline"
     (run_dir,) = (sweep_dir / "wandb").glob("offline-run-*")
@@ -392,6 +394,10 @@ def test_report_command_logs_figures_to_a_wandb_report_run(tmp_path, capsys, bui
     (run_file,) = run_dir.glob("run-*.wandb")
     content = run_file.read_bytes()
     assert b"synth" in content and b"report" in content  # the sweep's group, job type report
+    time.sleep(1.1)  # W&B names a run's folder by the second it starts
+    assert report_command(sweep_dir) == 0  # a second report updates the same run (one id), not a new one
+    assert {folder.name.rsplit("-", 1)[1] for folder in (sweep_dir / "wandb").glob("offline-run-*")} == {
+        report["wandb"]["run_id"]}
 
 
 def test_a_sweep_with_wandb_disabled_is_not_logged(built):

@@ -252,9 +252,9 @@ def test_demo_grid_reports_every_epoch_to_tune_results_and_wandb(local_ray, tmp_
         assert {row[1] for row in roc["data"]} == {"loss", "ref", "zlib", "mink", "mink++"}
         assert all(0 <= row[0] <= 1 and 0 <= row[2] <= 1 for row in roc["data"])
         assert cell.config.method.name in printed and names[cell.index] in printed
-    assert "7 success" in printed and f"wandb sync {folder / 'wandb'}" in printed
+    assert "9 success" in printed and f"wandb sync {folder / 'wandb'}" in printed
     status = sweep.sweep_status(folder)
-    assert status.count(" success ") == 7 and status.count("2/2") == 7
+    assert status.count(" success ") == 9 and status.count("2/2") == 9
 
 
 def _wandb_table(run_dir: Path, key: str) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from memray import sweep
-from memray.config import ConfigError, ResourceRule, WandbConfig, load_sweep
+from memray.config import GPU_TYPES, ConfigError, ResourceRule, WandbConfig, load_sweep
 from memray.sweep import trial_names
 
 from faults import clear_fault, inject_fault
@@ -35,7 +35,7 @@ def test_every_sweep_file_validates_and_expands(path):
     config, cells = load_sweep(path)
     assert cells
     sweep.check_rules(config.resources, cells, str(path))
-    node = {"CPU": 96.0, "GPU": 8.0}
+    node = {"CPU": 96.0, "GPU": 8.0, **{gpu_type: 8.0 for gpu_type in GPU_TYPES}}  # one GPU type resource per GPU
     plan = sweep.plan_sweep(config, cells, str(path), node, [node], strict=True)
     assert sorted(plan.order) == [cell.index for cell in cells]
     assert len(set(trial_names(cells).values())) == len(cells)  # one folder per trial
@@ -47,7 +47,7 @@ def test_dry_run_of_a_study_sweep_needs_no_download_and_shows_the_whole_plan(mon
     text = sweep.dry_run_text(REPO / "sweeps" / "hou2025.yaml", num_cpus=2)
     lines = text.splitlines()
     assert lines[0] == "90 trials"
-    trials = [line for line in lines if line.startswith("  ")]
+    trials = [line for line in lines if line.startswith("  ") and "mem ~" in line]  # not the per-GPU-type table
     assert len(trials) == 90 and all("mem ~" in line for line in trials)
     assert "llama-2-7b" in trials[0]  # the longest trials start first
     seven_b = float(trials[0].split("mem ~")[1].split(" GB")[0])

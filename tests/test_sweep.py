@@ -62,7 +62,7 @@ def test_dry_run_lists_demo_cells_longest_first_with_resources():
     text = sweep.dry_run_text(REPO / "sweeps" / "demo.yaml", ["train.epochs=2"], num_cpus=2)
     lines = text.splitlines()
     assert lines[0] == "9 trials"
-    trial_lines = lines[2:]
+    trial_lines = [line for line in lines[2:] if "mem ~" in line]  # the per-GPU-type table follows them
     assert len(trial_lines) == 9
     # full fine-tuning costs most per token, head-only least
     assert "method=full(" in trial_lines[0] and "method=head(" in trial_lines[-1]

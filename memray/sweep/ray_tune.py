@@ -14,6 +14,7 @@ The trial folder is the source of truth: a retried or resumed trial finds its ow
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Mapping, Sequence, TextIO
+from typing import Any, Iterator, Mapping, Sequence, TextIO
 
 from memray.config import MODEL_ALIASES, ConfigError, resolve_wandb_mode
 from memray.results import STATE_FILE, SWEEP_FILE, TRIALS_DIR, TUNE_DIR, TrialRecord, read_result, trial_names
@@ -395,6 +396,20 @@ def _gpu_type_table(groups: dict[str, dict[str, Any]]) -> list[str]:
             f"{unfit} trial{'s do' if unfit != 1 else ' does'} not fit their GPUs"]
 
 
+@contextlib.contextmanager
+def _ray_session(address: str | None, num_cpus: int | None) -> Iterator[None]:
+    """Ray for the body: a local Ray or a cluster (`_connect`), shut down after the body
+    when this call started it (a Ray the caller had initialized is left running)."""
+    started = _connect(address, num_cpus)
+    try:
+        yield
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
 def run_sweep(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] | None = None,
               storage: str | Path | None = None, address: str | None = None, dry_run: bool = False, *,
               num_cpus: int | None = None, max_failures: int = DEFAULT_MAX_FAILURES) -> int:
@@ -414,8 +429,7 @@ def run_sweep(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] | N
     if folder.exists(SWEEP_FILE):
         raise ConfigError(str(path), "name", f"the sweep folder {folder} already exists: `memray resume {folder}` "
                                              "finishes it; remove it (or rename the sweep) to start over")
-    started = _connect(address, num_cpus)
-    try:
+    with _ray_session(address, num_cpus):
         capacity, nodes = _cluster_capacity()
         plan = plan_sweep(sweep, cells, str(path), capacity, nodes, strict=address is None)
         state = {"uid": secrets.token_hex(4), "name": sweep.name, "source": str(Path(path).resolve()),
@@ -424,11 +438,6 @@ def run_sweep(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] | N
         folder.write_text(resolved_sweep_yaml(sweep, cells, str(path), parsed), SWEEP_FILE)
         print(f"[memray] sweep {sweep.name}: {len(cells)} trials in {folder}", file=sys.stderr)
         code = _fit(folder, plan, state, max_failures, restore=False)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     _interrupted_line(folder, code)
     return code
 
@@ -441,16 +450,10 @@ def resume_sweep(sweep_dir: str | Path, address: str | None = None, *, num_cpus:
     folder, sweep, cells, state, source = open_sweep(sweep_dir)
     check_rules(sweep.resources, cells, source)
     check_cells(cells, source)
-    started = _connect(address, num_cpus)
-    try:
+    with _ray_session(address, num_cpus):
         capacity, nodes = _cluster_capacity()
         plan = plan_sweep(sweep, cells, source, capacity, nodes, strict=address is None)
         print(f"[memray] resuming sweep {sweep.name} in {folder}", file=sys.stderr)
         code = _fit(folder, plan, state, max_failures, restore=True)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     _interrupted_line(folder, code)
     return code

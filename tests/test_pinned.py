@@ -76,7 +76,7 @@ def test_a_trial_interrupted_after_epoch_1_and_resumed_equals_an_uninterrupted_o
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, "trial", interrupt_after_epoch_1)
     stopped = json.loads((tmp_path / "trial" / "result.json").read_text())
-    assert stopped["status"] == "failed" and [row["epoch"] for row in stopped["epochs"]] == [0, 1]
+    assert stopped["status"] == "interrupted" and [row["epoch"] for row in stopped["epochs"]] == [0, 1]
     resumed = run(tmp_path, "trial")
     assert resumed["status"] == "success"
     # every number of every epoch, but time and memory (perf/*), which no two runs share

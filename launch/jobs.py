@@ -43,7 +43,7 @@ LOCK = ROOT / ".ci" / "requirements.lock"
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 #: Handed to the job from this environment when set here (else from each node's own).
 SECRETS = ("WANDB_API_KEY", "HF_TOKEN")
-INSTALL_HINT = "install with `bash .ci/setup --cluster` (or pip install -c .ci/requirements.lock -e '.[cluster]')"
+INSTALL_HINT = "install with `bash .ci/setup` (or pip install -c .ci/requirements.lock -e '.[cluster]')"
 
 
 def missing_cluster_extra() -> list[str]:

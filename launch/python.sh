@@ -1,7 +1,7 @@
 # Sourced by the launch/ scripts: sets `root` to the repository root and `py` to the project's
 # Python interpreter, the first of
 #   $PYTHON; the active virtual environment ($VIRTUAL_ENV); python3 on PATH if memray is
-#   installed there; this checkout's .venv (made by `bash .ci/setup --cluster`); python3.
+#   installed there; this checkout's .venv (made by `bash .ci/setup`); python3.
 # The scripts run Ray from that interpreter too.
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 has_memray() { "$1" -c 'import importlib.metadata as m; m.version("memray-ft")' 2>/dev/null; }
@@ -17,6 +17,6 @@ else
     py=$(command -v python3 || true)
 fi
 if [ -z "$py" ] || ! command -v "$py" >/dev/null; then
-    echo "launch: error: no Python interpreter for memray (PYTHON=${PYTHON:-unset}): make one with \`bash .ci/setup --cluster\`" >&2
+    echo "launch: error: no Python interpreter for memray (PYTHON=${PYTHON:-unset}): make one with \`bash .ci/setup\`" >&2
     exit 2
 fi

@@ -80,7 +80,7 @@ def test_the_job_gets_the_submitters_secrets_and_otherwise_the_nodes():
 
 def test_a_missing_cluster_extra_is_named(monkeypatch):
     jobs = _jobs()
-    assert jobs.missing_cluster_extra() == []  # this environment has it (bash .ci/setup --cluster)
+    assert jobs.missing_cluster_extra() == []  # this environment has it (bash .ci/setup)
     real_version = jobs.metadata.version
 
     def version(name):
@@ -105,7 +105,7 @@ def test_launch_scripts_without_memray_say_how_to_install(tmp_path):
     for script in (["submit", "sweeps/demo.yaml", str(tmp_path)], ["resume", str(tmp_path / "demo")]):
         done = _launch(*script, env=env)
         assert done.returncode == 2
-        assert f"{bare} has no memray installed: install with `bash .ci/setup --cluster`" in done.stderr
+        assert f"{bare} has no memray installed: install with `bash .ci/setup`" in done.stderr
 
 
 def test_submit_refuses_a_bad_sweep_before_reaching_the_cluster(tmp_path):

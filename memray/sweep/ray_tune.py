@@ -24,7 +24,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence, TextIO
+from typing import Any, Iterator, Mapping, Sequence
 
 from memray.config import MODEL_ALIASES, ConfigError, resolve_wandb_mode
 from memray.results import STATE_FILE, SWEEP_FILE, TRIALS_DIR, TUNE_DIR, TrialRecord, read_result, trial_names
@@ -72,10 +72,10 @@ def run_cell(params: dict[str, Any], context: SweepContext) -> None:
     if Path(context.workdir).is_dir():
         os.chdir(context.workdir)
     trial_dir = Path(context.local_root) / TRIALS_DIR / context.trial_names[index]
-    _run_cell(index, context, trial_dir, trial_output(trial_dir))
+    _run_cell(index, context, trial_dir)
 
 
-def _run_cell(index: int, context: SweepContext, trial_dir: Path, console: TextIO) -> None:
+def _run_cell(index: int, context: SweepContext, trial_dir: Path) -> None:
     from ray import tune
 
     from memray.references import complete_target
@@ -96,6 +96,9 @@ def _run_cell(index: int, context: SweepContext, trial_dir: Path, console: TextI
     if rule is not None and rule.workers > 1:
         run_workers(index, rule, context)
         return
+    # from here on the process's output goes to the trial's log (never for a finished
+    # trial: its folder stays as it was)
+    console = trial_output(trial_dir)
     run = WandbTrial.start(context.wandb, cell, trial_name, Path(context.local_root))
     run.replay(done.get("epochs") or [])  # what an earlier attempt recorded but W&B lost
 

@@ -8,9 +8,12 @@ reference's config is the target's with `reference: {index, of}` set and `loss` 
 attack, so references do not depend on the target's other attacks.
 
 `memray trial` trains them in process after the target (`run_references`, in
-`<target folder>/references/`), then `add_reference_attacks` reads every epoch's
-per-sample `nll` of the target and the references and adds to the target's result.json
-and per-sample files, per epoch, under the usual metric names:
+`<target folder>/references/`). In a sweep they are trials of their own (`sweep_cells`:
+cells after the grid's, scheduled by Ray like any trial, each trained once for all the
+targets that share it), and the driver completes each target once it and its references
+have finished (`memray.sweep.completion`). Either way `add_reference_attacks` reads every
+epoch's per-sample `nll` of the target and the references and adds to the target's
+result.json and per-sample files, per epoch, under the usual metric names:
 - `lira` (online) and `lira-offline`: Gaussian fits of the references' logit-scaled
   confidence (`memray.reference_attacks.logit_confidence` of the mean token loss);
 - `rmia` (online, gamma 1, Pr(x) = the mean over all references) and `rmia-offline` (out
@@ -19,6 +22,7 @@ and per-sample files, per epoch, under the usual metric names:
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from memray import metrics, reference_attacks
-from memray.config import AttackConfig, ReferenceConfig, TrialConfig, validate_trial
+from memray.config import AttackConfig, Cell, ReferenceConfig, TrialConfig, validate_trial
 from memray.results import TrialRecord, scores_path, write_scores
 
 REFERENCES_DIR = "references"
@@ -40,6 +44,39 @@ def reference_configs(config: TrialConfig) -> list[TrialConfig]:
     raw["extraction"]["enabled"] = False  # references are scored, never prompted
     return [validate_trial({**raw, "reference": ReferenceConfig(index=i, of=count).model_dump()}, "reference model")
             for i in range(count)]
+
+
+def reference_cells(cells: list[Cell]) -> list[Cell]:
+    """The reference models the grid's lira / rmia targets need, as cells of their own after
+    the grid's (index len(cells) + j), each once: targets whose references are the same
+    trials (they differ only in attacks or extraction) share them. A reference's axes are
+    its first target's (less attacks and extraction) and `reference`, its index."""
+    found: list[Cell] = []
+    seen: set[str] = set()
+    for cell in cells:
+        axes = {key: value for key, value in cell.axes.items()
+                if key.split(".")[0] not in ("attacks", "extraction")}
+        for reference in reference_configs(cell.config):
+            if reference.trial_id() in seen:
+                continue
+            seen.add(reference.trial_id())
+            found.append(Cell(index=len(cells) + len(found), axes={**axes, "reference": reference.reference.index},
+                              config=reference))
+    return found
+
+
+def sweep_cells(cells: list[Cell]) -> list[Cell]:
+    """Every trial of a sweep: its grid cells, then their reference models."""
+    grid = [cell for cell in cells if cell.config.reference is None]
+    return grid + reference_cells(grid)
+
+
+def references_of(cells: list[Cell]) -> dict[int, list[int]]:
+    """Target cell index -> the indices of its reference cells, in reference order, for
+    every target of `cells` (a sweep's cells, references included)."""
+    by_id = {cell.config.trial_id(): cell.index for cell in cells if cell.config.reference is not None}
+    return {cell.index: [by_id[r.trial_id()] for r in reference_configs(cell.config)]
+            for cell in cells if cell.config.reference is None and cell.config.reference_models()}
 
 
 def reference_dir(trial_dir: Path, reference: TrialConfig) -> Path:
@@ -110,13 +147,23 @@ def add_reference_attacks(config: TrialConfig, trial_dir: Path, reference_dirs: 
         write_scores(trial_dir, epoch, target)
     if record.epochs:
         record.data["final"] = record.epochs[-1]
-    record.update(reference_models={"count": len(reference_dirs), "folders": [str(p) for p in reference_dirs],
+    record.update(reference_models={"count": len(reference_dirs), "folders": reference_folders(trial_dir, reference_dirs),
                                     "statistic": "nll: mean token loss per sample (lira: its logit-scaled "
                                                  "confidence; rmia: exp(-nll) as Pr(x | model))",
                                     "rmia": {"gamma": reference_attacks.RMIA_GAMMA,
                                              "offline_a": reference_attacks.RMIA_OFFLINE_A},
                                     "lira_fix_variance": reference_attacks.LIRA_FIX_VARIANCE})
     return record.epochs
+
+
+def reference_folders(trial_dir: Path, reference_dirs: list[Path]) -> list[str]:
+    """The reference folders as result.json records them: relative to the target's folder."""
+    return [os.path.relpath(Path(folder).resolve(), Path(trial_dir).resolve()) for folder in reference_dirs]
+
+
+def has_reference_attacks(result: dict[str, Any], trial_dir: Path, reference_dirs: list[Path]) -> bool:
+    """Whether a target's result.json holds the lira / rmia of these reference models."""
+    return (result.get("reference_models") or {}).get("folders") == reference_folders(trial_dir, reference_dirs)
 
 
 def complete_target(config: TrialConfig, trial_dir: Path, final: dict[str, Any], *, resume: bool = True,

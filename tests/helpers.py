@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from memray.config import load_sweep
+from memray.references import sweep_cells
 from memray.sweep import trial_names
 
 #: A tiny grid of three methods on the tiny model: a few seconds per trial on one core.
@@ -41,9 +42,10 @@ def write_small_sweep(directory: Path, name: str, epochs: int = 3, wandb_mode: s
 
 
 def trial_dirs(sweep_dir: Path) -> dict[int, Path]:
-    """Cell index -> trial folder, from the sweep folder's own sweep.yaml."""
+    """Cell index -> trial folder, from the sweep folder's own sweep.yaml (the reference
+    models of lira / rmia after the grid's cells)."""
     _, cells = load_sweep(Path(sweep_dir) / "sweep.yaml")
-    return {index: Path(sweep_dir) / "trials" / name for index, name in trial_names(cells).items()}
+    return {index: Path(sweep_dir) / "trials" / name for index, name in trial_names(sweep_cells(cells)).items()}
 
 
 def read_result(trial_dir: Path) -> dict[str, Any]:

@@ -99,16 +99,21 @@ def test_lira_and_rmia_are_at_least_as_strong_as_loss_with_intervals(target):
     assert first["mia/loss/auc_lo"] <= 0.5 <= first["mia/loss/auc_hi"]
 
 
-def test_the_dry_run_counts_reference_models_and_their_cost(tmp_path):
-    from memray.sweep import dry_run_text, trial_cost
+def test_the_dry_run_lists_reference_models_as_trials_of_their_own(tmp_path):
+    from memray.sweep import dry_run_text
 
-    plain = validate_trial({**TRIAL, "attacks": ["loss"]}, "test")
-    assert trial_cost(validate_trial(TRIAL, "test")) == pytest.approx((1 + REFERENCES) * trial_cost(plain))
     path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump({"name": "refs", "base": TRIAL, "grid": {"seed": [0, 1]}}))
-    text = dry_run_text(path, num_cpus=2)
-    assert text.splitlines()[0] == f"2 trials and {2 * REFERENCES} reference models of lira / rmia, trained in their targets' processes"
-    assert text.count(f"+ {REFERENCES} reference models") == 2
+    # two seeds: references of their own; two attack lists per seed: shared references
+    grid = {"seed": [0, 1], "attacks": [TRIAL["attacks"], ["zlib", {"name": "rmia", "references": REFERENCES}]]}
+    path.write_text(yaml.safe_dump({"name": "refs", "base": TRIAL, "grid": grid}))
+    lines = dry_run_text(path, num_cpus=2).splitlines()
+    assert lines[0] == f"{4 + 2 * REFERENCES} trials ({2 * REFERENCES} of them reference models of lira / rmia, " \
+                       "shared by the targets that need the same)"
+    trial_lines = [line for line in lines if line.startswith("  0")]
+    assert len(trial_lines) == 4 + 2 * REFERENCES
+    assert sum("_ref" in line and "reference=" in line for line in trial_lines) == 2 * REFERENCES
+    # the per-GPU-type table counts them as trials (their cost is a target's)
+    assert any(line.split()[:1] == ["CPU"] and line.split()[2] == str(4 + 2 * REFERENCES) for line in lines)
 
 
 def test_the_report_shows_the_target_with_lira_and_rmia_and_not_its_references(target, tmp_path):
@@ -119,3 +124,67 @@ def test_the_report_shows_the_target_with_lira_and_rmia_and_not_its_references(t
     assert [t["name"] for t in report["trials"]] == ["t"]
     assert {"loss", "lira", "lira-offline", "rmia", "rmia-offline"} <= set(report["attacks"])
     assert all(row["auc_ci95"] is not None for row in report["trials"][0]["attacks"].values())
+
+
+SWEEP_TRIAL = {**TRIAL, "data": {**TRIAL["data"], "members": 40, "nonmembers": 40},
+               "train": {**TRIAL["train"], "epochs": 2}, "extraction": {"enabled": False}}
+SWEEP_ATTACKS = [["loss", {"name": "lira", "references": 2}, "rmia"], ["zlib", {"name": "rmia", "references": 2}]]
+
+
+@pytest.mark.ray
+def test_a_sweep_trains_reference_models_as_trials_and_completes_its_targets(tmp_path):
+    """Two targets that differ only in attacks share two reference models, which Ray runs as
+    trials of their own; the driver then adds lira / rmia to both targets, per epoch, in
+    result.json, the per-sample files and W&B; a resume touches nothing."""
+    from sklearn.metrics import roc_auc_score
+
+    from helpers import file_states, trial_dirs, wandb_records
+    from memray.sweep import resume_sweep, run_sweep, sweep_status
+    from memray.sweep.wandb import wandb_run_id
+
+    path = tmp_path / "refs.yaml"
+    path.write_text(yaml.safe_dump({"name": "refs", "base": SWEEP_TRIAL, "grid": {"attacks": SWEEP_ATTACKS},
+                                    "wandb": {"mode": "offline"}}))
+    assert run_sweep(path, storage=str(tmp_path / "out"), num_cpus=2) == 0
+    folder = tmp_path / "out" / "refs"
+    dirs = trial_dirs(folder)
+    results = {index: json.loads((d / "result.json").read_text()) for index, d in dirs.items()}
+    assert len(dirs) == 4 and all(r["status"] == "success" for r in results.values())
+    references = [i for i, r in results.items() if r["config"]["reference"]]
+    assert [results[i]["config"]["reference"] for i in references] == [{"index": 0, "of": 2}, {"index": 1, "of": 2}]
+    expected_folders = [f"../{dirs[i].name}" for i in references]
+
+    state = json.loads((folder / "sweep.json").read_text())
+    for target in (0, 1):
+        result, labels = results[target], ("rmia", "rmia-offline") + (("lira", "lira-offline") if target == 0 else ())
+        assert result["reference_models"]["folders"] == expected_folders
+        for row in result["epochs"]:
+            epoch = row["epoch"]
+            scores = pd.read_parquet(dirs[target] / "scores" / f"epoch_{epoch:03d}.parquet")
+            refs = [pd.read_parquet(dirs[i] / "scores" / f"epoch_{epoch:03d}.parquet").set_index("sample_id")
+                    .loc[scores["sample_id"]] for i in references]
+            # online RMIA by hand: the share of the pool whose likelihood ratio each sample's reaches
+            ratio = np.exp(-scores["nll"].to_numpy()) / np.mean([np.exp(-r["nll"].to_numpy()) for r in refs], axis=0)
+            np.testing.assert_allclose(scores["rmia"], (ratio[:, None] >= ratio[None, :]).mean(axis=1))
+            for label in labels:
+                assert row[f"mia/{label}/auc"] == pytest.approx(roc_auc_score(scores["member"], scores[label]))
+        if target == 1:  # its attacks have no lira
+            assert not any(key.startswith("mia/lira") for row in result["epochs"] for key in row)
+        # W&B: every epoch's lira / rmia, against its epoch, beside the epoch's own row
+        rows = []
+        for run_file in folder.glob(f"wandb/*run-*-{wandb_run_id(state['uid'], target)}/run-*.wandb"):
+            for record in wandb_records(run_file):
+                if record.WhichOneof("record_type") == "history":
+                    rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+        late = {row["epoch"]: row for row in rows if "mia/rmia/auc" in row}
+        assert sorted(late) == [0, 1, 2]
+        assert all(late[e]["mia/rmia/auc"] == pytest.approx(result["epochs"][e]["mia/rmia/auc"]) for e in late)
+        assert len([row for row in rows if "val/ppl" in row]) == 3  # the epochs themselves, once each
+
+    status = sweep_status(folder)
+    assert "refs (" in status and "2 trials: 2 success" in status
+    assert "2 reference models of lira / rmia: 2 success" in status
+
+    before = {index: file_states(d) for index, d in dirs.items()}
+    assert resume_sweep(folder, num_cpus=2) == 0
+    assert {index: file_states(d) for index, d in dirs.items()} == before

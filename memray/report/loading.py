@@ -19,6 +19,7 @@ import pandas as pd
 
 from memray.config import APPROX_PARAMS, Cell, ConfigError, SweepConfig, load_sweep
 from memray.metrics import bootstrap_aucs, percentile_interval, roc_points
+from memray.references import sweep_cells
 from memray.results import DRIVER_FILE, RESULT_FILE, SWEEP_FILE, driver_alive, scores_path, trial_names
 
 BOOTSTRAP_RESAMPLES = 1000  # percentile 95% bounds move by ~0.003 AUC between reruns at this count
@@ -178,7 +179,7 @@ def load_trials(sweep_dir: Path, cells: list[Cell], skip: Path | None = None) ->
             method_info=data.get("method_info") or {}, split_hash=data.get("split_hash"),
             versions=_versions(data.get("provenance") or {}), attack_rules=data.get("attack_rules") or {},
         ))
-    names = trial_names(cells) if cells else {}
+    names = trial_names(sweep_cells(cells)) if cells else {}  # the sweep's names: references included
     for cell in cells:
         if not any(_is_cell_folder(trial, names[cell.index], cell.axes) for trial in trials):
             trials.append(Trial(name=names[cell.index], path="", status="pending", reason=None,

@@ -213,9 +213,9 @@ def max_concurrent_trials(resources: Sequence[TrialResources], capacity: Mapping
 def trial_cost(config: TrialConfig) -> float:
     """Relative run time: parameters x tokens through the model over the whole trial,
     training passes weighted by the method's `train_pass_cost`; the per-epoch evaluation scores members,
-    non-members and the validation set once each (epoch 0 included). A target of lira / rmia
-    costs its reference models too (each as much as the target: its half of the audit pool
-    and the whole pool scored every epoch, about the target's tokens)."""
+    non-members and the validation set once each (epoch 0 included). A reference model of
+    lira / rmia is a trial of its own (its half of the audit pool, about the target's
+    members, and the whole pool scored every epoch: about a target's cost)."""
     members = config.data.members or 1000  # None: the dataset's default, of this order
     train_tokens = members * config.data.max_length * config.train.epochs
     if config.data.duplicates:
@@ -223,7 +223,7 @@ def trial_cost(config: TrialConfig) -> float:
     scored = members + (config.data.nonmembers or members) + config.data.validation
     eval_tokens = scored * config.data.max_length * (config.train.epochs + 1)
     one = approx_params(config) * (METHODS[config.method.name].train_pass_cost * train_tokens + eval_tokens)
-    return one * (1 + config.reference_models())
+    return one
 
 
 def schedule_order(cells: list[Cell]) -> list[int]:
@@ -345,9 +345,14 @@ def local_capacity(num_cpus: int | None) -> dict[str, float]:
 def load_checked(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] | None,
           published: bool = False) -> tuple[SweepConfig, list[Cell], dict]:
     """Load a sweep file with overrides and check it whole (resource rules, models, methods):
-    (sweep, cells, parsed overrides), or a ConfigError naming the file and the field."""
+    (sweep, cells, parsed overrides), or a ConfigError naming the file and the field. The
+    cells are every trial of the sweep: the grid's, then the reference models of its lira /
+    rmia targets (`memray.references.sweep_cells`)."""
+    from memray.references import sweep_cells
+
     parsed = parse_overrides(overrides)
     sweep, cells = load_sweep(path, parsed)
+    cells = sweep_cells(cells)
     check_rules(sweep.resources, cells, str(path))
     check_cells(cells, str(path), published)
     return sweep, cells, parsed

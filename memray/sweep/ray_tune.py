@@ -36,6 +36,7 @@ from memray.sweep.context import (
     run_and_finish,
     trial_output,
 )
+from memray.sweep.completion import Completer
 from memray.sweep.planning import (
     PLAN_MFU,
     SweepPlan,
@@ -78,7 +79,6 @@ def run_cell(params: dict[str, Any], context: SweepContext) -> None:
 def _run_cell(index: int, context: SweepContext, trial_dir: Path) -> None:
     from ray import tune
 
-    from memray.references import complete_target
     from memray.trial import epoch_line, run_trial
 
     cell, trial_name = context.cells[index], context.trial_names[index]
@@ -119,10 +119,10 @@ def _run_cell(index: int, context: SweepContext, trial_dir: Path) -> None:
             hook(index, int(metrics["epoch"]), 0, 1)
 
     def trial() -> dict[str, float]:
-        final = run_trial(cell.config, report, trial_dir=trial_dir, resume=True, cache_dir=Path(context.cache_dir),
-                          axes=cell.axes, progress=False)
-        # lira / rmia: the reference models train in this trial's process after it, in its folder
-        return complete_target(cell.config, trial_dir, final, cache_dir=Path(context.cache_dir), progress=False)
+        # lira / rmia: the driver adds them once this trial and its reference models (trials
+        # of their own) have finished (memray.sweep.completion)
+        return run_trial(cell.config, report, trial_dir=trial_dir, resume=True, cache_dir=Path(context.cache_dir),
+                         axes=cell.axes, progress=False)
 
     run_and_finish(run, mirror, trial_dir, trial)
 
@@ -277,6 +277,7 @@ def _fit(folder: SweepFolder, plan: SweepPlan, state: dict[str, Any], max_failur
         )
     write_driver(folder)
     messages = _TuneMessages()
+    completer = Completer(context).start()  # lira / rmia of targets whose reference models have finished
     interrupted, errors = False, True
     try:
         errors = bool(tuner.fit().errors)
@@ -286,6 +287,7 @@ def _fit(folder: SweepFolder, plan: SweepPlan, state: dict[str, Any], max_failur
     finally:
         messages.remove()
         settle_states(context, "interrupted" if interrupted else "lost")
+        completer.stop()
         complete_wandb(context)
         clear_driver(folder)
     print(sweep_status(folder.location))
@@ -328,10 +330,11 @@ def dry_run_text(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] 
         plan = plan_sweep(sweep, cells, str(path), capacity, nodes, strict=False)
     names = trial_names(cells)
     cap = plan.max_concurrent or "no cap (every trial reserves all it uses)"
-    references = sum(cell.config.reference_models() for cell in cells)
-    lines = [f"{len(cells)} trials" + (f" and {references} reference models of lira / rmia, trained in their "
-                                       f"targets' processes" if references else ""), f"sweep folder: <storage>/{sweep.name}   Ray: {capacity_text(capacity)}; "
-                                     f"concurrent trials: {cap}; longest first"]
+    references = sum(cell.config.reference is not None for cell in cells)
+    lines = [f"{len(cells)} trials" + (f" ({references} of them reference models of lira / rmia, shared by the "
+                                       f"targets that need the same)" if references else ""),
+             f"sweep folder: <storage>/{sweep.name}   Ray: {capacity_text(capacity)}; "
+             f"concurrent trials: {cap}; longest first"]
     infos: dict[str, Any] = {}
     too_big, misplaced, groups = [], [], {}
     for index in plan.order:
@@ -341,10 +344,8 @@ def dry_run_text(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] 
         estimate = memory_estimate(cell.config, resources.rule, shape)
         budget = gpu_budget_gb(resources.rule)
         fits = budget is None or estimate.total <= budget
-        references = cell.config.reference_models()
         lines.append(f"  {names[index]}  {axes}  {resources.describe()}  mem {estimate.describe()}"
-                     + ("" if fits else f"  DOES NOT FIT {budget:g} GB")
-                     + (f"  + {references} reference models (lira / rmia) in its process" if references else ""))
+                     + ("" if fits else f"  DOES NOT FIT {budget:g} GB"))
         if not fits:
             (too_big if resources.source == "default" else misplaced).append((index, axes, resources, estimate, budget))
         rule = resources.rule

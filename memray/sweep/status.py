@@ -50,30 +50,60 @@ def text_table(header: list[str], rows: list[list[str]]) -> str:
 
 def sweep_status(sweep_dir: str | Path) -> str:
     """`memray status`: one row per trial (cell, axes, state, epoch, val PPL, each attack's
-    AUC at its last epoch), read from the trial folders alone (no Ray); failed trials'
-    reasons below the table."""
+    AUC at its last epoch), read from the trial folders alone (no Ray); the reference models
+    of lira / rmia in a table of their own; failed trials' reasons below."""
     folder, sweep, cells, _, _ = open_sweep(sweep_dir)
     alive = driver_alive(folder)
     names = trial_names(cells)
-    labels = list(dict.fromkeys(a.label for cell in cells for a in cell.config.attacks))
+    grid = [cell for cell in cells if cell.config.reference is None]
+    references = [cell for cell in cells if cell.config.reference is not None]
+    labels = list(dict.fromkeys(label for cell in grid for a in cell.config.attacks for label in _labels(a)))
     header = ["trial", "axes", "state", "epoch", "val ppl", *(f"{label} auc" for label in labels)]
-    rows, reasons, counts = [], [], {}
+    rows, reasons, counts, waiting = [], [], {}, 0
+    results = {}
     for cell in cells:
         text = folder.read_text(TRIALS_DIR, names[cell.index], RESULT_FILE)
-        result = json.loads(text) if text else {}
-        state = result.get("status", "pending")
-        if state == "running" and not alive:
-            state = "lost"  # no driver works on the folder: the process running it died
-        counts[state] = counts.get(state, 0) + 1
-        epochs = result.get("epochs") or []
-        last = epochs[-1] if epochs else {}
-        epoch = f"{int(last['epoch'])}/{cell.config.train.epochs}" if last else f"-/{cell.config.train.epochs}"
+        results[cell.index] = json.loads(text) if text else {}
+    for cell in grid:
+        result = results[cell.index]
+        state, epoch, last = _state(result, cell, alive, counts)
         rows.append([names[cell.index], axes_text(cell.axes) or "(base)", state, epoch,
                      _number(last.get("val/ppl"), 2), *(_number(last.get(f"mia/{label}/auc"), 3) for label in labels)])
+        waiting += state == "success" and cell.config.reference_models() > 0 and not result.get("reference_models")
         if result.get("reason"):
             reasons.append(f"  {names[cell.index]}: {result['reason']}")
     summary = ", ".join(f"{count} {state}" for state, count in sorted(counts.items()))
-    parts = [f"sweep {sweep.name} ({folder}): {len(cells)} trials: {summary}", text_table(header, rows)]
+    parts = [f"sweep {sweep.name} ({folder}): {len(grid)} trials: {summary}", text_table(header, rows)]
+    if waiting:
+        parts.append(f"{waiting} finished trial(s) get lira / rmia when their reference models have finished")
+    if references:
+        ref_rows, ref_counts = [], {}
+        for cell in references:
+            result = results[cell.index]
+            state, epoch, last = _state(result, cell, alive, ref_counts)
+            ref_rows.append([names[cell.index], axes_text(cell.axes), state, epoch, _number(last.get("val/ppl"), 2)])
+            if result.get("reason"):
+                reasons.append(f"  {names[cell.index]}: {result['reason']}")
+        ref_summary = ", ".join(f"{count} {state}" for state, count in sorted(ref_counts.items()))
+        parts += [f"{len(references)} reference models of lira / rmia: {ref_summary}",
+                  text_table(["reference model", "axes", "state", "epoch", "val ppl"], ref_rows)]
     if reasons:
         parts += ["reasons:", *reasons]
     return "\n".join(parts)
+
+
+def _labels(attack: Any) -> list[str]:
+    """The columns an attack fills: lira and rmia also their offline variants."""
+    return [attack.label, f"{attack.label}-offline"] if attack.references is not None else [attack.label]
+
+
+def _state(result: dict[str, Any], cell: Any, alive: bool, counts: dict[str, int]) -> tuple[str, str, dict]:
+    """(state, `epoch/epochs`, last epoch's row) of a trial's result.json, counted in `counts`."""
+    state = result.get("status", "pending")
+    if state == "running" and not alive:
+        state = "lost"  # no driver works on the folder: the process running it died
+    counts[state] = counts.get(state, 0) + 1
+    epochs = result.get("epochs") or []
+    last = epochs[-1] if epochs else {}
+    epoch = f"{int(last['epoch'])}/{cell.config.train.epochs}" if last else f"-/{cell.config.train.epochs}"
+    return state, epoch, last

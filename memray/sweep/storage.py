@@ -126,7 +126,10 @@ class TrialMirror:
 
 def open_sweep(sweep_dir: str | Path) -> tuple[SweepFolder, SweepConfig, list[Cell], dict[str, Any], str]:
     """(folder, sweep config, its cells, sweep.json state, where sweep.yaml is) of a sweep
-    folder made by `memray run`; ConfigError if it is not one."""
+    folder made by `memray run`; ConfigError if it is not one. The cells are every trial:
+    the grid's, then its reference models (`memray.references.sweep_cells`)."""
+    from memray.references import sweep_cells
+
     folder = SweepFolder.open(sweep_dir)
     source = folder.path(SWEEP_FILE)
     with tempfile.TemporaryDirectory() as tmp:
@@ -134,6 +137,7 @@ def open_sweep(sweep_dir: str | Path) -> tuple[SweepFolder, SweepConfig, list[Ce
         local.write_text(folder.read_text(SWEEP_FILE) or "")
         try:
             sweep, cells = load_sweep(local)
+            cells = sweep_cells(cells)
         except ConfigError as err:
             raise ConfigError(source, err.field, err.message) from None
     state = json.loads(folder.read_text(STATE_FILE) or "{}")

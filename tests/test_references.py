@@ -188,3 +188,75 @@ def test_a_sweep_trains_reference_models_as_trials_and_completes_its_targets(tmp
     before = {index: file_states(d) for index, d in dirs.items()}
     assert resume_sweep(folder, num_cpus=2) == 0
     assert {index: file_states(d) for index, d in dirs.items()} == before
+
+
+def _synthetic_sweep(root, storage_uri: str | None):
+    """Trial folders of a finished target and its two references, as a sweep leaves them
+    (result.json, per-sample scores of epochs 0-1), without training anything: the target's
+    members have a lower loss than the references that left them out."""
+    from memray.config import Cell
+    from memray.references import sweep_cells
+    from memray.results import trial_names
+    from memray.sweep.context import SweepContext
+    from memray.sweep.storage import SweepFolder
+    from memray.sweep.wandb import WandbSettings
+
+    base = validate_trial({**SWEEP_TRIAL, "attacks": ["loss", {"name": "rmia", "references": 2}]}, "test")
+    cells = sweep_cells([Cell(index=0, axes={}, config=base)])
+    names = trial_names(cells)
+    location = storage_uri or str(root)
+    local_root = root / "scratch" if storage_uri else root
+    rng = np.random.default_rng(0)
+    ids, member = np.arange(80), np.arange(80) < 40
+    for cell in cells:
+        folder = local_root / "trials" / names[cell.index]
+        (folder / "scores").mkdir(parents=True)
+        epochs = []
+        for epoch in (0, 1):
+            if cell.config.reference is None:
+                nll, in_half = 3.0 - 0.5 * epoch * member + rng.normal(0, 0.1, 80), member
+            else:
+                in_half = reference_attacks.half_masks(80, 2, 0)[cell.config.reference.index]
+                nll = 3.0 - 0.5 * epoch * in_half + rng.normal(0, 0.1, 80)
+            pd.DataFrame({"sample_id": ids, "member": in_half, "nll": nll, "loss": -nll}).to_parquet(
+                folder / "scores" / f"epoch_{epoch:03d}.parquet")
+            epochs.append({"epoch": epoch, "val/ppl": 20.0})
+        (folder / "result.json").write_text(json.dumps({"status": "success", "config": cell.config.resolved(),
+                                                        "epochs": epochs}))
+    if storage_uri:  # the storage holds the mirrored folders; the driver's scratch has none
+        import shutil
+
+        shutil.copytree(local_root / "trials", root / "bucket" / "trials")
+        shutil.rmtree(local_root)
+    context = SweepContext(folder=SweepFolder(location), name="synthetic", cells={c.index: c for c in cells},
+                           trial_names=names, wandb=WandbSettings("disabled", "p", None, "synthetic", "u"),
+                           local_root=str(local_root), cache_dir=str(root / "cache"), workdir=str(root))
+    return context, names
+
+
+@pytest.mark.parametrize("storage", ["path", "uri"])
+def test_the_driver_completes_a_target_once_on_path_and_uri_storage(tmp_path, storage):
+    from memray.sweep.completion import complete_targets
+
+    uri = f"file://{tmp_path / 'bucket'}" if storage == "uri" else None
+    context, names = _synthetic_sweep(tmp_path, uri)
+    trials = (tmp_path / "bucket" if uri else tmp_path) / "trials"
+    target = trials / names[0]
+    # a reference still running: nothing yet
+    ref = trials / names[2] / "result.json"
+    running = json.loads(ref.read_text())
+    ref.write_text(json.dumps({**running, "status": "running"}))
+    assert complete_targets(context) == []
+    ref.write_text(json.dumps(running))
+
+    assert complete_targets(context) == [names[0]]
+    result = json.loads((target / "result.json").read_text())
+    assert result["reference_models"]["folders"] == [f"../{names[1]}", f"../{names[2]}"]
+    assert [row["epoch"] for row in result["epochs"] if "mia/rmia/auc" in row] == [0, 1]
+    scores = pd.read_parquet(target / "scores" / "epoch_001.parquet")
+    assert "rmia" in scores and "rmia-offline" in scores
+    # epoch 1: the members' lower loss against references that left half of them out
+    assert result["epochs"][1]["mia/rmia/auc"] > 0.9 and result["epochs"][0]["mia/rmia/auc"] < 0.75
+    before = (target / "result.json").stat().st_mtime_ns
+    assert complete_targets(context) == []  # done once: the folder stays as it is
+    assert (target / "result.json").stat().st_mtime_ns == before

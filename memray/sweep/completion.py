@@ -5,7 +5,7 @@ sweep_cells`), so a target's lira / rmia can be computed only when it and all it
 references have finished. The driver does it, alone (one writer of a target's
 result.json): a thread of `memray run / resume` looks every `POLL_S` seconds for targets
 whose trials have all succeeded and whose result.json lacks the attacks of these
-references, and once more after the last trial (a resumed sweep whose trials were all
+references (every minute on URI storage), and once more after the last trial (a resumed sweep whose trials were all
 done included). For each it adds lira / rmia per epoch to the target's result.json and
 per-sample files (`memray.references.add_reference_attacks`) and logs the new metrics of
 every epoch into the target's W&B run. On URI storage the trial folders are fetched from
@@ -29,8 +29,10 @@ from memray.sweep.context import SweepContext
 from memray.sweep.storage import TrialMirror
 from memray.sweep.wandb import WandbTrial, reconcile_trial
 
-#: How often the driver looks for targets whose trials have all finished (seconds).
+#: How often the driver looks for targets whose trials have all finished (seconds); on URI
+#: storage, where each look reads result.json files from the storage, URI_POLL_S.
 POLL_S = 10.0
+URI_POLL_S = 60.0
 
 
 @contextmanager
@@ -104,8 +106,9 @@ class Completer:
     every POLL_S seconds); `stop` ends it and completes once more. A failure is a warning:
     the next pass, or `memray resume`, tries again."""
 
-    def __init__(self, context: SweepContext, poll_s: float = POLL_S):
-        self.context, self.poll_s = context, poll_s
+    def __init__(self, context: SweepContext, poll_s: float | None = None):
+        self.context = context
+        self.poll_s = poll_s if poll_s is not None else URI_POLL_S if context.folder.is_uri else POLL_S
         self.done: set[int] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

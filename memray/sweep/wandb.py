@@ -12,9 +12,9 @@ run's folders holds every epoch of `result.json` exactly once, and `wandb sync` 
 folders gives one run per trial with the whole curve.
 
 Metrics added to an epoch after it was logged (lira / rmia, computed when the target's
-reference models have finished) are logged later as rows of their own, `{"epoch": e, ...}`
-at the next free step (`log_late`): every metric is plotted against `epoch`
-(`define_metric`), so they join their epoch's curve.
+reference models have finished) are logged later as rows of their own at the next free
+step, their epoch under LATE_EPOCH (`log_late`), each of their metrics plotted against
+it (`define_metric`). The history's `epoch` rows stay one per epoch.
 
 Every call is guarded: a W&B problem is a warning, never a failed trial. Whether runs go
 online (`auto`: iff an API key is set) is `memray.config.resolve_wandb_mode`.
@@ -159,9 +159,10 @@ def _file_history(path: Path) -> History | None:
         if "_step" in row:
             step = int(json.loads(row["_step"]))
             history.last_step = max(step, history.last_step if history.last_step is not None else -1)
-        if "epoch" in row:
-            keys = {key for key in row if not key.startswith("_")}
-            history.keys.setdefault(int(json.loads(row["epoch"])), set()).update(keys)
+        for epoch_key in ("epoch", LATE_EPOCH):
+            if epoch_key in row:
+                keys = {key for key in row if not key.startswith("_")} - {LATE_EPOCH}
+                history.keys.setdefault(int(json.loads(row[epoch_key])), set()).update(keys)
     return history if records else None
 
 
@@ -206,8 +207,8 @@ def logged_epochs(wandb_dir: Path, run_id: str, wait_s: float = CLOSE_WAIT_S) ->
     return set(logged_history(wandb_dir, run_id, wait_s).keys)
 
 
-#: The metric groups of a trial's history, each plotted against `epoch` in W&B.
-METRIC_GROUPS = ("train", "val", "mia", "extract", "perf")
+#: The epoch of a late row (`WandbTrial.log_late`); its metrics are plotted against it.
+LATE_EPOCH = "reference_epoch"
 
 
 # -- a trial's run ----------------------------------------------------------------------------
@@ -254,9 +255,6 @@ class WandbTrial:
                     config=wandb_config(cell, trial_name), dir=str(directory), mode=mode,
                     settings=wandb.Settings(init_timeout=120, console="off", silent=True),
                 )
-                run.define_metric("epoch")
-                for group in METRIC_GROUPS:  # late rows (lira / rmia) join their epoch's curve
-                    run.define_metric(f"{group}/*", step_metric="epoch")
                 trial = cls(run, history)
                 if mode == "online":  # the server's history, which another node may have written
                     starting = int(getattr(run, "starting_step", 0) or 0)
@@ -302,7 +300,10 @@ class WandbTrial:
             if not new:
                 continue
             try:
-                self.run.log({"epoch": epoch, **new}, step=self.next_step)
+                self.run.define_metric(LATE_EPOCH)
+                for key in new:
+                    self.run.define_metric(key, step_metric=LATE_EPOCH)
+                self.run.log({LATE_EPOCH: epoch, **new}, step=self.next_step)
             except Exception as err:  # noqa: BLE001
                 warnings.warn(f"W&B log failed: {err}", stacklevel=2)
                 return count

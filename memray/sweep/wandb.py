@@ -38,6 +38,8 @@ from memray.config import Cell
 #: How long an attempt waits for an earlier attempt's W&B process to close the run's files
 #: (it flushes what it holds when its trial process dies) before reading them.
 CLOSE_WAIT_S = 60.0
+#: The epoch of a late row (`WandbTrial.log_late`); its metrics are plotted against it.
+LATE_EPOCH = "reference_epoch"
 
 
 @dataclass(frozen=True)
@@ -205,10 +207,6 @@ def logged_history(wandb_dir: Path, run_id: str, wait_s: float = CLOSE_WAIT_S) -
 def logged_epochs(wandb_dir: Path, run_id: str, wait_s: float = CLOSE_WAIT_S) -> set[int]:
     """The epochs in the history of every local folder of `run_id` (`logged_history`)."""
     return set(logged_history(wandb_dir, run_id, wait_s).keys)
-
-
-#: The epoch of a late row (`WandbTrial.log_late`); its metrics are plotted against it.
-LATE_EPOCH = "reference_epoch"
 
 
 # -- a trial's run ----------------------------------------------------------------------------

@@ -186,6 +186,12 @@ def test_a_sweep_trains_reference_models_as_trials_and_completes_its_targets(tmp
     assert "refs (" in status and "2 trials: 2 success" in status
     assert "2 reference models of lira / rmia: 2 success" in status
 
+    from memray.report import build_report
+
+    report = json.loads((build_report(folder, tmp_path / "report", bootstrap=0).parent / "report.json").read_text())
+    assert sorted(t["name"] for t in report["trials"]) == sorted(dirs[i].name for i in (0, 1))  # targets only
+    assert {"lira", "rmia", "rmia-offline"} <= set(report["attacks"])
+
     before = {index: file_states(d) for index, d in dirs.items()}
     assert resume_sweep(folder, num_cpus=2) == 0
     assert {index: file_states(d) for index, d in dirs.items()} == before

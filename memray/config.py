@@ -283,6 +283,12 @@ class AttackConfig(Schema):
             return self.name
         return f"{self.name}@{self.k:g}"
 
+    @property
+    def labels(self) -> list[str]:
+        """The labels of the metrics the attack fills: lira and rmia (scored from reference
+        models) also their offline variant, `lira-offline`."""
+        return [self.label, f"{self.label}-offline"] if self.references is not None else [self.label]
+
 
 #: Samples per scoring pass when `eval.batch_size` is left unset: a GPU needs wide batches
 #: to be busy; a CPU runs as many tokens per second at 4 (no more padding, less memory).

@@ -99,8 +99,7 @@ def run_references(config: TrialConfig, trial_dir: Path, *, resume: bool = True,
 
 
 def _labels(config: TrialConfig) -> list[str]:
-    names = [a.name for a in config.attacks if a.references is not None]
-    return [label for name in names for label in (name, f"{name}-offline")]
+    return [label for a in config.attacks if a.references is not None for label in a.labels]
 
 
 def reference_scores(config: TrialConfig, target: pd.DataFrame, references: list[pd.DataFrame]) -> dict[str, np.ndarray]:

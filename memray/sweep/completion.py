@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Iterator
 
 from memray.references import add_reference_attacks, has_reference_attacks, references_of
-from memray.results import TRIALS_DIR, read_result
+from memray.results import RESULT_FILE, TRIALS_DIR, read_result
 from memray.sweep.context import SweepContext
 from memray.sweep.storage import TrialMirror
 from memray.sweep.wandb import WandbTrial, reconcile_trial
@@ -79,10 +79,8 @@ def complete_targets(context: SweepContext, done: set[int] | None = None) -> lis
 
 
 def _succeeded(context: SweepContext, name: str) -> bool:
-    if context.folder.is_uri:
-        text = context.folder.read_text(TRIALS_DIR, name, "result.json")
-        return bool(text) and json.loads(text).get("status") == "success"
-    return (read_result(Path(context.local_root) / TRIALS_DIR / name) or {}).get("status") == "success"
+    text = context.folder.read_text(TRIALS_DIR, name, RESULT_FILE)
+    return bool(text) and json.loads(text).get("status") == "success"
 
 
 def _log_late(context: SweepContext, target: int, epochs: list[dict]) -> None:

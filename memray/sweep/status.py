@@ -57,7 +57,7 @@ def sweep_status(sweep_dir: str | Path) -> str:
     names = trial_names(cells)
     grid = [cell for cell in cells if cell.config.reference is None]
     references = [cell for cell in cells if cell.config.reference is not None]
-    labels = list(dict.fromkeys(label for cell in grid for a in cell.config.attacks for label in _labels(a)))
+    labels = list(dict.fromkeys(label for cell in grid for a in cell.config.attacks for label in a.labels))
     header = ["trial", "axes", "state", "epoch", "val ppl", *(f"{label} auc" for label in labels)]
     rows, reasons, counts, waiting = [], [], {}, 0
     results = {}
@@ -90,11 +90,6 @@ def sweep_status(sweep_dir: str | Path) -> str:
     if reasons:
         parts += ["reasons:", *reasons]
     return "\n".join(parts)
-
-
-def _labels(attack: Any) -> list[str]:
-    """The columns an attack fills: lira and rmia also their offline variants."""
-    return [attack.label, f"{attack.label}-offline"] if attack.references is not None else [attack.label]
 
 
 def _state(result: dict[str, Any], cell: Any, alive: bool, counts: dict[str, int]) -> tuple[str, str, dict]:

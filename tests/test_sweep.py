@@ -292,6 +292,9 @@ def test_fault_at_epoch_2_leaves_the_trial_errored_and_resume_finishes_it(local_
     assert resumed["status"] == "success" and resumed["attempts"] == 2
     assert [row["epoch"] for row in resumed["epochs"]] == [0, 1, 2, 3]
     assert resumed["epochs"][:3] == faulty["epochs"]  # epochs 0-2 kept, not re-run
+    # the trial folder keeps the checkpoints it resumed from; Tune keeps no second copy (on a
+    # path storage: a killed driver's state cannot send a resume to a checkpoint Tune deleted)
+    assert (dirs[1] / "checkpoints").is_dir() and not list((folder / "tune").glob("cell*/checkpoint_*"))
     after = file_states(dirs[1] / "scores")
     assert {name: after[name] for name in scores_before} == scores_before
     assert "epoch_003.parquet" in after

@@ -2,8 +2,9 @@
 that imports Ray (inside its functions, so that `import memray.sweep` stays light).
 
 - the Tune trainable: a function that receives only its cell index, rebuilds the cell's
-  `TrialConfig` and calls `memray.trial.run_trial`, reporting every epoch to Tune with the
-  epoch's checkpoint and to the trial's W&B run. A cell whose resource rule has
+  `TrialConfig` and calls `memray.trial.run_trial`, reporting every epoch to Tune (with the
+  epoch's checkpoint on URI storage, where the trial folder is node-local scratch) and to
+  the trial's W&B run. A cell whose resource rule has
   `workers > 1` starts a Ray Train job from that function instead (`ray_train`);
 - connecting to Ray (a local Ray, or a cluster), the Tuner, its restore;
 - `memray run / resume` and the dry run (`run_sweep`, `resume_sweep`, `dry_run_text`).
@@ -108,10 +109,12 @@ def _run_cell(index: int, context: SweepContext, trial_dir: Path) -> None:
         print(f"[memray] {trial_name}: {epoch_line(metrics, cell.config)}", file=console, flush=True)
         run.log(metrics)
         checkpoint = None
-        if checkpoint_dir is not None:
+        if checkpoint_dir is not None and mirror:
+            # URI storage: the checkpoint travels to another node through Tune. On a path the
+            # trial folder keeps it and Tune keeps none: no second copy of the weights, and no
+            # restore of a Tune checkpoint that a killed driver's state names but that is gone
             checkpoint = tune.Checkpoint.from_directory(checkpoint_dir)
-            if mirror:
-                checkpoint.set_metadata({"name": Path(checkpoint_dir).name})
+            checkpoint.set_metadata({"name": Path(checkpoint_dir).name})
         if mirror:
             mirror.upload()
         tune.report(dict(metrics), checkpoint=checkpoint)
@@ -254,13 +257,14 @@ def _fit(folder: SweepFolder, plan: SweepPlan, state: dict[str, Any], max_failur
     context = _context(folder, plan, state, max_failures)
     settle_states(context, "lost")  # `running` with no driver alive: its processes died with it
     trainable = _trainable(context, plan)
-    # Tune snapshots its state at every checkpoint (num_to_keep=1) and warns when that is
+    # Tune snapshots its state at every checkpoint (URI storage) and warns when that is
     # frequent; with epochs of seconds (the demo) that is expected, not a bottleneck
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     tune_path = folder.path(TUNE_DIR)
     if restore and tune.Tuner.can_restore(tune_path):
-        # errored trials resume from their last checkpoint (the trial folder's, or Tune's copy
-        # on a node that lacks it); finished trials are not run again
+        # errored and unfinished trials start again and resume from their trial folder's last
+        # checkpoint (on URI storage Tune's copy, on a node that lacks the folder); finished
+        # trials are not run again
         tuner = tune.Tuner.restore(tune_path, trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = tune.Tuner(
@@ -271,7 +275,9 @@ def _fit(folder: SweepFolder, plan: SweepPlan, state: dict[str, Any], max_failur
             run_config=tune.RunConfig(
                 name=TUNE_DIR, storage_path=folder.location,
                 failure_config=tune.FailureConfig(max_failures=max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # the trial folder keeps its own
+                # URI storage only (see run_cell): the last two, as the experiment state a killed
+                # driver left may name the one before the last
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 verbose=1,  # Tune's status table; each epoch is memray's one line per trial, not a metrics dump
             ),
         )

@@ -290,27 +290,24 @@ def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> list[str]:
     import warnings
     from pathlib import Path
 
-    from torch.utils.cpp_extension import _get_build_directory
+    root = Path(os.environ["TORCH_EXTENSIONS_DIR"]) if os.environ.get("TORCH_EXTENSIONS_DIR") else None
+    if root is None:  # torch's default: <build root>/py<version>_<accelerator>
+        from torch.utils.cpp_extension import get_default_build_root
 
-    try:
-        root = Path(_get_build_directory("memray-probe", verbose=False)).parent
-    except Exception:  # noqa: BLE001 - no extensions folder: nothing to clear
-        return []
+        accelerator = (f"rocm{torch.version.hip.replace('.', '')}" if torch.version.hip
+                       else f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu")
+        root = Path(get_default_build_root()) / f"py{sys.version_info.major}{sys.version_info.minor}_{accelerator}"
     removed = []
     for lock in root.glob("*/lock"):
         try:
-            age = time.time() - lock.stat().st_mtime
-            if age > max_age_s:
+            if time.time() - lock.stat().st_mtime > max_age_s:
                 lock.unlink()
                 removed.append(str(lock))
-        except OSError:
+        except OSError:  # another worker removed it first
             continue
     for lock in removed:
         warnings.warn(f"removed {lock}, a build lock {STALE_BUILD_LOCK_S / 60:.0f}+ minutes old that a process "
                       "killed while building a DeepSpeed op left behind", stacklevel=2)
-    probe = root / "memray-probe"
-    if probe.is_dir() and not any(probe.iterdir()):
-        probe.rmdir()
     return removed
 
 

@@ -186,16 +186,17 @@ def use_bf16(precision: str) -> bool:
     return available
 
 
-def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
-    """The newest `checkpoint-<step>` folder that finished writing (has trainer_state.json)."""
+def saved_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """The `checkpoint-<step>` folders that finished writing (have trainer_state.json),
+    oldest first."""
     if not checkpoints_dir.is_dir():
-        return None
+        return []
     found = []
     for child in checkpoints_dir.iterdir():
         match = CHECKPOINT_PATTERN.match(child.name)
         if match and (child / "trainer_state.json").is_file():
             found.append((int(match.group(1)), child))
-    return max(found)[1] if found else None
+    return [child for _, child in sorted(found)]
 
 
 class _EpochHook(TrainerCallback):

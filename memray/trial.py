@@ -38,7 +38,7 @@ from memray import attacks, data, extraction, flops, methods, metrics, models, r
 from memray.config import ConfigError, TrialConfig
 from memray.distributed import DEEPSPEED_FILE, Distributed, EvalReplica, deepspeed_config, resolve_zero
 from memray.results import CHECKPOINTS_DIR, TrialRecord, atomic_write_text, ending_state, write_scores, write_table
-from memray.train import EpochEnd, fit, latest_checkpoint, use_bf16
+from memray.train import EpochEnd, fit, saved_checkpoints, use_bf16
 
 Report = Callable[[dict[str, float], "Path | None"], None]
 
@@ -77,7 +77,7 @@ def run_trial(
     record = TrialRecord.open(trial_dir) if resume else TrialRecord(trial_dir / "result.json")
     finished = resume and _finished(record, config)
     checkpoints_dir = trial_dir / CHECKPOINTS_DIR
-    resume_from = latest_checkpoint(checkpoints_dir) if resume and not finished else None
+    resume_from = _recorded_checkpoint(record, checkpoints_dir, distributed) if resume and not finished else None
     if distributed is not None:  # what rank 0 found before it writes anything
         finished, resume_from, record.data = distributed.from_lead(finished, resume_from, record.data)
         record.readonly = not distributed.lead
@@ -109,6 +109,21 @@ def run_trial(
 def _finished(record: TrialRecord, config: TrialConfig) -> bool:
     return (record.data.get("status") == "success" and record.data.get("trial_id") == config.trial_id()
             and record.done_epochs() >= set(range(config.train.epochs + 1)))
+
+
+def _recorded_checkpoint(record: TrialRecord, checkpoints_dir: Path, distributed: Distributed | None) -> Path | None:
+    """The newest checkpoint whose epoch result.json records. A process killed after the
+    Trainer wrote an epoch's checkpoint but before memray recorded the epoch leaves a newer
+    one: that epoch was never measured, so it is trained again from the checkpoint before
+    it (or from the start, when the Trainer already removed that one), and the unrecorded
+    checkpoints are removed (by rank 0 of a multi-worker trial)."""
+    recorded = record.done_epochs()
+    found = saved_checkpoints(checkpoints_dir)
+    while found and _checkpoint_epoch(found[-1]) not in recorded:
+        stale = found.pop()
+        if distributed is None or distributed.lead:
+            shutil.rmtree(stale, ignore_errors=True)
+    return found[-1] if found else None
 
 
 def _checkpoint_epoch(checkpoint: Path) -> int:

@@ -414,4 +414,15 @@ def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_live_one_kept(tmp_
     with pytest.warns(UserWarning, match="deepspeed_shm_comm/lock"):
         assert clear_stale_build_locks() == [str(stale)]
     assert not stale.exists() and live.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cpu_adam", "deepspeed_shm_comm"]  # no probe folder left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cpu_adam", "deepspeed_shm_comm"]  # nothing made
+
+    # without TORCH_EXTENSIONS_DIR: the folder torch itself builds in (below the user's cache)
+    from torch.utils.cpp_extension import _get_build_directory
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    stale = Path(_get_build_directory("deepspeed_shm_comm", verbose=False)) / "lock"
+    stale.write_text("")
+    os.utime(stale, (old, old))
+    with pytest.warns(UserWarning, match="deepspeed_shm_comm/lock"):
+        assert clear_stale_build_locks() == [str(stale)]

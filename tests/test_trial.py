@@ -146,6 +146,36 @@ def test_failed_trial_resumes_from_its_last_epoch(tmp_path):
     assert again == [], "a finished trial is not re-run"
 
 
+@pytest.mark.parametrize("keep, rerun", [(2, [2, 3]), (1, [0, 1, 2, 3])])
+def test_an_epoch_checkpointed_but_never_recorded_is_trained_again(tmp_path, keep, rerun):
+    """A process killed after the Trainer wrote epoch 2's checkpoint but before memray
+    recorded epoch 2 leaves that checkpoint and a result.json ending at epoch 1. Epoch 2 was
+    never measured, so the resume trains it again: from epoch 1's checkpoint when it is
+    kept, else from the start; it never ends `success` without epoch 2's row."""
+    config = small_trial(tmp_path, train={"epochs": 3, "batch_size": 8, "keep_checkpoints": keep})
+    trial_dir = tmp_path / "t"
+
+    def stop_after_epoch_2(metrics, checkpoint):
+        if metrics["epoch"] == 2:
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        run_trial(config, stop_after_epoch_2, trial_dir=trial_dir, progress=False)
+    result = json.loads((trial_dir / "result.json").read_text())
+    result["epochs"], result["status"] = result["epochs"][:2], "running"  # as the kill left it
+    (trial_dir / "result.json").write_text(json.dumps(result))
+    assert len(list((trial_dir / "checkpoints").glob("checkpoint-*"))) == keep  # epoch 2's is the newest
+
+    resumed = []
+    final = run_trial(config, lambda m, c: resumed.append(int(m["epoch"])), trial_dir=trial_dir, progress=False)
+    assert resumed == rerun
+    done = json.loads((trial_dir / "result.json").read_text())
+    assert done["status"] == "success" and [row["epoch"] for row in done["epochs"]] == [0, 1, 2, 3]
+    assert final["epoch"] == 3
+    if keep == 2:
+        assert done["epochs"][:2] == result["epochs"]  # epochs 0-1 kept as recorded
+
+
 def test_duplicates_are_recorded_per_sample_and_broken_down(tmp_path):
     config = small_trial(tmp_path, train={"epochs": 1, "batch_size": 8},
                          data={"duplicates": {"fraction": 0.5, "copies": [4]}}, attacks=["loss"])

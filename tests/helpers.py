@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,15 @@ def write_small_sweep(directory: Path, name: str, epochs: int = 3, wandb_mode: s
     grid = "[" + ", ".join(SMALL_METHODS[m] for m in methods) + "]"
     path.write_text(SMALL_SWEEP.format(name=name, epochs=epochs, wandb_mode=wandb_mode, methods=grid))
     return path
+
+
+def wait_for(condition, timeout: float = 900, what: str = "the condition", interval: float = 0.5) -> None:
+    """Poll `condition` until it holds; AssertionError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
 
 
 def trial_dirs(sweep_dir: Path) -> dict[int, Path]:

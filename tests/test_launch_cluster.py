@@ -15,13 +15,12 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from helpers import file_states, read_result, trial_dirs, write_small_sweep
+from helpers import file_states, read_result, trial_dirs, wait_for, write_small_sweep
 
 pytestmark = pytest.mark.ray  # a real two-node Ray cluster
 
@@ -30,14 +29,6 @@ LAUNCH = REPO / "launch"
 RAY = str(Path(sys.executable).with_name("ray"))  # the `ray` of this environment
 FAKE_KEY = "memray-test-wandb-" + secrets.token_hex(16)  # must reach the trials, and never a file
 FAKE_HF = "hf_memraytest" + secrets.token_hex(12)
-
-
-def _wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while not condition():
-        if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.5)
 
 
 def _kill_node(process: subprocess.Popen) -> None:
@@ -90,12 +81,12 @@ def two_node_cluster(tmp_path):
         env=env, stdout=(tmp_path / "head.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     started = [head]
     try:
-        _wait_for(lambda: "Ray runtime started" in (tmp_path / "head.log").read_text(), 90, "the head node")
+        wait_for(lambda: "Ray runtime started" in (tmp_path / "head.log").read_text(), 90, "the head node")
         worker = subprocess.Popen(
             [RAY, "start", f"--address=127.0.0.1:{ports['gcs']}", *_node_ports(ports["base"], 1), *common],
             env=env, stdout=(tmp_path / "worker.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
         started.append(worker)
-        _wait_for(lambda: "Ray runtime started" in (tmp_path / "worker.log").read_text(), 90, "the worker node")
+        wait_for(lambda: "Ray runtime started" in (tmp_path / "worker.log").read_text(), 90, "the worker node")
         yield f"http://127.0.0.1:{ports['dashboard']}", env, head, worker
     finally:
         for process in reversed(started):
@@ -123,7 +114,7 @@ def _wait_for_job(env: dict[str, str], job_id: str, timeout: float) -> str:
         ended[:] = [found.group(1)] if found else []
         return bool(ended)
 
-    _wait_for(has_ended, timeout, f"job {job_id}")
+    wait_for(has_ended, timeout, f"job {job_id}")
     return ended[0]
 
 
@@ -161,7 +152,7 @@ def test_submit_runs_a_sweep_through_a_lost_node_with_secrets_from_the_submitter
         return sum(r.get("status") == "running" and len(r.get("epochs", [])) >= 1 for r in results) == 2
 
     try:
-        _wait_for(two_trials_training, 900, "two trials past epoch 0")
+        wait_for(two_trials_training, 900, "two trials past epoch 0")
     except AssertionError as err:
         raise AssertionError(_job(submitter, "logs", "memray-launched")[-5000:]) from err
     trials = _trial_processes([head, worker])

@@ -10,12 +10,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from helpers import read_result, trial_dirs, wandb_runs, write_small_sweep
+from helpers import read_result, trial_dirs, wait_for, wandb_runs, write_small_sweep
 
 from memray import sweep
 from memray.sweep.wandb import logged_epochs
@@ -27,13 +26,6 @@ def _start(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
     with log.open("w") as out:
         return subprocess.Popen([sys.executable, "-m", "memray.cli", *args, "--num-cpus", "2"], cwd=cwd,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _wait_for(condition, timeout: float = 900) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.5)
 
 
 def _epochs(dirs: dict[int, Path]) -> dict[int, list[int]]:
@@ -66,10 +58,10 @@ def test_ctrl_c_then_kill_9_then_resume_leaves_whole_wandb_histories_and_honest_
 def _interrupt_kill_and_resume(path: Path, folder: Path, tmp_path: Path, started: list[subprocess.Popen]) -> None:
     driver = _start(["run", str(path)], tmp_path, tmp_path / "run.log")
     started.append(driver)
-    _wait_for(lambda: (folder / "sweep.yaml").is_file() or driver.poll() is not None)
+    wait_for(lambda: (folder / "sweep.yaml").is_file() or driver.poll() is not None)
     assert driver.poll() is None, (tmp_path / "run.log").read_text()
     dirs = trial_dirs(folder)
-    _wait_for(lambda: max(len(e) for e in _epochs(dirs).values()) >= 2)
+    wait_for(lambda: max(len(e) for e in _epochs(dirs).values()) >= 2)
     os.killpg(driver.pid, signal.SIGINT)  # Ctrl-C in the terminal
     driver.wait(timeout=600)
     output = (tmp_path / "run.log").read_text()
@@ -83,7 +75,7 @@ def _interrupt_kill_and_resume(path: Path, folder: Path, tmp_path: Path, started
     resumed = _start(["resume", str(folder)], tmp_path, tmp_path / "resume-killed.log")
     started.append(resumed)
     before = _epochs(dirs)
-    _wait_for(lambda: any(len(e) > len(before[i]) for i, e in _epochs(dirs).items()))
+    wait_for(lambda: any(len(e) > len(before[i]) for i, e in _epochs(dirs).items()))
     os.killpg(resumed.pid, signal.SIGKILL)  # kill -9: the driver and its Ray
     resumed.wait(timeout=60)
     killed = {index: read_result(d).get("status") for index, d in dirs.items()}

@@ -14,21 +14,13 @@ import time
 import psutil
 import pytest
 
-from helpers import file_states, read_result, trial_dirs, write_small_sweep
+from helpers import file_states, read_result, trial_dirs, wait_for, write_small_sweep
 
 pytestmark = pytest.mark.ray  # every test here starts Ray (a driver subprocess)
 
 RUN = "import sys; from memray.sweep import run_sweep; sys.exit(run_sweep(sys.argv[1], storage=sys.argv[2], {extra}))"
 RESUME = "import sys; from memray.sweep import resume_sweep; sys.exit(resume_sweep(sys.argv[1]))"
 FAKE_KEY = "memray-test-key-" + "0123456789abcdef" * 2  # must never be written anywhere
-
-
-def _wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while not condition():
-        if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 def _kill_tree(processes: list[psutil.Process]) -> None:
@@ -61,7 +53,7 @@ def test_driver_killed_mid_sweep_is_resumed_to_the_end(tmp_path):
         return "success" in states and states.count("success") < len(states)
 
     try:
-        _wait_for(one_done_one_running, 300, "a finished trial while others run")
+        wait_for(one_done_one_running, 300, "a finished trial while others run")
     finally:
         ray_processes = _descendants(driver.pid)
         _kill_tree(ray_processes)  # the driver first: that is the crash under test

@@ -3,10 +3,10 @@
 A sweep trains a target's reference models as trials of their own (`memray.references.
 sweep_cells`), so a target's lira / rmia can be computed only when it and all its
 references have finished. The driver does it, alone (one writer of a target's
-result.json): a thread of `memray run / resume` looks every `POLL_S` seconds for targets
-whose trials have all succeeded and whose result.json lacks the attacks of these
-references (every minute on URI storage), and once more after the last trial (a resumed sweep whose trials were all
-done included). For each it adds lira / rmia per epoch to the target's result.json and
+result.json): a thread of `memray run / resume` looks every `POLL_S` seconds (URI storage:
+`URI_POLL_S`) for targets whose trials have all succeeded and whose result.json lacks the
+attacks of these references, and once more after the last trial (a resumed sweep whose
+trials were all done included). For each it adds lira / rmia per epoch to the target's result.json and
 per-sample files (`memray.references.add_reference_attacks`) and logs the new metrics of
 every epoch into the target's W&B run. On URI storage the trial folders are fetched from
 the storage into scratch and the target's is written back.
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Iterator
 
 from memray.references import add_reference_attacks, has_reference_attacks, references_of
-from memray.results import RESULT_FILE, TRIALS_DIR, read_result
+from memray.results import RESULT_FILE, TRIALS_DIR
 from memray.sweep.context import SweepContext
 from memray.sweep.storage import TrialMirror
 from memray.sweep.wandb import WandbTrial, reconcile_trial
@@ -52,35 +52,40 @@ def _trial_folders(context: SweepContext, indices: list[int]) -> Iterator[list[P
         yield folders
 
 
-def complete_targets(context: SweepContext, done: set[int] | None = None) -> list[str]:
+def complete_targets(context: SweepContext, done: set[int] | None = None,
+                     links: dict[int, list[int]] | None = None) -> list[str]:
     """Add lira / rmia to every target whose trial and reference models have all succeeded
     and whose result.json lacks them; returns the names of the targets completed. `done`:
-    targets known complete (skipped; those found complete are added)."""
+    targets known complete (skipped; those found complete are added). `links`: the
+    sweep's `references_of`, when the caller has it."""
     completed = []
-    for target, references in references_of(list(context.cells.values())).items():
+    if links is None:
+        links = references_of(list(context.cells.values()))
+    for target, references in links.items():
         if done is not None and target in done:
             continue
         names = [context.trial_names[i] for i in [target, *references]]
-        if not all(_succeeded(context, name) for name in names):
+        results = [_result(context, name) for name in names]
+        if not all(result.get("status") == "success" for result in results):
             continue
-        with _trial_folders(context, [target, *references]) as folders:
-            target_dir, reference_dirs = folders[0], folders[1:]
-            result = read_result(target_dir) or {}
-            if not has_reference_attacks(result, target_dir, reference_dirs):
-                cell = context.cells[target]
-                epochs = add_reference_attacks(cell.config, target_dir, reference_dirs)
+        # decided from result.json alone: on URI storage the folders are fetched only to complete
+        trials = Path(TRIALS_DIR)
+        if not has_reference_attacks(results[0], trials / names[0], [trials / name for name in names[1:]]):
+            with _trial_folders(context, [target, *references]) as folders:
+                epochs = add_reference_attacks(context.cells[target].config, folders[0], folders[1:])
                 if context.folder.is_uri:
-                    TrialMirror(context.folder, names[0], target_dir).upload()
-                _log_late(context, target, epochs)
-                completed.append(names[0])
+                    TrialMirror(context.folder, names[0], folders[0]).upload()
+            _log_late(context, target, epochs)
+            completed.append(names[0])
         if done is not None:
             done.add(target)
     return completed
 
 
-def _succeeded(context: SweepContext, name: str) -> bool:
+def _result(context: SweepContext, name: str) -> dict:
+    """A trial's result.json through the sweep folder (a path or a URI); {} if it has none."""
     text = context.folder.read_text(TRIALS_DIR, name, RESULT_FILE)
-    return bool(text) and json.loads(text).get("status") == "success"
+    return json.loads(text) if text else {}
 
 
 def _log_late(context: SweepContext, target: int, epochs: list[dict]) -> None:
@@ -108,12 +113,13 @@ class Completer:
         self.context = context
         self.poll_s = poll_s if poll_s is not None else URI_POLL_S if context.folder.is_uri else POLL_S
         self.done: set[int] = set()
+        self.links = references_of(list(context.cells.values()))  # target -> its reference cells
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
     def start(self) -> "Completer":
-        if references_of(list(self.context.cells.values())):
+        if self.links:
             self._thread = threading.Thread(target=self._loop, name="memray-complete-targets", daemon=True)
             self._thread.start()
         return self
@@ -125,7 +131,7 @@ class Completer:
     def run_once(self) -> list[str]:
         with self._lock:
             try:
-                completed = complete_targets(self.context, self.done)
+                completed = complete_targets(self.context, self.done, self.links)
             except Exception as err:  # noqa: BLE001 - never the sweep's end: resume tries again
                 warnings.warn(f"lira / rmia of a finished target could not be added yet: {err}", stacklevel=2)
                 return []

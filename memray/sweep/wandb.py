@@ -40,6 +40,8 @@ from memray.config import Cell
 CLOSE_WAIT_S = 60.0
 #: The epoch of a late row (`WandbTrial.log_late`); its metrics are plotted against it.
 LATE_EPOCH = "reference_epoch"
+#: The table of the samples of highest counterfactual memorization (`log_counterfactual_top`)
+COUNTERFACTUAL_TABLE = "mem/counterfactual/top"
 
 
 @dataclass(frozen=True)
@@ -310,6 +312,24 @@ class WandbTrial:
             count += 1
         return count
 
+    def log_counterfactual_top(self, top: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
+        """The samples of highest counterfactual memorization (result.json's
+        `counterfactual_top`) of its last epoch, as a table `mem/counterfactual/top` at the
+        next free step, against that epoch (`reference_epoch`)."""
+        if self.run is None or not top:
+            return
+        epoch = max(top, key=int)
+        try:
+            import wandb
+
+            table = wandb.Table(columns=["sample_id", "counterfactual", "member", "copies"])
+            for row in top[epoch]:
+                table.add_data(row["sample_id"], row["counterfactual"], row["member"], row["copies"])
+            self.run.log({LATE_EPOCH: int(epoch), COUNTERFACTUAL_TABLE: table}, step=self.next_step)
+            self.next_step += 1
+        except Exception as err:  # noqa: BLE001
+            warnings.warn(f"W&B log failed: {err}", stacklevel=2)
+
     def finish(self, trial_dir: Path, final: Mapping[str, float] | None, state: str = "success",
                reason: str | None = None) -> None:
         """Record the trial's state (and reason) in the run's summary, log the ROC curves of
@@ -376,7 +396,8 @@ def reconcile_trial(settings: WandbSettings, cell: Cell, trial_name: str, direct
         return False
     run = WandbTrial.start(settings, cell, trial_name, directory, wait_s=0)
     run.replay(rows)
-    run.log_late(rows)
+    if run.log_late(rows):
+        run.log_counterfactual_top(result.get("counterfactual_top") or {})
     state = result.get("status") or "lost"
     run.finish(Path(directory), None, state, result.get("reason"))
     return True

@@ -20,7 +20,8 @@ import pandas as pd
 from memray.config import APPROX_PARAMS, Cell, ConfigError, SweepConfig, load_sweep
 from memray.metrics import bootstrap_aucs, percentile_interval, roc_points
 from memray.references import sweep_cells
-from memray.results import DRIVER_FILE, RESULT_FILE, SWEEP_FILE, driver_alive, scores_path, trial_names
+from memray.results import (DRIVER_FILE, RESULT_FILE, SWEEP_FILE, config_key, driver_alive, scores_path,
+                            trial_names)
 
 BOOTSTRAP_RESAMPLES = 1000  # percentile 95% bounds move by ~0.003 AUC between reruns at this count
 ROC_POINTS = 400  # per curve in plots and report.json: enough to draw the low-FPR steps
@@ -105,9 +106,9 @@ class Trial:
         return [key.split("/")[1] for key in self.final if key.startswith("mia/") and key.endswith("/auc")]
 
     def group_key(self) -> str:
-        """Identity of the trial up to its seed: trials with equal keys are averaged."""
-        flat = {k: v for k, v in _flatten(self.config).items() if k not in ("seed", "output_dir", "data.split_seed")}
-        return json.dumps(flat, sort_keys=True, default=str)
+        """Identity of the trial up to its seed (`memray.results.config_key`, the same as
+        its W&B run's `config_key`): trials with equal keys are averaged."""
+        return config_key(self.config)
 
 
 def is_finite(value: Any) -> bool:

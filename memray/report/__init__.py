@@ -21,8 +21,10 @@ What the numbers mean:
   appear in the per-trial tables and the per-epoch plots, but not in the averages.
 - *Final* is a trial's last recorded epoch; *best* is its epoch of lowest validation
   perplexity (the checkpoint early stopping would keep).
-- Trials whose configs differ only in `seed` form a *group*; the seed tables give the
-  mean ± sample standard deviation (ddof=1) over the group's successful trials.
+- Trials whose configs differ only in their seeds form a *group*, named by its
+  configuration key (`memray.results.config_key`, the `config_key` of its W&B runs); the
+  seed table gives per group the mean, the between-seed sample standard deviation (ddof=1)
+  and the number of the group's successful trials (seeds) they are over.
 - AUC 95% intervals are the ones each trial recorded (`mia/<attack>/auc_lo`, `auc_hi`:
   DeLong's unless `eval.bootstrap` asked for a bootstrap); a trial that recorded none gets
   a percentile bootstrap of its final epoch's per-sample scores (members and non-members
@@ -30,7 +32,10 @@ What the numbers mean:
   marked "(chance)": not distinguishable from chance. A group's interval is that of the
   per-resample mean over its seeds; the seed table lists groups of two or more seeds only.
 - A TPR at an FPR is reported only where the non-members resolve that FPR (at least
-  1/FPR of them); the notes say which were left out and why.
+  1/FPR of them); the notes say which were left out and why. Beside it (the attacks table,
+  error bars on the ROC figures) its Clopper-Pearson 95% interval as the trial recorded it
+  (`mia/<attack>/tpr@1%fpr_lo`, `_hi`): the members' binomial uncertainty at the chosen
+  threshold, not the threshold's own; older result files show the TPR alone.
 - A model's size is the smallest base-parameter count any of its trials reports: a
   trial's `method_info.total_params`, less its `trainable_params` for PEFT methods (whose
   adapters, prefixes or prompts are added to the model). A model no trial has loaded yet

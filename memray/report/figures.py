@@ -238,7 +238,10 @@ def plot_lora(groups: list[Group], labels: list[str], path: Path) -> Path | None
 
 def plot_roc(trials: list[Trial], dataset: str, model: str, variants: list[str], path: Path) -> Path | None:
     """ROC curves (log-log) of one dataset and model: a panel per method, a line per
-    attack, from the finished trial of the lowest seed (else the latest unfinished one)."""
+    attack, from the finished trial of the lowest seed (else the latest unfinished one);
+    at each reported FPR (1%, 0.1%) the attack's TPR as a point with its 95% Clopper-Pearson
+    interval as an error bar (a point alone where the trial recorded no interval). Returns
+    the file written, or None when no trial has ROC points."""
     panels = []
     for variant in variants:
         candidates = [t for t in trials if (t.dataset, t.model, t.variant) == (dataset, model, variant)
@@ -260,13 +263,16 @@ def plot_roc(trials: list[Trial], dataset: str, model: str, variants: list[str],
                 continue
             fpr, tpr = attack.roc
             positive = fpr[fpr > 0]
-            floor = min(floor, positive.min() if positive.size else 1.0)
+            floor = min(floor, positive.min() if positive.size else 1.0, *(x for x, _, _ in attack.tpr_points()))
             ax.plot(fpr, tpr, color=attack_colors[label], label=label)
+        for label, attack in trial.attacks.items():
+            if attack.roc is not None:
+                _tpr_error_bars(ax, attack.tpr_points(), floor, attack_colors[label])
         grid = np.logspace(np.log10(floor), 0, 50)
         ax.plot(grid, grid, color="grey", linestyle=":", linewidth=1)
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlim(floor, 1)
+        ax.set_xlim(floor / 1.5, 1)  # room for the point at the lowest FPR
         ax.set_ylim(floor, 1.05)
         aucs = "\n".join(f"{label} AUC {a.auc:.3f}" for label, a in trial.attacks.items() if a.roc is not None)
         ax.text(0.97, 0.03, aucs, transform=ax.transAxes, ha="right", va="bottom", fontsize="small",
@@ -276,7 +282,17 @@ def plot_roc(trials: list[Trial], dataset: str, model: str, variants: list[str],
         ax.set_xlabel("false-positive rate (log scale)")
         ax.set_ylabel("true-positive rate (log scale)")
         ax.grid(alpha=0.3, which="both")
-    return _finish_grid(figure, axes, len(panels), f"ROC curves, {dataset}, {model} (dotted: chance)", path)
+    return _finish_grid(figure, axes, len(panels),
+                        f"ROC curves, {dataset}, {model}\n(dotted: chance; bars: 95% interval of each TPR)", path)
+
+
+def _tpr_error_bars(ax, points: list[tuple[float, float, tuple[float, float] | None]], floor: float, color) -> None:
+    """Each (FPR, TPR, interval) of `points` as a point with its interval as an error bar on
+    a log-log ROC panel whose axes start at `floor` (a bound or TPR below it drawn at it)."""
+    for fpr, tpr, ci in points:
+        shown = max(tpr, floor)
+        error = None if ci is None else [[shown - max(ci[0], floor)], [max(ci[1], floor) - shown]]
+        ax.errorbar([fpr], [shown], yerr=error, color=color, marker="o", markersize=4, capsize=3, linestyle="")
 
 
 def _duplication_panels(trials: list[Trial]) -> list[str]:
@@ -385,7 +401,8 @@ def make_figures(trials: list[Trial], groups: list[Group], labels: list[str], si
         for dataset in datasets:
             for model in models:
                 stem = f"roc_{slug(dataset)}_{slug(model)}"
-                add(stem, f"ROC curves (log-log), {dataset}, {model}",
+                add(stem, f"ROC curves (log-log), {dataset}, {model}; bars: TPR at 1% and 0.1% FPR with its "
+                          "95% Clopper-Pearson interval",
                     plot_roc(recorded, dataset, model, variants, file(stem)))
     for dataset in datasets:
         stem = f"duplication_{slug(dataset)}"

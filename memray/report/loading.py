@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from memray.config import APPROX_PARAMS, Cell, ConfigError, SweepConfig, load_sweep
-from memray.metrics import bootstrap_aucs, percentile_interval, roc_points
+from memray.metrics import TPR_AT_FPR, bootstrap_aucs, percentile_interval, roc_points
 from memray.references import sweep_cells
 from memray.results import (DRIVER_FILE, RESULT_FILE, SWEEP_FILE, config_key, driver_alive, scores_path,
                             trial_names)
@@ -46,11 +46,19 @@ class AttackResult:
     ci: tuple[float, float] | None = None  # 95% interval of the AUC: the trial's own (auc_lo, auc_hi), else a bootstrap
     resampled: np.ndarray | None = None  # the bootstrap AUCs, for intervals of seed means
     roc: tuple[np.ndarray, np.ndarray] | None = None  # (FPR, TPR) points
+    tpr_1_ci: tuple[float, float] | None = None  # Clopper-Pearson 95% interval of tpr_1 (None: not recorded)
+    tpr_01_ci: tuple[float, float] | None = None
 
     @property
     def chance(self) -> bool:
         """Whether the AUC's interval holds 0.5: not distinguishable from chance."""
         return self.ci is not None and self.ci[0] <= 0.5 <= self.ci[1]
+
+    def tpr_points(self) -> list[tuple[float, float, tuple[float, float] | None]]:
+        """(FPR, TPR, the TPR's 95% interval or None) at each FPR of `TPR_AT_FPR` whose TPR
+        the trial reported (result files older than the intervals have the TPR alone)."""
+        found = zip((fpr for _, fpr in TPR_AT_FPR), (self.tpr_1, self.tpr_01), (self.tpr_1_ci, self.tpr_01_ci))
+        return [(fpr, tpr, ci) for fpr, tpr, ci in found if is_finite(tpr)]
 
 
 @dataclass
@@ -284,9 +292,9 @@ def _bootstrap_seed(name: str, label: str) -> int:
 
 
 def attack_results(trial: Trial, sweep_dir: Path, resamples: int) -> dict[str, AttackResult]:
-    """Per attack: final AUC, its interval and TPRs from result.json, AUC at the best epoch,
-    and from the final epoch's per-sample scores (when the file is there) the bootstrap AUCs
-    (the interval of a trial that recorded none) and the ROC."""
+    """Per attack: final AUC, its interval, TPRs and their intervals from result.json, AUC
+    at the best epoch, and from the final epoch's per-sample scores (when the file is there)
+    the bootstrap AUCs (the interval of a trial that recorded none) and the ROC."""
     final, best = trial.final, trial.best
     if not final:
         return {}
@@ -310,8 +318,15 @@ def attack_results(trial: Trial, sweep_dir: Path, resamples: int) -> dict[str, A
                 result.roc = roc_points(values, member, max_points=ROC_POINTS)
         if is_finite(final.get(key + "auc_lo")) and is_finite(final.get(key + "auc_hi")):
             result.ci = (final[key + "auc_lo"], final[key + "auc_hi"])  # what the trial measured (DeLong by default)
+        result.tpr_1_ci, result.tpr_01_ci = (_recorded_interval(final, key + suffix) for suffix, _ in TPR_AT_FPR)
         results[label] = result
     return results
+
+
+def _recorded_interval(row: dict[str, Any], key: str) -> tuple[float, float] | None:
+    """(`<key>_lo`, `<key>_hi`) of an epoch row, or None where the trial recorded none."""
+    low, high = row.get(key + "_lo"), row.get(key + "_hi")
+    return (low, high) if is_finite(low) and is_finite(high) else None
 
 
 @dataclass
@@ -328,9 +343,15 @@ class Group:
     def finished(self) -> list[Trial]:
         return [t for t in self.trials if t.status == "success" and t.final]
 
+    @property
+    def config_key(self) -> str:
+        """The configuration's key (`memray.results.config_key`, its W&B runs' `config_key`)."""
+        return self.trials[0].group_key()
+
     def stat(self, key: str, best: bool = False) -> tuple[float, float, int]:
-        """(mean, sample std, n) of a final-epoch metric (or the best epoch's) over the
-        finished trials; NaN where no trial has it, std NaN for a single trial."""
+        """(mean, between-seed sample standard deviation (ddof=1), n) of a final-epoch metric
+        (or the best epoch's) over the finished trials that have it; NaN where none has it,
+        std NaN for a single trial."""
         values = [(t.best if best else t.final).get(key) for t in self.finished]
         values = [v for v in values if is_finite(v)]
         if not values:

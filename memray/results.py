@@ -250,9 +250,15 @@ def write_scores(trial_dir: Path, epoch: int, frame: pd.DataFrame) -> Path:
     return path
 
 
+def table_path(trial_dir: Path, kind: str, epoch: int) -> Path:
+    """The file of another per-sample table of an epoch (`extraction`, `canaries`):
+    `scores/<kind>_epoch_NNN.parquet`."""
+    return Path(trial_dir) / SCORES_DIR / f"{kind}_epoch_{epoch:03d}.parquet"
+
+
 def write_table(trial_dir: Path, kind: str, epoch: int, frame: pd.DataFrame) -> Path:
     """Other per-sample tables of an epoch (`extraction`, `canaries`): `scores/<kind>_epoch_NNN.parquet`."""
-    path = Path(trial_dir) / SCORES_DIR / f"{kind}_epoch_{epoch:03d}.parquet"
+    path = table_path(trial_dir, kind, epoch)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     frame.to_parquet(tmp, index=False)

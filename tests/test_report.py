@@ -23,7 +23,7 @@ from matplotlib import image
 from memray import metrics
 from memray.config import ConfigError, load_sweep
 from memray.report import build_report, label_variants, load_trials, report_command, sweep_uses_wandb
-from memray.results import TrialRecord, read_result, write_scores
+from memray.results import TrialRecord, read_result, write_scores, write_table
 from memray.results import SWEEP_FILE, trial_names
 
 REPO = Path(__file__).resolve().parent.parent
@@ -490,11 +490,32 @@ def _tail_trial(sweep_dir: Path, name: str, method: dict, seed: int, *, old: boo
                **metrics.mia_metrics("loss", loss, member)}
         if old:
             row = {key: value for key, value in row.items() if not key.endswith(("fpr_lo", "fpr_hi"))}
-        write_scores(record.trial_dir, epoch, pd.DataFrame({
-            "sample_id": [f"s{i}" for i in range(member.size)], "member": member, "copies": copies, "loss": loss}))
+        frame = pd.DataFrame({"sample_id": [f"s{i}" for i in range(member.size)], "member": member,
+                              "copies": copies, "loss": loss})
+        if epoch and not old:  # a target with reference models: counterfactual memorization from epoch 1
+            frame["counterfactual"] = rng.normal(0.05, 0.1, member.size) + np.where(member, 0.2 * np.log2(copies), 0)
+            row["mem/counterfactual/mean"] = float(frame["counterfactual"].mean())
+            top = frame.nlargest(20, "counterfactual")
+            record.update(counterfactual_top={str(epoch): [
+                {"sample_id": r.sample_id, "counterfactual": r.counterfactual, "member": bool(r.member),
+                 "copies": int(r.copies)} for r in top.itertuples()]})
+            write_table(record.trial_dir, "extraction", epoch, _extraction_rows(frame, rng))
+        write_scores(record.trial_dir, epoch, frame)
         record.add_epoch(row)
     record.finish("success")
     return record.trial_dir
+
+
+def _extraction_rows(frame: pd.DataFrame, rng) -> pd.DataFrame:
+    """Extraction rows (the columns memray.extraction writes) of every 5th member and as
+    many non-members: the more counterfactual memorization, the closer the continuation."""
+    tried = pd.concat([frame[frame["member"]].iloc[::5], frame[~frame["member"]].iloc[:40]])
+    closeness = 1 / (1 + np.exp(-8 * (tried["counterfactual"].to_numpy() - 0.1))) + rng.normal(0, 0.05, len(tried))
+    return pd.DataFrame({
+        "sample_id": tried["sample_id"], "member": tried["member"], "copies": tried["copies"],
+        "exact": closeness > 0.8, "lcp": (8 * closeness.clip(0, 1)).round(),
+        "rougeL": closeness.clip(0, 1), "bleu": (closeness - 0.2).clip(0, 1), "edit": (0.9 * closeness).clip(0, 1),
+        "generated_text": "x", "suffix_text": "x"})
 
 
 def make_tail_sweep(directory: Path) -> Path:
@@ -601,3 +622,45 @@ def test_seed_table_shows_mean_between_seed_sd_interval_and_seeds(tails):
     assert group["config_key"] == config_key(key) and group["final"]["mia/loss/auc"]["n"] == 3
     assert group["final"]["mia/loss/auc"]["std"] == pytest.approx(row["auc std"])
     assert group["auc_ci95"]["loss"] == [row["auc ci95 low"], row["auc ci95 high"]]
+
+
+def test_counterfactual_memorization_against_copies_and_extraction(tails):
+    from scipy.stats import spearmanr
+
+    sweep_dir, path, report = tails
+    table = _csv(path, "counterfactual").set_index("trial")
+    assert set(table.index) == {f"00{seed}-head-s{seed}" for seed in range(3)}  # the old trial has no column
+    for name, row in table.iterrows():
+        trial_dir = sweep_dir / "trials" / name
+        scores = pd.read_parquet(trial_dir / "scores" / "epoch_001.parquet")
+        members, nonmembers = scores[scores["member"]], scores[~scores["member"]]
+        assert row["epoch"] == 1 and row["members n"] == TAIL_MEMBERS
+        assert row["members mean"] == pytest.approx(members["counterfactual"].mean())
+        assert row["non-members mean"] == pytest.approx(nonmembers["counterfactual"].mean())
+        for copies in (1, 2, 4):
+            chosen = members[members["copies"] == copies]
+            assert row[f"copies {copies} n"] == len(chosen) == (TAIL_COPIES == copies).sum()
+            assert row[f"copies {copies} mean"] == pytest.approx(chosen["counterfactual"].mean())
+        assert row["copies 1 mean"] < row["copies 2 mean"] < row["copies 4 mean"]
+        rows = pd.read_parquet(trial_dir / "scores" / "extraction_epoch_001.parquet")
+        tried = members.merge(rows[rows["member"]], on=["sample_id", "member", "copies"])
+        assert len(tried) == 40 and row["spearman n"] == 40
+        extracted = tried[tried["exact"]]
+        assert row["extracted n"] == len(extracted) > 0 and row["not extracted n"] == 40 - len(extracted)
+        assert row["extracted mean"] == pytest.approx(extracted["counterfactual"].mean())
+        assert row["not extracted mean"] == pytest.approx(tried.loc[~tried["exact"], "counterfactual"].mean())
+        best = tried[["rougeL", "bleu", "edit"]].max(axis=1)
+        assert row["spearman best similarity"] == pytest.approx(spearmanr(tried["counterfactual"], best).statistic)
+        assert row["spearman best similarity"] > 0.5
+    text = path.read_text()
+    assert "## Counterfactual memorization vs duplication and extraction" in text
+    assert "counterfactual_wikitext2" in report["figures"]
+    _is_real_plot(path.parent / report["figures"]["counterfactual_wikitext2"])
+    assert len(report["tables"]["counterfactual"]) == 3
+
+
+def test_no_counterfactual_table_or_figure_without_the_column(built):
+    _, path, report = built
+    assert "counterfactual" not in report["tables"] and not any("counterfactual" in f for f in report["figures"])
+    assert not (path.parent / "tables" / "counterfactual.csv").exists()
+    assert "Counterfactual" not in path.read_text()

@@ -1,7 +1,8 @@
 """Reading a sweep folder for the report: its trials (any folder holding a memray
 `result.json`, and the pending cells of its sweep.yaml), their method labels and model
-sizes, each attack's numbers with bootstrap intervals and ROC points, and the groups of
-trials that differ only in their seed.
+sizes, each attack's numbers with bootstrap intervals and ROC points, the groups of
+trials that differ only in their seed, and the per-sample counterfactual memorization of
+targets with reference models.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from memray.config import APPROX_PARAMS, Cell, ConfigError, SweepConfig, load_sweep
+from memray.config import APPROX_PARAMS, Cell, ConfigError, SimilarityThresholds, SweepConfig, load_sweep
 from memray.metrics import TPR_AT_FPR, bootstrap_aucs, percentile_interval, roc_points
 from memray.references import sweep_cells
 from memray.results import (DRIVER_FILE, RESULT_FILE, SWEEP_FILE, config_key, driver_alive, scores_path,
-                            trial_names)
+                            table_path, trial_names)
 
+#: The per-sample column of counterfactual memorization in a target's score files.
+COUNTERFACTUAL = "counterfactual"
 BOOTSTRAP_RESAMPLES = 1000  # percentile 95% bounds move by ~0.003 AUC between reruns at this count
 ROC_POINTS = 400  # per curve in plots and report.json: enough to draw the low-FPR steps
 STATUSES = ("success", "running", "failed", "interrupted", "lost", "pending")
@@ -378,3 +381,36 @@ def make_groups(trials: list[Trial]) -> list[Group]:
             groups[key] = Group(trial.dataset, trial.model, trial.variant, trial.method, [])
         groups[key].trials.append(trial)
     return list(groups.values())
+
+
+def counterfactual_samples(trial: Trial, sweep_dir: Path) -> pd.DataFrame | None:
+    """A trial's per-sample counterfactual memorization at its final epoch, from the score
+    file of that epoch (`scores/epoch_NNN.parquet` of the trial folder below `sweep_dir`).
+
+    Returns columns sample_id, member, copies, counterfactual, and where extraction ran
+    that epoch (`scores/extraction_epoch_NNN.parquet`) `extracted` (the continuation
+    reproduced exactly) and `best similarity` (the highest of the sample's similarity
+    scores, rougeL / bleu / edit, each in [0, 1]), NaN for the samples it did not try. None
+    when the final epoch is 0 or its file has no counterfactual column (no reference
+    models, or a result written before them).
+    """
+    final = trial.final
+    if not final or int(final["epoch"]) < 1:
+        return None
+    trial_dir, epoch = Path(sweep_dir) / trial.path, int(final["epoch"])
+    path = scores_path(trial_dir, epoch)
+    if not path.is_file():
+        return None
+    scores = pd.read_parquet(path)
+    if COUNTERFACTUAL not in scores:
+        return None
+    samples = scores[["sample_id", "member", "copies", COUNTERFACTUAL]].copy()
+    extraction = table_path(trial_dir, "extraction", epoch)
+    if extraction.is_file():
+        rows = pd.read_parquet(extraction)
+        similarities = [name for name in SimilarityThresholds.model_fields if name in rows]
+        tried = pd.DataFrame({"sample_id": rows["sample_id"], "member": rows["member"],
+                              "extracted": rows["exact"].astype(float),
+                              "best similarity": rows[similarities].max(axis=1) if similarities else math.nan})
+        samples = samples.merge(tried, on=["sample_id", "member"], how="left")
+    return samples

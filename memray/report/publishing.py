@@ -114,7 +114,7 @@ def markdown(name: str, sweep_dir: Path, out_dir: Path, trials: list[Trial], tab
     lines.extend(["## Figures", ""])
     for figure in figures.values():
         lines.extend([f"![{figure.caption}]({figure.path.relative_to(out_dir).as_posix()})", ""])
-    for key in ("lora", "extraction", "duplication", "trials", "attacks"):
+    for key in ("lora", "extraction", "duplication", "counterfactual", "trials", "attacks"):
         if key in tables:
             add_table(tables[key])
     return "\n".join(lines)

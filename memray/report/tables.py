@@ -1,6 +1,6 @@
 """The report's tables: per trial, per attack, seeds aggregated, method x model size, LoRA
-placement x rank, extraction, duplication and unfinished trials; each a `Table` written as
-Markdown and CSV.
+placement x rank, extraction, duplication, counterfactual memorization and unfinished
+trials; each a `Table` written as Markdown and CSV.
 """
 
 from __future__ import annotations
@@ -11,10 +11,12 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+import numpy as np
 import pandas as pd
+from scipy import stats
 
 from memray.config import METHODS
-from memray.report.loading import BOOTSTRAP_RESAMPLES, Group, Trial, is_finite
+from memray.report.loading import BOOTSTRAP_RESAMPLES, COUNTERFACTUAL, Group, Trial, is_finite
 
 
 
@@ -323,6 +325,64 @@ def duplication_table(trials: list[Trial]) -> Table | None:
     text["copies"] = text["copies"].astype(str)
     return Table("duplication", "By copy count in the training data", data, text,
                  "Final epoch; each metric over the members with that many copies (AUC: against all non-members).")
+
+
+def _mean_of(values: pd.Series) -> tuple[float, int]:
+    """(mean, count) of the finite values; NaN mean for none."""
+    values = values[np.isfinite(values.to_numpy(dtype=float))]
+    return (float(values.mean()) if len(values) else math.nan), len(values)
+
+
+def _mean_text(mean: float, count: int) -> str:
+    return f"{_num(mean)} (n={count})" if count else "-"
+
+
+def counterfactual_table(trials: list[Trial], samples: dict[str, pd.DataFrame]) -> Table | None:
+    """Counterfactual memorization against duplication and extraction, per trial at its
+    final epoch. Takes the trials and, per trial name, its samples (`counterfactual_samples`:
+    trials without any are left out). Per trial: the mean counterfactual of its members
+    by copy count and over all members, of its non-members, of the members extraction
+    reproduced exactly and of those it did not, and Spearman's rank correlation between the
+    members' counterfactual and their best extraction similarity (where extraction ran;
+    NaN for fewer than 3 members or constant values). None when no trial has samples."""
+    chosen = [t for t in trials if t.name in samples]
+    if not chosen:
+        return None
+    levels = sorted({int(c) for t in chosen for c in samples[t.name].loc[samples[t.name]["member"], "copies"]})
+    rows, text = [], []
+    for t in chosen:
+        frame = samples[t.name]
+        members, nonmembers = frame[frame["member"]], frame[~frame["member"]]
+        row = {"trial": t.name, "dataset": t.dataset, "model": t.model, "method": t.variant, "seed": t.seed,
+               "status": t.status, "epoch": t.final.get("epoch")}
+        line = {"trial": t.name, "method": t.variant, "status": t.status, "epoch": str(int(t.final["epoch"]))}
+        groups = [("members", members)] + [(f"copies {c}", members[members["copies"] == c]) for c in levels]
+        groups.append(("non-members", nonmembers))
+        if "extracted" in frame:
+            groups += [("extracted", members[members["extracted"] == 1.0]),
+                       ("not extracted", members[members["extracted"] == 0.0])]
+        for name, group in groups:
+            mean, count = _mean_of(group[COUNTERFACTUAL])
+            row[f"{name} mean"], row[f"{name} n"] = mean, count
+            line[name.replace("copies ", "x")] = _mean_text(mean, count)
+        if "best similarity" in frame:
+            tried = members[np.isfinite(members["best similarity"].to_numpy(dtype=float))
+                            & np.isfinite(members[COUNTERFACTUAL].to_numpy(dtype=float))]
+            rho = math.nan
+            if len(tried) >= 3 and tried[COUNTERFACTUAL].nunique() > 1 and tried["best similarity"].nunique() > 1:
+                rho = float(stats.spearmanr(tried[COUNTERFACTUAL], tried["best similarity"]).statistic)
+            row["spearman best similarity"], row["spearman n"] = rho, len(tried)
+            line["Spearman (best similarity)"] = f"{_num(rho)} (n={len(tried)})" if len(tried) else "-"
+        rows.append(row)
+        text.append(line)
+    return Table("counterfactual", "Counterfactual memorization vs duplication and extraction", pd.DataFrame(rows),
+                 pd.DataFrame(text).fillna("-"),
+                 "Final epoch. Counterfactual memorization of a sample (Zhang et al. 2021): its mean log-likelihood "
+                 "under the reference models that trained on it minus under those that did not (positive = "
+                 "memorized); mean over the trial's members, by copies in the training data (xc), over its "
+                 "non-members, and over the members extraction tried: reproduced exactly (extracted) or not. "
+                 "Spearman: rank correlation over those members between counterfactual memorization and the best "
+                 "of their extraction similarities (rougeL, bleu, edit). '-' where the trial ran no extraction.")
 
 
 def unfinished_table(trials: list[Trial]) -> Table:

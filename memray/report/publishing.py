@@ -76,7 +76,8 @@ def group_json(group: Group, labels: list[str]) -> dict[str, Any]:
     best_mean, best_std, best_n = group.stat("val/ppl", best=True)
     return {
         "dataset": group.dataset, "model": group.model, "variant": group.variant, "method": group.method,
-        "config_key": group.config_key, "trials": [t.name for t in group.trials], "finished": [t.name for t in group.finished],
+        "config_key": group.config_key, "trials": [t.name for t in group.trials],
+        "finished": [t.name for t in group.finished],
         "seeds": [t.seed for t in group.trials], "final": stats,
         "best_val_ppl": {"mean": best_mean, "std": best_std, "n": best_n},
         "auc_ci95": {label: group.auc_interval(label) for label in labels},

@@ -342,3 +342,63 @@ def test_the_driver_completes_a_target_once_on_path_and_uri_storage(tmp_path, st
     assert complete_targets(context) == [names[0]]
     result = json.loads((target / "result.json").read_text())
     assert "mia/rmia/auc" not in result["epochs"][0] and complete_targets(context) == []
+
+
+def _split(members: list[tuple[str, int]], nonmembers: list[str]):
+    from memray.data import Sample, _split
+
+    return _split([Sample(i, f"text {i}", c) for i, c in members], [Sample(i, f"text {i}", 0) for i in nonmembers],
+                  [Sample("v", "validation", 0)], None)
+
+
+def test_a_reference_split_is_its_half_with_the_targets_copies_topped_up_to_the_targets_size():
+    from memray.data import Sample, reference_split
+
+    # target: members m0 (3 copies), m1..m5; the pool is m0..m3 (scored) and n0..n3; m4, m5 unscored
+    split = _split([("m0", 3)] + [(f"m{i}", 1) for i in range(1, 6)], [f"n{i}" for i in range(5)])
+    pool = split.members[:4] + split.nonmembers[:4]
+    in_half = [True, False, True, False, True, False, True, False]  # m0, m2, n0, n2
+    asked = []
+    found = reference_split(split, pool, in_half, texts=10, seed=7,
+                            more=lambda count: asked.append(count) or [Sample(f"x{i}", f"extra {i}", 1) for i in range(count)])
+    members = found.split.members
+    assert [s.id for s in members[:found.pool_in]] == ["m0", "m2", "n0", "n2"]
+    assert [s.copies for s in members[:found.pool_in]] == [3, 1, 1, 1]  # the target's copies; its non-members once
+    assert sum(s.copies for s in members) == 10 == len(found.split.training_texts())
+    top_up = [s.id for s in members[found.pool_in:]]
+    # the target's unscored members first (m4, m5), then its unscored non-member (n4), then the dataset's
+    assert set(top_up[:2]) == {"m4", "m5"} and top_up[2] == "n4" and top_up[3].startswith("x") and len(top_up) == 4
+    assert asked == [4]  # the dataset asked only because the target's own samples fell short
+    assert [s.id for s in found.split.nonmembers] == ["m1", "m3", "n1", "n3"]
+    assert found.composition == {"pool_samples": 4, "pool_texts": 6, "top_up_samples": len(top_up),
+                                 "top_up_texts": 4, "texts": 10}
+    assert not set(top_up) & {s.id for s in pool}
+
+
+def test_a_reference_split_the_dataset_cannot_supply_names_the_sizes():
+    from memray.data import reference_split
+    from memray.schema import ConfigError
+
+    split = _split([("m0", 5), ("m1", 1)], ["n0", "n1"])
+    pool = split.members + split.nonmembers
+    with pytest.raises(ConfigError, match=r"data.members: .*as many texts as the target \(6\).*gives 2.*only 0 more"):
+        reference_split(split, pool, [False, True, True, False], texts=6, seed=0, more=lambda count: [])
+    with pytest.raises(ConfigError, match=r"data.nonmembers: .*4 samples \(8 texts.*more than the target's 6"):
+        reference_split(split, pool, [True, True, True, True], texts=6, seed=0, more=lambda count: [])
+
+
+def test_a_target_whose_references_the_dataset_cannot_supply_is_refused_before_training(tmp_path, capsys):
+    """Members with duplicates need references topped up from outside the audit pool; a
+    local file with nothing outside it: exit 2 naming the sizes, before any model trains."""
+    texts = tmp_path / "texts.txt"
+    texts.write_text("".join(f"line {i} of a small local file with a few words\n" for i in range(21)))
+    path = tmp_path / "trial.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": {"name": "tiny-gpt2"}, "output_dir": str(tmp_path / "runs"),
+        "data": {"dataset": "local", "path": str(texts), "members": 10, "nonmembers": 10, "validation": 1,
+                 "max_length": 16, "duplicates": {"fraction": 0.5, "copies": [3]}},
+        "attacks": ["loss", {"name": "lira", "references": 4}]}))
+    assert cli.main(["trial", str(path), "--quiet"]) == 2
+    error = capsys.readouterr().err
+    assert "data.members: a reference model of lira / rmia trains on as many texts as the target (20)" in error
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

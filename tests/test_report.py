@@ -286,6 +286,21 @@ def test_report_html_is_one_self_contained_file(built):
         assert f'data-table="{key}"' in text or report["tables"][key] == []
 
 
+def test_a_findings_table_heads_report_html_in_place_of_the_method_by_model_tables():
+    from memray.report.html import FINDINGS_TABLE, html_report
+    from memray.report.tables import Table
+
+    rows = pd.DataFrame({"finding": ["prompt-based methods stay at chance"], "evidence": ["loss AUC 0.50 [0.42, 0.58]"]})
+    tables = {"unfinished": Table("unfinished", "Trials not finished", pd.DataFrame(), pd.DataFrame()),
+              "method_by_model_x": Table("method_by_model_x", "Method x model size, x", rows, rows),
+              FINDINGS_TABLE: Table(FINDINGS_TABLE, "Findings of the sweep", rows, rows)}
+    page = html_report("s", Path("s"), {"success": 1}, tables, {}, ["a note"])
+    findings = page[page.index('<section id="findings">'):page.index("</section>")]
+    assert 'data-table="findings"' in findings and "loss AUC 0.50 [0.42, 0.58]" in findings
+    assert 'data-table="method_by_model_x"' not in findings and 'data-table="method_by_model_x"' in page
+    assert page.index("a note") < page.index('<section id="findings">')
+
+
 @pytest.mark.browser
 def test_report_html_in_a_browser_shows_every_figure_table_and_the_findings(built, tmp_path):
     """Headless Chromium opens report.html from disk; its screenshot has every figure

@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
         p.add_argument("--max-failures", type=int, default=2, help="retries of a failing trial")
         p.add_argument("-v", "--verbose", action="store_true",
-                       help="the trials' library warnings and banners on the console too (always in trial.log)")
+                       help="Ray Tune's status tables, Ray's logs and the trials' own output on the console "
+                            "(else one live table on a terminal, one line per trial and epoch elsewhere)")
 
     p = commands.add_parser("run", help="run every grid cell of a sweep file as a Ray Tune trial")
     p.add_argument("file")

@@ -2,18 +2,31 @@
 (SIGINT to its process group), resumed, killed with `kill -9` (its whole process group,
 W&B's processes included, so nothing is flushed), resumed to the end; then every trial's
 W&B history (the union of its offline folders) holds every epoch of its result.json
-exactly once, under one run id, and every state on the way said what happened."""
+exactly once, under one run id, and every state on the way said what happened.
+
+And what a sweep shows while it runs: piped, one line per trial and epoch and one per
+state change (at most 2 + trials x (epochs + 2) lines, epochs counted 0..E, Ray's own
+lines included); on a terminal (a pseudo-terminal here), one live table redrawn in place
+and a line per failure."""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pty
+import re
+import select
 import signal
+import struct
 import subprocess
 import sys
+import termios
+import time
 from pathlib import Path
 
 import pytest
 
+from faults import EPOCH_HOOK_ENV, FAULT_ENV
 from helpers import read_result, trial_dirs, wait_for, wandb_runs, write_small_sweep
 
 from memray import sweep
@@ -97,6 +110,84 @@ def _interrupt_kill_and_resume(path: Path, folder: Path, tmp_path: Path, started
         ids, history = union[index]
         assert len(ids) == 1, ids  # one run per trial
         assert history == epochs, (index, history)  # every epoch exactly once, in order
+
+
+def _on_a_terminal(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 600) -> tuple[int, str]:
+    """`memray ARGS` with a pseudo-terminal (160 x 40) as its stdin, stdout and stderr, as
+    in a terminal window: (exit code, everything it wrote there)."""
+    main, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    process = subprocess.Popen([sys.executable, "-m", "memray.cli", *args, "--num-cpus", "2"], cwd=cwd,
+                               stdin=child, stdout=child, stderr=child, start_new_session=True,
+                               env={**os.environ, **env, "TERM": "xterm-256color"})
+    os.close(child)
+    chunks, deadline = [], time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([main], [], [], 1.0)
+            if ready:
+                try:
+                    data = os.read(main, 65536)
+                except OSError:  # every writer closed the terminal
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+            elif process.poll() is not None:  # exited, and Ray's processes wrote nothing more for a second
+                break
+        else:
+            raise AssertionError("memray did not finish in time: " + b"".join(chunks).decode(errors="replace")[-3000:])
+        return process.wait(timeout=60), b"".join(chunks).decode(errors="replace")
+    finally:
+        os.close(main)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+@pytest.mark.ray
+def test_a_piped_sweep_prints_a_line_per_trial_and_epoch_and_no_more(tmp_path):
+    epochs, trials = 1, 2
+    path = write_small_sweep(tmp_path, "piped", epochs=epochs, methods=("full", "lora"))
+    log = tmp_path / "run.log"
+    driver = _start(["run", str(path)], tmp_path, log)
+    try:
+        assert driver.wait(timeout=600) == 0, log.read_text()
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    lines = log.read_text().splitlines()  # stdout and stderr together, Ray's start-up included
+    assert len(lines) <= 2 + trials * ((epochs + 1) + 2), "\n".join(lines)
+    assert not any("\x1b[" in line or "Trial status" in line or "(run_cell" in line for line in lines), lines
+    for name in trial_dirs(tmp_path / "results" / "piped").values():
+        mine = [line.removeprefix(f"[memray] {name.name}: ") for line in lines if line.startswith(f"[memray] {name.name}: ")]
+        assert mine[0] == "running" and mine[-1] == "success", mine
+        assert [line.split(" | ")[0] for line in mine[1:-1]] == [f"epoch {e}/{epochs}" for e in range(epochs + 1)]
+        assert "val ppl" in mine[-2] and "loss AUC" in mine[-2]
+    assert lines[-1].startswith("[memray] sweep piped: 2 trials: 2 success;") and "wandb sync" in lines[-1]
+
+
+@pytest.mark.ray
+def test_on_a_terminal_a_sweep_is_one_live_table_and_a_line_per_failure(tmp_path):
+    path = write_small_sweep(tmp_path, "live", epochs=1, methods=("full", "lora"))
+    fault = {EPOCH_HOOK_ENV: f"{Path(__file__).parent / 'faults.py'}:fail_at", FAULT_ENV: "1:1"}
+    code, screen = _on_a_terminal(["run", str(path), "--max-failures", "0"], tmp_path, fault)
+    text = ANSI.sub("", screen).replace("\r", "")
+    assert code == 1, text[-3000:]
+    assert "\x1b[1A" in screen and "\x1b[2K" in screen  # the table is redrawn in place: cursor up, erase line
+    assert text.count("trial") > 2 and "[memray] sweep live:" in text  # more than one frame of it
+    names = {index: d.name for index, d in trial_dirs(tmp_path / "results" / "live").items()}
+    failures = re.findall(rf"\[memray\] {re.escape(names[1])}: failed: ([^\n]*)", text)  # the table's frames
+    assert failures == ["RuntimeError: fault injected by MEMRAY_FAULT at epoch 1"], text  # run on, erased lines apart
+    assert "[/]" not in text and "[cyan]" not in text  # styles drawn, not shown as markup
+    assert "Traceback" not in text and "Trial task failed" not in text  # the reason's line, not Tune's report
+    assert not re.search(r"\[memray\] \S+: (epoch|running)", text)  # no per-epoch lines: the table shows them
+    last = text[text.rindex("elapsed"):]  # the table's last frame, below its header
+    rows = {name: line.split() for line in last.splitlines() for name in names.values() if line.startswith(name)}
+    assert rows[names[0]][1:3] == ["success", "1/1"] and rows[names[1]][1:3] == ["failed", "1/1"], last
+    assert re.match(r"\d+\.\d\d$", rows[names[0]][3]) and re.match(r"0\.\d{3}$", rows[names[0]][4])  # val ppl, AUC
 
 
 def test_logged_epochs_reads_a_run_file_cut_short(tmp_path):

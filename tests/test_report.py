@@ -9,6 +9,7 @@ those scores with memray.metrics, as a trial does. The last test runs real tiny 
 """
 
 import json
+import re
 import time
 import math
 import shutil
@@ -25,6 +26,8 @@ from memray.config import ConfigError, load_sweep
 from memray.report import build_report, label_variants, load_trials, report_command, sweep_uses_wandb
 from memray.results import TrialRecord, read_result, write_scores, write_table
 from memray.results import SWEEP_FILE, trial_names
+
+from browser import drawn_share, look_at, problems
 
 REPO = Path(__file__).resolve().parent.parent
 EPOCHS = 3
@@ -270,6 +273,61 @@ def test_every_figure_is_a_real_png_and_in_report_md(built):
         assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         _is_real_plot(figure)
         assert f"]({relative})" in text
+
+
+def test_report_html_is_one_self_contained_file(built):
+    _, path, report = built
+    text = (path.parent / "report.html").read_text()
+    assert not re.findall(r'(?:src|href)="(?!data:image/png;base64,|#)', text)  # nothing fetched: no server needed
+    assert text.count('src="data:image/png;base64,') == len(report["figures"])
+    assert text.index('id="findings"') < text.index('id="figures"')  # notes and findings first
+    assert all(note.split(":")[0] in text for note in report["notes"])
+    for key in report["tables"]:
+        assert f'data-table="{key}"' in text or report["tables"][key] == []
+
+
+def test_a_findings_table_heads_report_html_in_place_of_the_method_by_model_tables():
+    from memray.report.html import FINDINGS_TABLE, html_report
+    from memray.report.tables import Table
+
+    rows = pd.DataFrame({"finding": ["prompt-based methods stay at chance"], "evidence": ["loss AUC 0.50 [0.42, 0.58]"]})
+    tables = {"unfinished": Table("unfinished", "Trials not finished", pd.DataFrame(), pd.DataFrame()),
+              "method_by_model_x": Table("method_by_model_x", "Method x model size, x", rows, rows),
+              FINDINGS_TABLE: Table(FINDINGS_TABLE, "Findings of the sweep", rows, rows)}
+    page = html_report("s", Path("s"), {"success": 1}, tables, {}, ["a note"])
+    findings = page[page.index('<section id="findings">'):page.index("</section>")]
+    assert 'data-table="findings"' in findings and "loss AUC 0.50 [0.42, 0.58]" in findings
+    assert 'data-table="method_by_model_x"' not in findings and 'data-table="method_by_model_x"' in page
+    assert page.index("a note") < page.index('<section id="findings">')
+
+
+@pytest.mark.browser
+def test_report_html_in_a_browser_shows_every_figure_table_and_the_findings(built, tmp_path):
+    """Headless Chromium opens report.html from disk; its screenshot has every figure
+    decoded and drawn, every table and the findings drawn, and its tables sort."""
+    _, path, report = built
+    view = look_at(path.parent / "report.html", tmp_path)
+    assert problems(view) == []
+    assert len(view.probe["images"]) == len(report["figures"])
+    assert {t["name"] for t in view.probe["tables"]} == {key for key, rows in report["tables"].items() if rows}
+    findings = view.probe["sections"]["findings"]
+    assert findings["y"] < view.probe["sections"]["figures"]["y"] and drawn_share(view.pixels, findings) > 0.01
+    assert all(image["box"]["y"] > findings["y"] for image in view.probe["images"])
+    assert view.probe["sorted"]
+    for table in view.probe["sorted"]:  # a click on a numeric column's header sorts, a second click reverses
+        assert table["ascending"] == sorted(table["ascending"]), table
+        assert table["descending"] == sorted(table["descending"], reverse=True), table
+
+
+@pytest.mark.browser
+def test_a_figure_that_does_not_decode_fails_the_browser_check(built, tmp_path):
+    _, path, _ = built
+    text = (path.parent / "report.html").read_text()
+    start = text.index("data:image/png;base64,") + len("data:image/png;base64,")
+    broken = tmp_path / "broken.html"
+    broken.write_text(text[:start] + "iVBORw0KGgoAAAANSUhEUgAAAAEAAAAB" + text[text.index('"', start):])
+    found = problems(look_at(broken, tmp_path / "look"))
+    assert len(found) == 1 and "not decoded (naturalWidth 0)" in found[0], found
 
 
 def test_report_json_has_every_number(built):

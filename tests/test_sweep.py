@@ -183,6 +183,48 @@ def test_wandb_auto_mode_is_online_only_with_a_key(tmp_path):
     assert sweep.resolve_wandb_mode(WandbConfig(mode="disabled"), {"WANDB_API_KEY": "k"}) == "disabled"
 
 
+def test_the_sweep_screen_prints_each_state_change_and_epoch_or_draws_one_table():
+    from io import StringIO
+
+    from memray.config import TrialConfig
+    from memray.sweep.console import SweepScreen
+
+    config = TrialConfig(attacks=["zlib", "loss"], train={"epochs": 2})
+    known = {1: {"status": "success", "epochs": [{"epoch": 2, "val/ppl": 9.5, "mia/zlib/auc": 0.61}]},
+             2: {"status": "running", "epochs": [{"epoch": 1, "val/ppl": 12.0}]}}
+    out = StringIO()
+    screen = SweepScreen("s", {0: "a", 1: "b", 2: "c"}, {0: config, 1: config, 2: config}, known, stream=out, live=False)
+    assert screen.counts() == {"pending": 1, "success": 1, "lost": 1}  # `running` with no driver: lost
+    screen.started(0)
+    screen.epoch(0, {"epoch": 0, "val/ppl": 20.0, "mia/loss/auc": 0.5, "mia/zlib/auc": 0.52})
+    screen.ended(0, "retrying", "RuntimeError: boom")
+    screen.started(0)
+    screen.started(2)
+    screen.ended(2, "success")
+    assert out.getvalue().splitlines() == [
+        "[memray] a: running",
+        "[memray] a: epoch 0/2 | val ppl 20.00 | zlib AUC 0.520 | loss AUC 0.500",  # the headline attack first
+        "[memray] a: failed, retrying: RuntimeError: boom",
+        "[memray] a: running",
+        "[memray] c: running (from epoch 1)",
+        "[memray] c: success"]
+    assert screen.summary().startswith("sweep s: 3 trials: 1 running, 2 success;")
+
+    terminal = StringIO()
+    screen = SweepScreen("s", {0: "a", 1: "b"}, {0: config, 1: config}, {1: known[1]}, stream=terminal, live=True).start()
+    screen.started(0)
+    screen.epoch(0, {"epoch": 1, "val/ppl": 20.0, "mia/zlib/auc": 0.75})
+    screen.ended(0, "failed", "ValueError: NaN loss [x]")
+    screen.stop()
+    drawn = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", terminal.getvalue())
+    assert "[memray] a: failed: ValueError: NaN loss [x]" in drawn and "epoch" in drawn and "zlib AUC" in drawn
+    assert "[/]" not in drawn  # styles are drawn, never shown as markup
+    last = drawn[drawn.rindex("elapsed"):].splitlines()
+    assert last[1].split()[:5] == ["a", "failed", "1/2", "20.00", "0.750"]
+    assert last[2].split()[:5] == ["b", "success", "2/2", "9.50", "0.610"]
+    assert "[memray] a: running" not in drawn  # no lines for what the table shows
+
+
 def test_wandb_run_id_is_stable_per_trial_and_valid_for_wandb():
     first = sweep.wandb_run_id("abcd1234", 3)
     assert first == sweep.wandb_run_id("abcd1234", 3)
@@ -278,7 +320,11 @@ DEMO_OVERRIDES = ["train.epochs=2", "data.members=16", "data.nonmembers=16", "da
 def test_demo_grid_reports_every_epoch_to_tune_results_and_wandb(local_ray, tmp_path, capsys):
     assert sweep.run_sweep(REPO / "sweeps" / "demo.yaml", DEMO_OVERRIDES, storage=str(tmp_path)) == 0
     folder = tmp_path / "demo"
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    # not a terminal: a line per trial and epoch, one per state change, the sweep's first and last
+    lines = (captured.err + captured.out).splitlines()
+    assert len(lines) <= 2 + 9 * ((2 + 1) + 2), "\n".join(lines)
     _, cells = load_sweep(folder / "sweep.yaml")
     assert len(cells) == 9 and all(c.config.train.epochs == 2 for c in cells)
     names = trial_names(cells)
@@ -317,6 +363,8 @@ def test_demo_grid_reports_every_epoch_to_tune_results_and_wandb(local_ray, tmp_
         assert {row[1] for row in roc["data"]} == {"loss", "ref", "zlib", "mink", "mink++"}
         assert all(0 <= row[0] <= 1 and 0 <= row[2] <= 1 for row in roc["data"])
         assert cell.config.method.name in printed and names[cell.index] in printed
+        assert [line.split(" | ")[0] for line in lines if line.startswith(f"[memray] {names[cell.index]}: epoch")] \
+            == [f"[memray] {names[cell.index]}: epoch {epoch}/2" for epoch in range(3)]
     assert "9 success" in printed and f"wandb sync {folder / 'wandb'}" in printed
     status = sweep.sweep_status(folder)
     assert status.count(" success ") == 9 and status.count("2/2") == 9
@@ -335,7 +383,7 @@ def test_run_refuses_an_existing_sweep_folder(tmp_path):
 
 
 @pytest.mark.ray
-def test_fault_at_epoch_2_leaves_the_trial_errored_and_resume_finishes_it(local_ray, tmp_path, monkeypatch):
+def test_fault_at_epoch_2_leaves_the_trial_errored_and_resume_finishes_it(local_ray, tmp_path, monkeypatch, capsys):
     path = write_small_sweep(tmp_path, "faulty", epochs=3)
     inject_fault(monkeypatch, 1, 2)
     assert sweep.run_sweep(path, storage=str(tmp_path / "out"), max_failures=0) == 1
@@ -343,6 +391,10 @@ def test_fault_at_epoch_2_leaves_the_trial_errored_and_resume_finishes_it(local_
     dirs = trial_dirs(folder)
     faulty = read_result(dirs[1])
     assert faulty["status"] == "failed" and "fault injected" in faulty["reason"]
+    # the console: the failure in one line with its reason, and in the sweep's last line
+    printed = capsys.readouterr().out.splitlines()
+    assert f"[memray] {dirs[1].name}: failed: {faulty['reason']}" in printed
+    assert printed[-1].startswith("[memray] sweep faulty: 3 trials: 2 success, 1 failed;"), printed[-1]
     assert [row["epoch"] for row in faulty["epochs"]] == [0, 1, 2]
     assert "failed" in sweep.sweep_status(folder) and "fault injected" in sweep.sweep_status(folder)
     finished = {index: file_states(dirs[index]) for index in (0, 2)}
@@ -351,6 +403,9 @@ def test_fault_at_epoch_2_leaves_the_trial_errored_and_resume_finishes_it(local_
 
     clear_fault(monkeypatch)
     assert sweep.resume_sweep(folder) == 0
+    printed = capsys.readouterr().out.splitlines()  # the resumed trial alone: finished ones print nothing
+    assert {line.split(": ")[0] for line in printed[:-1]} == {f"[memray] {dirs[1].name}"}, printed
+    assert f"[memray] {dirs[1].name}: running (from epoch 2)" in printed
     for index in (0, 2):  # finished trials: not a byte or a timestamp changed
         assert file_states(dirs[index]) == finished[index]
     resumed = read_result(dirs[1])

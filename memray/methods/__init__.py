@@ -2,7 +2,8 @@
 
 Each method is one module of this package holding its config section (a `MethodSchema`
 subclass: the keys a user writes under `method:`), the function that applies it, and one
-`register(MethodSpec(...))` line with its default learning rate and planning cost. Every
+`register(MethodSpec(...))` line with its default learning rate, planning cost and family
+(`METHOD_FAMILIES`: parameter-based or prompt-based, as the studies group them). Every
 module here whose name does not start with `_` is imported below, so a new method is a new
 file: the trial schema (`memray.config`), the sweep's planning, `memray bench` and the CLI
 take their lists from `METHODS`. PEFT does the work where it can.
@@ -72,17 +73,25 @@ class MethodSpec:
     # when the backward stops early or skips weight gradients; the sweep orders trials by it
     train_pass_cost: float
     peft: bool  # True: checkpoints hold adapter weights only
+    family: str  # one of METHOD_FAMILIES: the report colours and groups methods by it
     check: Check | None = None  # pre-flight on the model's skeleton; None: fits every causal LM
 
 
 METHODS: Registry[MethodSpec] = Registry("method")
+#: The families of methods the studies compare (Hou et al. 2025): "parameter" methods change
+#: or add weights inside the model (full, head, LoRA, (IA)^3), "prompt" methods train
+#: inputs prepended to every sequence (prefix, prompt and P-tuning), the model untouched.
+METHOD_FAMILIES = {"parameter": "parameter-based", "prompt": "prompt-based"}
 
 
 def register(spec: MethodSpec) -> MethodSpec:
-    """Add a method; ValueError if its name is taken or its schema's `name` differs."""
+    """Add a method; ValueError if its name is taken, its schema's `name` differs or its
+    family is not one of METHOD_FAMILIES."""
     declared = spec.config.model_fields["name"].default
     if declared != spec.name:
         raise ValueError(f"method {spec.name!r}: its config's name defaults to {declared!r}")
+    if spec.family not in METHOD_FAMILIES:
+        raise ValueError(f"method {spec.name!r}: family {spec.family!r} is not one of {', '.join(METHOD_FAMILIES)}")
     return METHODS.add(spec.name, spec)
 
 
@@ -145,5 +154,5 @@ def _import_units() -> None:
 
 _import_units()
 
-__all__ = ["METHODS", "ConfigError", "MethodInfo", "MethodSchema", "MethodSpec", "apply_method",
+__all__ = ["METHODS", "METHOD_FAMILIES", "ConfigError", "MethodInfo", "MethodSchema", "MethodSpec", "apply_method",
            "check_method", "default_lr", "register"]

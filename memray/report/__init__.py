@@ -4,6 +4,8 @@
 (no Ray; a copied folder works) and writes into `<sweep dir>/report/`:
 ```
 report.md          every table and figure in one Markdown file, ready to open or paste
+report.html        the same in one self-contained page to open and share (figures inline,
+                     tables sortable, notes and findings at the top; no server, no network)
 report.json        every number: per trial, per epoch, per attack, per group of seeds
 tables/<name>.md   the tables as Markdown, and as CSV (full precision) beside them:
 tables/<name>.csv    trials, attacks, seeds, method_by_model_<dataset>, lora, extraction,
@@ -50,7 +52,7 @@ What the numbers mean:
 
 The parts, each importing only those before it: `loading` (trials, labels, model sizes,
 attack numbers with bootstrap intervals from `memray.metrics`, groups of seeds),
-`tables`, `figures`, `publishing` (report.md, report.json, W&B); this module puts them
+`tables`, `figures`, `html` (report.html), `publishing` (report.md, report.json, W&B); this module puts them
 together (`build_report`, `report_command`). No Ray, and nothing of `memray.sweep`: the
 folder layout comes from `memray.results`.
 """
@@ -91,6 +93,7 @@ from memray.report.tables import (
     unresolved_notes,
 )
 from memray.report.figures import counterfactual_figures, make_figures
+from memray.report.html import html_report
 from memray.report.publishing import (
     status_counts,
     group_json,
@@ -103,6 +106,7 @@ from memray.report.publishing import (
 )
 
 REPORT_DIR = "report"
+HTML_FILE = "report.html"  # beside report.md
 
 
 def build_report(sweep_dir: Path, out_dir: Path | None = None, *, wandb: bool = False,
@@ -182,6 +186,7 @@ def build_report(sweep_dir: Path, out_dir: Path | None = None, *, wandb: bool = 
     (out_dir / "report.json").write_text(json.dumps(jsonable(report), indent=1, allow_nan=False))
     path = out_dir / "report.md"
     path.write_text(markdown(name, sweep_dir, out_dir, trials, tables, figures, notes))
+    (out_dir / HTML_FILE).write_text(html_report(name, sweep_dir, status_counts(trials), tables, figures, notes))
     return path
 
 
@@ -193,7 +198,7 @@ def report_command(sweep_dir: str | Path, out_dir: str | Path | None = None) -> 
                         wandb=sweep_dir.is_dir() and sweep_uses_wandb(sweep_dir))
     report = json.loads((path.parent / "report.json").read_text())
     counts = ", ".join(f"{count} {status}" for status, count in report["counts"].items())
-    print(f"report: {path} ({len(report['trials'])} trials: {counts})")
+    print(f"report: {path} ({len(report['trials'])} trials: {counts}); to open and share: {path.parent / HTML_FILE}")
     print(f"tables: {path.parent / 'tables'}/ (Markdown and CSV); figures: {path.parent / 'figures'}/; "
           f"every number: {path.parent / 'report.json'}")
     logged = report.get("wandb")

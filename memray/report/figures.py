@@ -1,6 +1,13 @@
 """The report's figures (matplotlib's object API: a Figure renders with Agg, no pyplot
 global state): AUC vs epoch, AUC vs model size, privacy-utility, LoRA bars, ROC curves on
 log-log axes, extraction vs duplicate count, counterfactual memorization vs duplicate count.
+
+One style throughout, for what the studies compare: a method's colour comes from its
+family (`memray.methods.METHOD_FAMILIES`: cool hues and solid lines for parameter-based
+methods, warm hues and dashed lines for prompt-based ones), the same in every figure;
+one panel per attack (or per attack and model), wrapped into a grid of at most
+`GRID_COLUMNS` columns that fits a laptop screen, its legend in a spare panel or below;
+intervals as light bands under the lines.
 """
 
 from __future__ import annotations
@@ -18,11 +25,17 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import LogFormatter, NullLocator
 
+from memray.methods import METHOD_FAMILIES, METHODS
 from memray.report.loading import COUNTERFACTUAL, Group, Trial, is_finite
 from memray.report.tables import duplicate_metrics, ordered_variants, params_text, slug
 
 FIGURE_DPI = 110
 CHANCE_AUC = 0.5
+GRID_COLUMNS = 3  # panels per row: three 4-inch panels are about 1,300 pixels wide
+#: Opacity of interval bands: one band alone at BAND_ALPHA, and where a panel has many, all
+#: of them stacked no darker than about BAND_ALPHA_TOTAL, so that every line shows through
+BAND_ALPHA, BAND_ALPHA_TOTAL = 0.12, 0.3
+LINE_WIDTH = 1.5
 
 
 def _colors(variants: list[str]) -> dict[str, Any]:
@@ -31,12 +44,63 @@ def _colors(variants: list[str]) -> dict[str, Any]:
 
 
 MARKERS = "osD^vP*Xh<>p"
+#: Colours of each method family, distinct shades of one hue family in the order they are
+#: handed out: parameter-based methods in blues, greens and purples, prompt-based ones in
+#: oranges, reds and browns; a method no family claims (no longer registered) is grey.
+FAMILY_COLORS = {
+    "parameter": ["#08519c", "#31a354", "#756bb1", "#6baed6", "#006d2c", "#9e9ac8", "#17becf", "#74c476"],
+    "prompt": ["#e6550d", "#a50f15", "#fd8d3c", "#c51b7d", "#8c510a", "#ef3b2c"],
+}
+FAMILY_LINESTYLES = {"parameter": "-", "prompt": "--"}
+OTHER_FAMILY = "other"
 
 
-def _figure(rows: int, cols: int, width: float = 4.4, height: float = 3.3):
+@dataclass(frozen=True)
+class MethodStyle:
+    """How a method (a variant label) is drawn in every figure."""
+
+    color: str
+    linestyle: str
+    marker: str
+    family: str  # a key of METHOD_FAMILIES, or OTHER_FAMILY
+
+    def line(self) -> dict[str, Any]:
+        """Keyword arguments of `Axes.plot` / `errorbar` for this method's line."""
+        return {"color": self.color, "linestyle": self.linestyle, "marker": self.marker, "markersize": 4,
+                "linewidth": LINE_WIDTH}
+
+
+def method_family(method: str) -> str:
+    """A method's family as its registry entry names it (OTHER_FAMILY for an unknown one)."""
+    return METHODS[method].family if method in METHODS else OTHER_FAMILY
+
+
+def method_styles(groups: list[Group]) -> dict[str, MethodStyle]:
+    """Variant label -> its style: colour from its family's palette, in the report's order
+    of variants (`ordered_variants`), the family's line style, a marker per variant."""
+    methods = {g.variant: g.method for g in groups}
+    styles, used = {}, defaultdict(int)
+    for variant in ordered_variants(groups):
+        family = method_family(methods[variant])
+        index = used[family]
+        used[family] += 1
+        palette = FAMILY_COLORS.get(family, ["#636363", "#969696", "#252525"])
+        styles[variant] = MethodStyle(palette[index % len(palette)], FAMILY_LINESTYLES.get(family, ":"),
+                                      MARKERS[index % len(MARKERS)], family)
+    return styles
+
+
+def _figure(rows: int, cols: int, width: float = 4.4, height: float = 3.3, sharey: bool = False):
     figure = Figure(figsize=(width * cols, height * rows + 0.9), layout="constrained", dpi=FIGURE_DPI)
-    axes = figure.subplots(rows, cols, squeeze=False)
+    axes = figure.subplots(rows, cols, squeeze=False, sharey=sharey)
     return figure, axes
+
+
+def _grid(panels: int, width: float = 4.0, height: float = 2.9, sharey: bool = False, row: int | None = None):
+    """A figure of `panels` panels, GRID_COLUMNS to a row (or `row`, the panels of one
+    model or dataset, where they fit in one): (figure, axes grid)."""
+    cols = min(GRID_COLUMNS, panels) if row is None or row > GRID_COLUMNS else row
+    return _figure(math.ceil(panels / cols), cols, width, height, sharey)
 
 
 def _legend(figure, axes_grid, handles: dict[str, Any] | None = None) -> None:
@@ -49,6 +113,37 @@ def _legend(figure, axes_grid, handles: dict[str, Any] | None = None) -> None:
     if handles:
         figure.legend(list(handles.values()), list(handles), loc="outside lower center",
                       ncols=min(4, len(handles)), fontsize="small", frameon=False)
+
+
+def _method_legend(figure, axes_grid, used: int, styles: dict[str, MethodStyle], shown: set[str],
+                   extra: dict[str, Any] | None = None) -> None:
+    """The methods' legend, one column per family under its name (then `extra` entries),
+    in the grid's first spare panel (those past `used` are hidden), else below the panels."""
+    columns: list[list[tuple[str, Any]]] = []
+    for family, title in [*METHOD_FAMILIES.items(), (OTHER_FAMILY, "other")]:
+        members = [(variant, Line2D([], [], **style.line())) for variant, style in styles.items()
+                   if style.family == family and variant in shown]
+        if members:
+            columns.append([(title, Line2D([], [], alpha=0)), *members])
+    if extra:
+        columns.append([("", Line2D([], [], alpha=0)), *extra.items()])
+    if not columns:
+        return
+    depth = max(len(column) for column in columns)
+    entries = [entry for column in columns for entry in column + [("", Line2D([], [], alpha=0))] * (depth - len(column))]
+    titles = {column[0][0] for column in columns}
+    cols = len(axes_grid[0])
+    spare = [axes_grid[i // cols][i % cols] for i in range(used, len(axes_grid) * cols)]
+    for ax in spare:
+        ax.set_axis_off()
+    kwargs = {"ncols": len(columns), "fontsize": "small", "frameon": False, "handlelength": 2.6}
+    if spare:
+        legend = spare[0].legend([h for _, h in entries], [t for t, _ in entries], loc="center", **kwargs)
+    else:
+        legend = figure.legend([h for _, h in entries], [t for t, _ in entries], loc="outside lower center", **kwargs)
+    for text in legend.get_texts():
+        if text.get_text() in titles and text.get_text():
+            text.set_fontweight("bold")
 
 
 def _plain_log_ticks(axis) -> None:
@@ -64,12 +159,22 @@ def _ticks_at(axis, values: list[float], labels: list[str]) -> None:
 
 
 def _finish_grid(figure, axes_grid, used: int, title: str, path: Path) -> Path:
-    """Hide the grid's panels past the first `used`, title it, add the legend, save it."""
+    """Title the grid, add the legend (in its first panel past the `used` ones, where there
+    is one, else below), hide the other unused panels, save it."""
     cols = len(axes_grid[0])
-    for index in range(used, len(axes_grid) * cols):
-        axes_grid[index // cols][index % cols].set_visible(False)
+    spare = [axes_grid[index // cols][index % cols] for index in range(used, len(axes_grid) * cols)]
     figure.suptitle(title)
-    _legend(figure, axes_grid)
+    if spare:
+        handles = {}
+        for ax in axes_grid.flat:
+            for handle, label in zip(*ax.get_legend_handles_labels()):
+                handles.setdefault(label, handle)
+        for ax in spare:
+            ax.set_axis_off()
+        if handles:
+            spare[0].legend(list(handles.values()), list(handles), loc="center", fontsize="small", frameon=False)
+    else:
+        _legend(figure, axes_grid)
     return _save(figure, path)
 
 
@@ -96,53 +201,79 @@ def _by_epoch(trials: list[Trial], key: str) -> tuple[np.ndarray, np.ndarray, np
     return epochs, means, stds
 
 
-def plot_auc_vs_epoch(trials: list[Trial], dataset: str, labels: list[str], sizes: dict, colors: dict,
-                      path: Path) -> Path:
+def _bands(ax, bands: list[tuple[Any, Any, Any, MethodStyle]]) -> None:
+    """Intervals (x, lows, highs, style) as light bands without edges, under the lines:
+    the more bands a panel has, the lighter each (BAND_ALPHA, BAND_ALPHA_TOTAL)."""
+    alpha = min(BAND_ALPHA, BAND_ALPHA_TOTAL / max(1, len(bands)))
+    for x, lows, highs, style in bands:
+        ax.fill_between(x, lows, highs, color=style.color, alpha=alpha, linewidth=0, zorder=1)
+
+
+def _label_outer(axes_grid, used: int, xlabel: str, ylabel: str) -> None:
+    """Axis labels on the panels at the grid's left edge and bottom (of the used ones) only."""
+    cols = len(axes_grid[0])
+    for index in range(used):
+        ax = axes_grid[index // cols][index % cols]
+        if index % cols == 0:
+            ax.set_ylabel(ylabel)
+        if index + cols >= used:
+            ax.set_xlabel(xlabel)
+
+
+def plot_auc_vs_epoch(trials: list[Trial], dataset: str, labels: list[str], sizes: dict,
+                      styles: dict[str, MethodStyle], path: Path) -> Path:
+    """A panel per model and attack: each method's AUC per epoch, its interval as a band."""
     chosen = [t for t in trials if t.dataset == dataset and t.epochs]
     models = sorted({t.model for t in chosen}, key=lambda m: (sizes[m]["params"] or math.inf, m))
-    figure, axes = _figure(len(models), len(labels))
-    for row, model in enumerate(models):
-        for col, label in enumerate(labels):
-            ax = axes[row][col]
-            for variant in colors:
-                group = [t for t in chosen if t.model == model and t.variant == variant]
-                epochs, means, stds = _by_epoch(group, f"mia/{label}/auc")
-                if not len(epochs):
-                    continue
-                ax.plot(epochs, means, marker="o", markersize=3, color=colors[variant], label=variant)
-                if len(group) == 1:  # one seed: its own 95% interval per epoch
-                    _, lows, _ = _by_epoch(group, f"mia/{label}/auc_lo")
-                    _, highs, _ = _by_epoch(group, f"mia/{label}/auc_hi")
-                    if len(lows) == len(highs) == len(epochs):
-                        ax.fill_between(epochs, lows, highs, color=colors[variant], alpha=0.15)
-                elif any(stds):
-                    ax.fill_between(epochs, means - stds, means + stds, color=colors[variant], alpha=0.15)
-            ax.axhline(CHANCE_AUC, color="grey", linestyle=":", linewidth=1)
-            ax.set_title(f"{model} ({params_text(sizes[model]['params'])}), {_attack_title(label)}", fontsize="medium")
-            ax.set_xlabel("epoch (0 = before fine-tuning)")
-            ax.set_ylabel("membership AUC-ROC")
-            ax.grid(alpha=0.3)
-    figure.suptitle(f"Membership-inference AUC per epoch, {dataset} (band: 95% interval of one seed, or ± std "
-                    "over seeds; dotted: chance)")
-    _legend(figure, axes)
+    panels = [(model, label) for model in models for label in labels]
+    figure, axes = _grid(len(panels), sharey=True, row=len(labels))
+    cols = len(axes[0])
+    for index, (model, label) in enumerate(panels):
+        ax = axes[index // cols][index % cols]
+        bands = []
+        for variant, style in styles.items():
+            group = [t for t in chosen if t.model == model and t.variant == variant]
+            epochs, means, stds = _by_epoch(group, f"mia/{label}/auc")
+            if not len(epochs):
+                continue
+            ax.plot(epochs, means, label=variant, zorder=3, **style.line())
+            if len(group) == 1:  # one seed: its own 95% interval per epoch
+                _, lows, _ = _by_epoch(group, f"mia/{label}/auc_lo")
+                _, highs, _ = _by_epoch(group, f"mia/{label}/auc_hi")
+                if len(lows) == len(highs) == len(epochs):
+                    bands.append((epochs, lows, highs, style))
+            elif any(stds):
+                bands.append((epochs, means - stds, means + stds, style))
+        _bands(ax, bands)
+        ax.axhline(CHANCE_AUC, color="grey", linestyle=":", linewidth=1)
+        title = _attack_title(label) if len(models) == 1 else f"{model} ({params_text(sizes[model]['params'])}), {label}"
+        ax.set_title(title, fontsize="medium")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+    _label_outer(axes, len(panels), "epoch (0 = before fine-tuning)", "membership AUC-ROC")
+    model_text = f", {models[0]} ({params_text(sizes[models[0]]['params'])})" if len(models) == 1 else ""
+    figure.suptitle(f"Membership-inference AUC per epoch, {dataset}{model_text}\n(band: 95% interval of one seed, "
+                    "or ± std over seeds; dotted: chance)")
+    _method_legend(figure, axes, len(panels), styles, {t.variant for t in chosen})
     return _save(figure, path)
 
 
-def plot_auc_vs_model_size(groups: list[Group], dataset: str, labels: list[str], sizes: dict, colors: dict,
-                           path: Path) -> Path:
+def plot_auc_vs_model_size(groups: list[Group], dataset: str, labels: list[str], sizes: dict,
+                           styles: dict[str, MethodStyle], path: Path) -> Path:
     chosen = [g for g in groups if g.dataset == dataset and g.finished]
     models = sorted({g.model for g in chosen if is_finite(sizes[g.model]["params"])}, key=lambda m: sizes[m]["params"])
-    figure, axes = _figure(1, len(labels))
+    figure, axes = _grid(len(labels), sharey=True)
+    cols = len(axes[0])
     for col, label in enumerate(labels):
-        ax = axes[0][col]
-        for variant in colors:
+        ax = axes[col // cols][col % cols]
+        for variant, style in styles.items():
             points = sorted(((sizes[g.model]["params"], *g.stat(f"mia/{label}/auc")[:2]) for g in chosen
                              if g.variant == variant and is_finite(sizes[g.model]["params"])), key=lambda p: p[0])
             points = [p for p in points if is_finite(p[1])]
             if not points:
                 continue
             x, y, err = (np.array(v, dtype=float) for v in zip(*points))
-            ax.errorbar(x, y, yerr=np.nan_to_num(err), marker="o", capsize=3, color=colors[variant], label=variant)
+            ax.errorbar(x, y, yerr=np.nan_to_num(err), capsize=3, elinewidth=0.8, label=variant, **style.line())
         ax.set_xscale("log")
         if models:  # room either side of the outer models, also when there is only one
             ax.set_xlim(sizes[models[0]]["params"] / 1.6, sizes[models[-1]]["params"] * 1.6)
@@ -150,44 +281,44 @@ def plot_auc_vs_model_size(groups: list[Group], dataset: str, labels: list[str],
                   [f"{m}\n{params_text(sizes[m]['params'])}" for m in models])
         ax.axhline(CHANCE_AUC, color="grey", linestyle=":", linewidth=1)
         ax.set_title(_attack_title(label), fontsize="medium")
-        ax.set_xlabel("model parameters (log scale)")
-        ax.set_ylabel("membership AUC-ROC, final epoch")
         ax.grid(alpha=0.3, which="both")
+    _label_outer(axes, len(labels), "model parameters (log scale)", "membership AUC-ROC, final epoch")
     figure.suptitle(f"AUC vs model size, {dataset} (mean ± std over seeds)")
-    _legend(figure, axes)
+    _method_legend(figure, axes, len(labels), styles, {g.variant for g in chosen})
     return _save(figure, path)
 
 
-def plot_ppl_vs_auc(trials: list[Trial], labels: list[str], models: list[str], colors: dict, path: Path) -> Path:
+def plot_ppl_vs_auc(trials: list[Trial], labels: list[str], models: list[str], styles: dict[str, MethodStyle],
+                    path: Path) -> Path:
+    """Privacy vs utility: a panel per dataset and attack, a point per trial (colour: its
+    method, marker: its model; hollow: unfinished)."""
     chosen = [t for t in trials if t.final and is_finite(t.final.get("val/ppl"))]
     datasets = sorted({t.dataset for t in chosen})
     markers = {model: MARKERS[i % len(MARKERS)] for i, model in enumerate(models)}
-    figure, axes = _figure(len(datasets), len(labels))
-    for row, dataset in enumerate(datasets):
-        for col, label in enumerate(labels):
-            ax = axes[row][col]
-            for t in chosen:
-                auc = t.final.get(f"mia/{label}/auc")
-                if t.dataset != dataset or not is_finite(auc):
-                    continue
-                done = t.status == "success"
-                ax.scatter(t.final["val/ppl"], auc, marker=markers[t.model], s=36,
-                           color=colors[t.variant] if done else "none", edgecolors=colors[t.variant])
-            ax.set_xscale("log")
-            _plain_log_ticks(ax.xaxis)
-            ax.axhline(CHANCE_AUC, color="grey", linestyle=":", linewidth=1)
-            ax.set_title(f"{dataset}, {_attack_title(label)}", fontsize="medium")
-            ax.set_xlabel("validation perplexity, final epoch (log scale)")
-            ax.set_ylabel("membership AUC-ROC, final epoch")
-            ax.grid(alpha=0.3, which="both")
-    shown = {t.variant for t in chosen}
-    handles = {variant: Line2D([], [], color=color, marker="o", linestyle="") for variant, color in colors.items()
-               if variant in shown}
-    handles.update({model: Line2D([], [], color="dimgrey", marker=markers[model], linestyle="")
-                    for model in models if any(t.model == model for t in chosen)})
-    handles["unfinished trial"] = Line2D([], [], color="none", markeredgecolor="dimgrey", marker="o", linestyle="")
-    figure.suptitle("Privacy vs utility: one point per trial (colour: method, marker: model)")
-    _legend(figure, axes, handles)
+    panels = [(dataset, label) for dataset in datasets for label in labels]
+    figure, axes = _grid(len(panels), sharey=True, row=len(labels))
+    cols = len(axes[0])
+    for index, (dataset, label) in enumerate(panels):
+        ax = axes[index // cols][index % cols]
+        for t in chosen:
+            auc = t.final.get(f"mia/{label}/auc")
+            if t.dataset != dataset or not is_finite(auc):
+                continue
+            color = styles[t.variant].color
+            ax.scatter(t.final["val/ppl"], auc, marker=markers[t.model], s=36, zorder=3,
+                       color=color if t.status == "success" else "none", edgecolors=color)
+        ax.set_xscale("log")
+        _plain_log_ticks(ax.xaxis)
+        ax.axhline(CHANCE_AUC, color="grey", linestyle=":", linewidth=1)
+        ax.set_title(_attack_title(label) if len(datasets) == 1 else f"{dataset}, {label}", fontsize="medium")
+        ax.grid(alpha=0.3, which="both")
+    _label_outer(axes, len(panels), "validation perplexity, final epoch (log scale)", "membership AUC-ROC, final epoch")
+    extra = {model: Line2D([], [], color="dimgrey", marker=markers[model], linestyle="")
+             for model in models if any(t.model == model for t in chosen)}
+    extra["unfinished trial"] = Line2D([], [], color="none", markeredgecolor="dimgrey", marker="o", linestyle="")
+    dataset_text = f", {datasets[0]}" if len(datasets) == 1 else ""
+    figure.suptitle(f"Privacy vs utility{dataset_text}: one point per trial (colour: method, marker: model)")
+    _method_legend(figure, axes, len(panels), styles, {t.variant for t in chosen}, extra)
     return _save(figure, path)
 
 
@@ -201,40 +332,39 @@ def plot_lora(groups: list[Group], labels: list[str], path: Path) -> Path | None
     ranks = sorted({g.trials[0].config["method"]["rank"] for g in lora})
     colors = _colors(placements)
     width = 0.8 / len(placements)
-    figure, axes = _figure(len(panels), len(labels), width=max(4.4, 0.5 * len(ranks) * len(placements)))
-    for row, (dataset, model) in enumerate(panels):
-        for col, label in enumerate(labels):
-            ax = axes[row][col]
-            tops = [CHANCE_AUC]  # bar ends with their error bars, for the y range
-            for index, placement in enumerate(placements):
-                x, heights, errors = [], [], []
-                for position, rank in enumerate(ranks):
-                    match = [g for g in lora if (g.dataset, g.model) == (dataset, model)
-                             and g.trials[0].config["method"]["placement"] == placement
-                             and g.trials[0].config["method"]["rank"] == rank]
-                    # several groups of one placement and rank (another axis varies): their mean
-                    values = [g.stat(f"mia/{label}/auc") for g in match]
-                    values = [v for v in values if is_finite(v[0])]
-                    if values:
-                        x.append(position + (index - (len(placements) - 1) / 2) * width)
-                        heights.append(np.mean([v[0] for v in values]) - CHANCE_AUC)
-                        errors.append(np.nan_to_num(values[0][1]) if len(values) == 1 else 0.0)
-                if x:
-                    ax.bar(x, heights, width=width, bottom=CHANCE_AUC, yerr=errors, capsize=2,
-                           color=colors[placement], label=f"LoRA on {placement}")
-                    tops += [CHANCE_AUC + h + e for h, e in zip(heights, errors)]
-                    tops += [CHANCE_AUC + h - e for h, e in zip(heights, errors)]
-            span = max(tops) - min(tops) or 0.1
-            ax.set_ylim(min(tops) - 0.1 * span, max(tops) + 0.1 * span)
-            ax.set_xticks(range(len(ranks)), [str(r) for r in ranks])
-            ax.axhline(CHANCE_AUC, color="grey", linewidth=1)
-            ax.set_title(f"{dataset}, {model}, {_attack_title(label)}", fontsize="medium")
-            ax.set_xlabel("LoRA rank")
-            ax.set_ylabel("membership AUC-ROC, final epoch")
-            ax.grid(alpha=0.3, axis="y")
-    figure.suptitle("LoRA placement and rank (bars from chance = 0.5; mean ± std over seeds)")
-    _legend(figure, axes)
-    return _save(figure, path)
+    cells = [(dataset, model, label) for dataset, model in panels for label in labels]
+    figure, axes = _grid(len(cells), width=max(4.0, 0.5 * len(ranks) * len(placements)), row=len(labels))
+    cols = len(axes[0])
+    for index, (dataset, model, label) in enumerate(cells):
+        ax = axes[index // cols][index % cols]
+        tops = [CHANCE_AUC]  # bar ends with their error bars, for the y range
+        for slot, placement in enumerate(placements):
+            x, heights, errors = [], [], []
+            for position, rank in enumerate(ranks):
+                match = [g for g in lora if (g.dataset, g.model) == (dataset, model)
+                         and g.trials[0].config["method"]["placement"] == placement
+                         and g.trials[0].config["method"]["rank"] == rank]
+                # several groups of one placement and rank (another axis varies): their mean
+                values = [g.stat(f"mia/{label}/auc") for g in match]
+                values = [v for v in values if is_finite(v[0])]
+                if values:
+                    x.append(position + (slot - (len(placements) - 1) / 2) * width)
+                    heights.append(np.mean([v[0] for v in values]) - CHANCE_AUC)
+                    errors.append(np.nan_to_num(values[0][1]) if len(values) == 1 else 0.0)
+            if x:
+                ax.bar(x, heights, width=width, bottom=CHANCE_AUC, yerr=errors, capsize=2,
+                       color=colors[placement], label=f"LoRA on {placement}")
+                tops += [CHANCE_AUC + h + e for h, e in zip(heights, errors)]
+                tops += [CHANCE_AUC + h - e for h, e in zip(heights, errors)]
+        span = max(tops) - min(tops) or 0.1
+        ax.set_ylim(min(tops) - 0.1 * span, max(tops) + 0.1 * span)
+        ax.set_xticks(range(len(ranks)), [str(r) for r in ranks])
+        ax.axhline(CHANCE_AUC, color="grey", linewidth=1)
+        ax.set_title(f"{dataset}, {model}, {_attack_title(label)}", fontsize="medium")
+        ax.grid(alpha=0.3, axis="y")
+    _label_outer(axes, len(cells), "LoRA rank", "membership AUC-ROC, final epoch")
+    return _finish_grid(figure, axes, len(cells), "LoRA placement and rank (bars from chance = 0.5; mean ± std over "
+                        "seeds)", path)
 
 
 def plot_roc(trials: list[Trial], dataset: str, model: str, variants: list[str], path: Path) -> Path | None:
@@ -310,7 +440,7 @@ def _duplication_panels(trials: list[Trial]) -> list[str]:
     return sorted(wanted, key=lambda k: (not k.startswith("extract/"), k != "extract/exact", k))
 
 
-def plot_duplication(trials: list[Trial], dataset: str, colors: dict, path: Path) -> Path | None:
+def plot_duplication(trials: list[Trial], dataset: str, styles: dict[str, MethodStyle], path: Path) -> Path | None:
     chosen = [t for t in trials if t.dataset == dataset and t.status == "success" and duplicate_metrics(t.final)]
     panels = _duplication_panels(chosen)
     if not panels:
@@ -319,12 +449,12 @@ def plot_duplication(trials: list[Trial], dataset: str, colors: dict, path: Path
     rows = math.ceil(len(panels) / cols)
     figure, axes = _figure(rows, cols)
     models = sorted({t.model for t in chosen})
-    styles = {model: ["-", "--", "-.", ":"][i % 4] for i, model in enumerate(models)}
+    model_styles = {model: ["-", "--", "-.", ":"][i % 4] for i, model in enumerate(models)}
     levels = sorted({c for t in chosen for c in duplicate_metrics(t.final)})
     for index, key in enumerate(panels):
         ax = axes[index // cols][index % cols]
         for model in models:
-            for variant in colors:
+            for variant, style in styles.items():
                 values: dict[int, list[float]] = defaultdict(list)
                 for t in chosen:
                     if (t.model, t.variant) == (model, variant):
@@ -334,8 +464,9 @@ def plot_duplication(trials: list[Trial], dataset: str, colors: dict, path: Path
                 if not values:
                     continue
                 copies = sorted(values)
-                ax.plot(copies, [np.mean(values[c]) for c in copies], marker="o", linestyle=styles[model],
-                        color=colors[variant], label=f"{variant}, {model}" if len(models) > 1 else variant)
+                line = {**style.line(), **({"linestyle": model_styles[model]} if len(models) > 1 else {})}
+                ax.plot(copies, [np.mean(values[c]) for c in copies], label=f"{variant}, {model}" if len(models) > 1
+                        else variant, **line)
         ax.set_xscale("log", base=2)
         _ticks_at(ax.xaxis, levels, [str(c) for c in levels])
         if key.startswith("mia/"):
@@ -373,9 +504,8 @@ def plot_counterfactual(trials: list[Trial], samples: dict[str, pd.DataFrame], d
     panels = sorted({(t.model, t.variant) for t in chosen})
     if not panels:
         return None
-    cols = min(4, len(panels))
-    rows = math.ceil(len(panels) / cols)
-    figure, axes = _figure(rows, cols, width=5.2)
+    figure, axes = _grid(len(panels), width=4.4, height=3.3)
+    cols = len(axes[0])
     rng = np.random.default_rng(0)  # the dots' horizontal jitter, the same on every report
     for index, (model, variant) in enumerate(panels):
         ax = axes[index // cols][index % cols]
@@ -425,7 +555,7 @@ def make_figures(trials: list[Trial], groups: list[Group], labels: list[str], si
                  figures_dir: Path) -> dict[str, FigureFile]:
     """Every figure the trials have data for, by key (the file's stem)."""
     variants = ordered_variants(groups)
-    colors = _colors(variants)
+    styles = method_styles(groups)
     models = sorted(sizes, key=lambda m: (sizes[m]["params"] or math.inf, m))
     recorded = [t for t in trials if t.epochs]
     datasets = sorted({t.dataset for t in recorded})
@@ -442,14 +572,14 @@ def make_figures(trials: list[Trial], groups: list[Group], labels: list[str], si
         for dataset in datasets:
             stem = f"auc_vs_epoch_{slug(dataset)}"
             add(stem, f"AUC vs epoch per method, {dataset}",
-                plot_auc_vs_epoch(recorded, dataset, labels, sizes, colors, file(stem)))
+                plot_auc_vs_epoch(recorded, dataset, labels, sizes, styles, file(stem)))
         for dataset in sorted({g.dataset for g in groups if g.finished}):
             stem = f"auc_vs_model_size_{slug(dataset)}"
             add(stem, f"AUC vs model size, {dataset}",
-                plot_auc_vs_model_size(groups, dataset, labels, sizes, colors, file(stem)))
+                plot_auc_vs_model_size(groups, dataset, labels, sizes, styles, file(stem)))
         if any(is_finite(t.final.get("val/ppl")) for t in recorded):
             add("ppl_vs_auc", "Validation perplexity vs AUC, one point per trial",
-                plot_ppl_vs_auc(recorded, labels, models, colors, file("ppl_vs_auc")))
+                plot_ppl_vs_auc(recorded, labels, models, styles, file("ppl_vs_auc")))
         add("lora_placement_rank", "LoRA placement and rank", plot_lora(groups, labels, file("lora_placement_rank")))
         for dataset in datasets:
             for model in models:
@@ -459,5 +589,5 @@ def make_figures(trials: list[Trial], groups: list[Group], labels: list[str], si
                     plot_roc(recorded, dataset, model, variants, file(stem)))
     for dataset in datasets:
         stem = f"duplication_{slug(dataset)}"
-        add(stem, f"Memorization vs duplication, {dataset}", plot_duplication(recorded, dataset, colors, file(stem)))
+        add(stem, f"Memorization vs duplication, {dataset}", plot_duplication(recorded, dataset, styles, file(stem)))
     return figures

@@ -68,18 +68,18 @@ def trial_output(trial_dir: Path) -> TextIO:
     and stderr, at the file-descriptor level (library warnings, DeepSpeed's and transformers'
     banners and bars, what W&B and Ray print as the process ends), is appended to
     `<trial_dir>/trial.log` instead of the console, unless VERBOSE_ENV is "1". Returns the
-    console's stream, for memray's own lines."""
+    stream for memray's own lines: the console with -v, else the log (the driver's screen
+    shows every epoch, `memray.sweep.console`)."""
     if os.environ.get(VERBOSE_ENV) == "1":
         return sys.stderr
     trial_dir.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
-    console = os.fdopen(os.dup(2), "w", buffering=1)
     log = os.open(trial_dir / TRIAL_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(log, 1)
     os.dup2(log, 2)
     os.close(log)
-    return console
+    return sys.stderr
 
 
 def run_and_finish(run: "WandbTrial", mirror: "TrialMirror | None", trial_dir: Path,

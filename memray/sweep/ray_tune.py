@@ -7,7 +7,10 @@ that imports Ray (inside its functions, so that `import memray.sweep` stays ligh
   the trial's W&B run. A cell whose resource rule has
   `workers > 1` starts a Ray Train job from that function instead (`ray_train`);
 - connecting to Ray (a local Ray, or a cluster), the Tuner, its restore;
-- `memray run / resume` and the dry run (`run_sweep`, `resume_sweep`, `dry_run_text`).
+- `memray run / resume` and the dry run (`run_sweep`, `resume_sweep`, `dry_run_text`);
+  what they show while trials run is `console.SweepScreen`, fed by a Tune callback here:
+  Ray Tune's own output, Ray's INFO logs and the trials' processes' output only with `-v`
+  (`VERBOSE_ENV`).
 
 The trial folder is the source of truth: a retried or resumed trial finds its own
 `result.json` and checkpoints there and continues from its last epoch.
@@ -28,10 +31,21 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from memray.config import MODEL_ALIASES, ConfigError, resolve_wandb_mode
-from memray.results import STATE_FILE, SWEEP_FILE, TRIALS_DIR, TUNE_DIR, TrialRecord, read_result, trial_names
+from memray.results import (
+    RESULT_FILE,
+    STATE_FILE,
+    SWEEP_FILE,
+    TRIALS_DIR,
+    TUNE_DIR,
+    TrialRecord,
+    read_result,
+    trial_names,
+)
+from memray.sweep.console import SweepScreen
 from memray.sweep.context import (
     DEFAULT_MAX_FAILURES,
     EPOCH_HOOK_ENV,
+    VERBOSE_ENV,
     SweepContext,
     epoch_hook,
     run_and_finish,
@@ -80,8 +94,6 @@ def run_cell(params: dict[str, Any], context: SweepContext) -> None:
 def _run_cell(index: int, context: SweepContext, trial_dir: Path) -> None:
     from ray import tune
 
-    from memray.trial import epoch_line, run_trial
-
     cell, trial_name = context.cells[index], context.trial_names[index]
     mirror = TrialMirror(context.folder, trial_name, trial_dir) if context.folder.is_uri else None
     if mirror:
@@ -98,8 +110,11 @@ def _run_cell(index: int, context: SweepContext, trial_dir: Path) -> None:
         run_workers(index, rule, context)
         return
     # from here on the process's output goes to the trial's log (never for a finished
-    # trial: its folder stays as it was)
+    # trial: its folder stays as it was); so do memray's epoch lines, but with -v (the driver
+    # shows every epoch on its screen)
     console = trial_output(trial_dir)
+    from memray.trial import epoch_line, run_trial  # after: transformers prints as it is imported
+
     run = WandbTrial.start(context.wandb, cell, trial_name, Path(context.local_root))
     run.replay(done.get("epochs") or [])  # what an earlier attempt recorded but W&B lost
 
@@ -130,20 +145,31 @@ def _run_cell(index: int, context: SweepContext, trial_dir: Path) -> None:
     run_and_finish(run, mirror, trial_dir, trial)
 
 
+def _verbose() -> bool:
+    """`memray run / resume -v`: Ray Tune's own tables, Ray's logs and the trials' output."""
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
 def _connect(address: str | None, num_cpus: int | None) -> bool:
     """Start a local Ray (address None) or join a cluster; True if this call started it.
     A Ray already initialized in this process (a notebook, a test) is used as it is, and
-    RAY_ADDRESS (set by `ray job submit`) counts as an address."""
+    RAY_ADDRESS (set by `ray job submit`) counts as an address. Without -v, Ray's INFO logs
+    (its start-up lines) and the workers' output stay out of the console (in Ray's logs
+    and each trial's trial.log)."""
     import ray
 
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
+    verbose = _verbose()
+    quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
+    if not verbose:  # a note on every start that token authentication is on (the default): not a problem
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     if address is None:
         # address="local": always a fresh local Ray, never a cluster `ray start` left running
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False)
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **quiet)
     else:
-        ray.init(address=address)
+        ray.init(address=address, **quiet)
     return True
 
 
@@ -188,6 +214,8 @@ def _trainable(context: SweepContext, plan: SweepPlan) -> Any:
                                resources=lambda config: groups[int(config["cell"])])
 
 
+NEW_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"  # Tune's choice of output engine, read as a run starts
+
 #: `memray run / resume`'s exit code when Ctrl-C (or SIGTERM) stopped the sweep, as a shell's.
 INTERRUPTED = 130
 
@@ -201,14 +229,19 @@ def _interrupted_line(folder: SweepFolder, code: int) -> None:
 
 class _TuneMessages(logging.Filter):
     """Drops Ray Tune's messages that mislead a memray user (its restore hint, the metrics
-    of trials stopped before their first report) and notes whether Ctrl-C stopped the run."""
+    of trials stopped before their first report) and notes whether Ctrl-C stopped the run.
+    `quiet` (no -v) also drops its reports of failed trials (a traceback each, and a list at
+    the end): the screen has a line per failure with its reason, the traceback is in Tune's
+    error file of the trial (`tune/cellNNNN/error.txt` in the sweep folder)."""
 
     DROPPED = ("Stop signal received", "has been interrupted", "Failed to fetch metrics", "Could not fetch metrics")
-    LOGGERS = ("ray.tune.tune", "ray.tune.analysis.experiment_analysis")
+    DROPPED_QUIET = ("Trial task failed for trial", "Trials did not complete")
+    LOGGERS = ("ray.tune.tune", "ray.tune.analysis.experiment_analysis", "ray.tune.execution.tune_controller")
 
-    def __init__(self) -> None:
+    def __init__(self, quiet: bool = False) -> None:
         super().__init__()
         self.interrupted = False
+        self.dropped = self.DROPPED + (self.DROPPED_QUIET if quiet else ())
         for name in self.LOGGERS:
             logging.getLogger(name).addFilter(self)
 
@@ -216,11 +249,56 @@ class _TuneMessages(logging.Filter):
         message = record.getMessage()
         if message.startswith("Stop signal received"):
             self.interrupted = True
-        return not any(text in message for text in self.DROPPED)
+        return not any(text in message for text in self.dropped)
 
     def remove(self) -> None:
         for name in self.LOGGERS:
             logging.getLogger(name).removeFilter(self)
+
+
+def _screen(context: SweepContext) -> SweepScreen:
+    """The sweep's console screen, with the state and last epoch of every trial the sweep
+    folder already holds (a resume)."""
+    known = {}
+    for index, name in context.trial_names.items():
+        text = context.folder.read_text(TRIALS_DIR, name, RESULT_FILE)
+        if text:
+            known[index] = json.loads(text)
+    return SweepScreen(context.name, context.trial_names, {i: c.config for i, c in context.cells.items()}, known)
+
+
+def _failure(context: SweepContext, trial: Any) -> tuple[str, str | None]:
+    """(state, reason) of a trial Tune saw fail: as its result.json says (failed,
+    interrupted), else `failed` with the last line of Tune's error file."""
+    result = read_result(Path(context.local_root) / TRIALS_DIR / context.trial_names[int(trial.config["cell"])]) or {}
+    if result.get("status") in ("failed", "interrupted") and result.get("reason"):
+        return result["status"], result["reason"]
+    error = trial.error_file
+    lines = Path(error).read_text().strip().splitlines() if error and Path(error).is_file() else []
+    return "failed", lines[-1] if lines else None
+
+
+def _screen_callback(screen: SweepScreen, context: SweepContext) -> Any:
+    """A Tune callback that hands the driver's trial events to `screen`."""
+    from ray import tune
+
+    class ScreenEvents(tune.Callback):
+        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            screen.started(int(trial.config["cell"]))
+
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+            screen.epoch(int(trial.config["cell"]), result)
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            screen.ended(int(trial.config["cell"]), "success")
+
+        def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            screen.ended(int(trial.config["cell"]), "retrying", _failure(context, trial)[1])
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            screen.ended(int(trial.config["cell"]), *_failure(context, trial))
+
+    return ScreenEvents()
 
 
 def settle_states(context: SweepContext, state: str) -> list[str]:
@@ -257,6 +335,8 @@ def _fit(folder: SweepFolder, plan: SweepPlan, state: dict[str, Any], max_failur
     context = _context(folder, plan, state, max_failures)
     settle_states(context, "lost")  # `running` with no driver alive: its processes died with it
     trainable = _trainable(context, plan)
+    verbose = _verbose()
+    screen = None if verbose else _screen(context)
     # Tune snapshots its state at every checkpoint (URI storage) and warns when that is
     # frequent; with epochs of seconds (the demo) that is expected, not a bottleneck
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -278,31 +358,66 @@ def _fit(folder: SweepFolder, plan: SweepPlan, state: dict[str, Any], max_failur
                 # URI storage only (see run_cell): the last two, as the experiment state a killed
                 # driver left may name the one before the last
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                verbose=1,  # Tune's status table; each epoch is memray's one line per trial, not a metrics dump
             ),
         )
+    # Tune's status tables with -v alone, else memray's screen. Set on the Tuner after it has
+    # pickled its state (tuner.pkl), as the screen is no state to keep (it holds a terminal
+    # and a lock), and after a restore, whose RunConfig is the pickled one
+    run_config = tuner._local_tuner._run_config
+    run_config.verbose = 1 if verbose else 0
+    run_config.callbacks = [] if screen is None else [_screen_callback(screen, context)]
     write_driver(folder)
-    messages = _TuneMessages()
+    messages = _TuneMessages(quiet=screen is not None)
     completer = Completer(context).start()  # lira / rmia of targets whose reference models have finished
     interrupted, errors = False, True
+    if screen is not None:
+        screen.start()
     try:
-        errors = bool(tuner.fit().errors)
+        with _tune_output(verbose):
+            errors = bool(tuner.fit().errors)
         interrupted = messages.interrupted
     except KeyboardInterrupt:
         interrupted = True
     finally:
         messages.remove()
-        settle_states(context, "interrupted" if interrupted else "lost")
+        settled = settle_states(context, "interrupted" if interrupted else "lost")
+        if screen is not None:
+            for index, name in context.trial_names.items():
+                if name in settled:
+                    screen.ended(index, "interrupted" if interrupted else "lost")
+            screen.stop()
         completer.stop()
         complete_wandb(context)
         clear_driver(folder)
-    print(sweep_status(folder.location))
-    print(_where_text(folder, context))
+    if screen is None:
+        print(sweep_status(folder.location))
+        print("\n".join(_where_lines(folder, context)))
+    else:  # the sweep's last line
+        print(f"[memray] {screen.summary()}; " + "; ".join(_where_lines(folder, context)), flush=True)
     return INTERRUPTED if interrupted else 1 if errors else 0
 
 
-def _where_text(folder: SweepFolder, context: SweepContext) -> str:
-    lines = [f"results: {folder.path(TRIALS_DIR)}/<trial>/ (result.json, scores/, checkpoints/)"]
+@contextlib.contextmanager
+def _tune_output(verbose: bool) -> Iterator[None]:
+    """Without -v, Tune's older output engine for the body: at verbosity 0 it prints
+    nothing, where the newer one still prints its experiment box, paths and a blank line."""
+    if verbose:
+        yield
+        return
+    before = os.environ.get(NEW_OUTPUT_ENV)
+    os.environ[NEW_OUTPUT_ENV] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(NEW_OUTPUT_ENV)
+        else:
+            os.environ[NEW_OUTPUT_ENV] = before
+
+
+def _where_lines(folder: SweepFolder, context: SweepContext) -> list[str]:
+    lines = [f"results: {folder.path(TRIALS_DIR)}/<trial>/ (result.json, scores/, checkpoints/; "
+             f"`memray status {folder}`, `memray report {folder}`)"]
     mode = context.wandb.mode
     if mode == "offline":
         lines.append(f"W&B: offline runs in {Path(context.local_root) / 'wandb'}; upload with "
@@ -312,7 +427,7 @@ def _where_text(folder: SweepFolder, context: SweepContext) -> str:
         lines.append(f"W&B: project {entity}{context.wandb.project}, group {context.wandb.group}")
     else:
         lines.append("W&B: disabled")
-    return "\n".join(lines)
+    return lines
 
 
 def dry_run_text(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] | None = None,

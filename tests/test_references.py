@@ -210,7 +210,8 @@ def test_a_sweep_trains_reference_models_as_trials_and_completes_its_targets(tmp
     for target in (0, 1):
         result, labels = results[target], ("rmia", "rmia-offline") + (("lira", "lira-offline") if target == 0 else ())
         assert result["reference_models"]["folders"] == expected_folders
-        for row in result["epochs"]:
+        assert not any(key.startswith("mia/rmia") for key in result["epochs"][0])  # epoch 0: the base model
+        for row in result["epochs"][1:]:
             epoch = row["epoch"]
             scores = pd.read_parquet(dirs[target] / "scores" / f"epoch_{epoch:03d}.parquet")
             refs = [pd.read_parquet(dirs[i] / "scores" / f"epoch_{epoch:03d}.parquet").set_index("sample_id")
@@ -232,7 +233,9 @@ def test_a_sweep_trains_reference_models_as_trials_and_completes_its_targets(tmp
         assert sorted(late) == [1, 2]  # epoch 0 (the base model) has none
         assert all(late[e]["mem/counterfactual/mean"] == pytest.approx(result["epochs"][e]["mem/counterfactual/mean"])
                    for e in late)
-        assert any("mem/counterfactual/top" in row for row in rows)  # the top samples' table
+        # the table of the samples of highest counterfactual memorization, against the last epoch
+        tables = [row for row in rows if "mem/counterfactual/top/nrows" in row]
+        assert [(row["reference_epoch"], row["mem/counterfactual/top/nrows"]) for row in tables] == [(2, 20)]
         assert all(late[e]["mia/rmia/auc"] == pytest.approx(result["epochs"][e]["mia/rmia/auc"]) for e in late)
         # the epochs themselves, once each (the late rows carry their epoch as reference_epoch)
         assert sorted(row["epoch"] for row in rows if "epoch" in row) == [0, 1, 2]

@@ -42,8 +42,16 @@ def test_a_name_cannot_be_registered_twice():
 def test_a_spec_whose_schema_has_another_name_is_refused():
     spec = methods.METHODS["lora"]
     with pytest.raises(ValueError, match="method 'lora2': its config's name defaults to 'lora'"):
-        methods.register(methods.MethodSpec("lora2", spec.config, spec.apply, 1e-3, 2.5, True))
+        methods.register(methods.MethodSpec("lora2", spec.config, spec.apply, 1e-3, 2.5, True, "parameter"))
     assert "lora2" not in methods.METHODS
+
+
+def test_every_method_has_a_family_and_an_unknown_family_is_refused():
+    families = {name: methods.METHODS[name].family for name in methods.METHODS}
+    assert set(families.values()) == set(methods.FAMILIES)  # both sides of the findings' comparison exist
+    spec = methods.METHODS["lora"]
+    with pytest.raises(ValueError, match="method 'lora': family 'adapter' is not one of parameter, prompt"):
+        methods.register(methods.MethodSpec("lora", spec.config, spec.apply, 1e-3, 2.5, True, "adapter"))
 
 
 @pytest.fixture

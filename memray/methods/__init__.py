@@ -2,7 +2,7 @@
 
 Each method is one module of this package holding its config section (a `MethodSchema`
 subclass: the keys a user writes under `method:`), the function that applies it, and one
-`register(MethodSpec(...))` line with its default learning rate and planning cost. Every
+`register(MethodSpec(...))` line with its default learning rate, planning cost and family. Every
 module here whose name does not start with `_` is imported below, so a new method is a new
 file: the trial schema (`memray.config`), the sweep's planning, `memray bench` and the CLI
 take their lists from `METHODS`. PEFT does the work where it can.
@@ -53,6 +53,12 @@ class MethodSchema(Schema):
         return self.name  # type: ignore[attr-defined]
 
 
+#: Method families in the taxonomy of Hou et al. 2025 (arXiv 2507.00258): "parameter"-based
+#: methods change or add weights inside the model (full, head, LoRA, (IA)³); "prompt"-based
+#: ones train virtual tokens or prefixes in front of the input and leave the model as it was
+#: (prefix, prompt, P-tuning). The report's findings compare the two.
+FAMILIES: tuple[str, ...] = ("parameter", "prompt")
+
 #: f(model, method config, source) -> (model to train, what is trained in words, virtual tokens)
 Apply = Callable[["PreTrainedModel", Any, str], "tuple[torch.nn.Module, str, int]"]
 #: f(model skeleton on the meta device, method config, source): raise ConfigError if it does not fit
@@ -72,6 +78,7 @@ class MethodSpec:
     # when the backward stops early or skips weight gradients; the sweep orders trials by it
     train_pass_cost: float
     peft: bool  # True: checkpoints hold adapter weights only
+    family: str  # one of FAMILIES
     check: Check | None = None  # pre-flight on the model's skeleton; None: fits every causal LM
 
 
@@ -79,10 +86,13 @@ METHODS: Registry[MethodSpec] = Registry("method")
 
 
 def register(spec: MethodSpec) -> MethodSpec:
-    """Add a method; ValueError if its name is taken or its schema's `name` differs."""
+    """Add a method; ValueError if its name is taken, its schema's `name` differs or its
+    family is not one of FAMILIES."""
     declared = spec.config.model_fields["name"].default
     if declared != spec.name:
         raise ValueError(f"method {spec.name!r}: its config's name defaults to {declared!r}")
+    if spec.family not in FAMILIES:
+        raise ValueError(f"method {spec.name!r}: family {spec.family!r} is not one of {', '.join(FAMILIES)}")
     return METHODS.add(spec.name, spec)
 
 
@@ -145,5 +155,5 @@ def _import_units() -> None:
 
 _import_units()
 
-__all__ = ["METHODS", "ConfigError", "MethodInfo", "MethodSchema", "MethodSpec", "apply_method",
+__all__ = ["FAMILIES", "METHODS", "ConfigError", "MethodInfo", "MethodSchema", "MethodSpec", "apply_method",
            "check_method", "default_lr", "register"]

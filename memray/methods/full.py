@@ -24,4 +24,4 @@ def apply(model: "PreTrainedModel", method: FullMethod, source: str) -> "tuple[t
 
 # 5e-5: full fine-tuning moves every pretrained weight, so it takes the usual small step
 # for fine-tuning; a training pass costs 3 forward passes (activation and weight gradients).
-register(MethodSpec("full", FullMethod, apply, default_lr=5e-5, train_pass_cost=3.0, peft=False))
+register(MethodSpec("full", FullMethod, apply, default_lr=5e-5, train_pass_cost=3.0, peft=False, family="parameter"))

@@ -68,4 +68,4 @@ def apply(model: "PreTrainedModel", method: LoraMethod, source: str) -> "tuple[t
 
 # 2e-4: B starts at zero and the update is scaled by alpha/r; the rate Hu et al. 2021 used
 # for GPT-2. The frozen body still needs activation gradients, not weight gradients.
-register(MethodSpec("lora", LoraMethod, apply, default_lr=2e-4, train_pass_cost=2.5, peft=True, check=check))
+register(MethodSpec("lora", LoraMethod, apply, default_lr=2e-4, train_pass_cost=2.5, peft=True, family="parameter", check=check))

@@ -34,4 +34,4 @@ def apply(model: "PreTrainedModel", method: PrefixMethod, source: str) -> "tuple
 # 1e-3: a few thousand fresh parameters that must travel far from their init; lower than
 # PEFT's soft-prompt guides (up to 3e-2) because a trial runs many epochs and the raw prefix
 # without its MLP is known to be unstable (Li & Liang 2021).
-register(MethodSpec("prefix", PrefixMethod, apply, default_lr=1e-3, train_pass_cost=2.5, peft=True))
+register(MethodSpec("prefix", PrefixMethod, apply, default_lr=1e-3, train_pass_cost=2.5, peft=True, family="prompt"))

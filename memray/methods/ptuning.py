@@ -34,4 +34,4 @@ def apply(model: "PreTrainedModel", method: PtuningMethod, source: str) -> "tupl
 
 
 # 1e-3: like prefix tuning, fresh parameters behind an encoder that smooths their updates.
-register(MethodSpec("ptuning", PtuningMethod, apply, default_lr=1e-3, train_pass_cost=2.5, peft=True))
+register(MethodSpec("ptuning", PtuningMethod, apply, default_lr=1e-3, train_pass_cost=2.5, peft=True, family="prompt"))

@@ -11,6 +11,8 @@ import json
 import math
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +57,25 @@ def test_planning_reads_a_gguf_files_size_from_its_tensor_table(tmp_path):
     assert gguf_bases.parameter_count(path) == elements
     config = validate_trial({"model": {"name": str(path)}}, "test")
     assert approx_params(config) == elements  # not UNKNOWN_PARAMS (7B) as for other local paths
+
+
+def test_trials_starting_together_convert_a_file_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEMRAY_GGUF_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path)
+    written = []
+
+    def slow_write(source: Path, folder: Path) -> dict:
+        written.append(folder)
+        time.sleep(0.5)  # long enough for the other caller to arrive while this one converts
+        (folder / "config.json").write_text("{}")
+        return {"gguf": str(source)}
+
+    monkeypatch.setattr(gguf_bases, "_write_checkpoint", slow_write)
+    with ThreadPoolExecutor(2) as pool:
+        folders = list(pool.map(lambda _: gguf_bases.convert(path), range(2)))
+    assert len(written) == 1 and folders[0] == folders[1] == gguf_bases.converted_path(path)
+    assert (folders[0] / "gguf.json").is_file() and not list(folders[0].parent.glob(".*"))  # no half-written folder
 
 
 def test_a_gguf_path_or_alias_is_a_model_name_and_has_no_revision():

@@ -232,13 +232,19 @@ def convert(path: Path) -> Path:
     with FileLock(str(folder) + ".lock"):
         if (folder / "gguf.json").is_file():
             return folder
+        for stale in folder.parent.glob(f".{folder.name}-*"):  # a killed converter's (the lock is ours now)
+            shutil.rmtree(stale, ignore_errors=True)
         print(f"[memray] converting {path} to a checkpoint folder (once; cached in {folder})", file=sys.stderr)
         started = time.perf_counter()
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
-        record = _write_checkpoint(path, tmp)
-        record["seconds"] = round(time.perf_counter() - started, 1)
-        (tmp / "gguf.json").write_text(json.dumps(record, indent=2) + "\n")
-        if folder.exists():  # a half-written folder of a killed converter
+        try:
+            record = _write_checkpoint(path, tmp)
+            record["seconds"] = round(time.perf_counter() - started, 1)
+            (tmp / "gguf.json").write_text(json.dumps(record, indent=2) + "\n")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # half a model (540 MB for the packaged one)
+            raise
+        if folder.exists():  # a folder without gguf.json: not one this function finished
             shutil.rmtree(folder)
         os.replace(tmp, folder)
     return folder

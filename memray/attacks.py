@@ -12,12 +12,14 @@ torch, so the config can be validated before anything heavy loads.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from memray import reference_attacks
+from memray.reference_attacks import ReferenceScorer
 from memray.registry import Registry
 
 if TYPE_CHECKING:
@@ -38,20 +40,26 @@ class AttackSpec:
     needs_reference: bool = False  # reads the reference model's statistics
     needs_vocab_stats: bool = False  # reads the vocabulary mean / std of log-probs per position
     # scored from reference models trained on halves of the audit pool (memray.references),
-    # not from one sample's statistics; `score` is then never called
-    needs_reference_models: bool = False
+    # not from one sample's statistics (`score` is then never called): label suffix -> its
+    # scorer, e.g. {"": online, "-offline": offline}, one metric label `<name><suffix>` each
+    reference_scorers: Mapping[str, ReferenceScorer] = field(default_factory=dict)
+
+    @property
+    def needs_reference_models(self) -> bool:
+        return bool(self.reference_scorers)
 
 
 ATTACKS: Registry[AttackSpec] = Registry("attack")
 
 
 def attack(name: str, default_k: float | None = None, needs_reference: bool = False,
-           needs_vocab_stats: bool = False, needs_reference_models: bool = False) -> Callable[[AttackFn], AttackFn]:
+           needs_vocab_stats: bool = False,
+           reference_scorers: Mapping[str, ReferenceScorer] | None = None) -> Callable[[AttackFn], AttackFn]:
     """Register an attack under the name the config uses; ValueError if the name is taken."""
 
     def register(function: AttackFn) -> AttackFn:
         ATTACKS.add(name, AttackSpec(name, function, default_k, needs_reference, needs_vocab_stats,
-                                     needs_reference_models))
+                                     dict(reference_scorers or {})))
         return function
 
     return register
@@ -177,8 +185,11 @@ def _from_reference_models(config: AttackConfig, target: TokenStats, text: str, 
     raise ValueError(f"attack {config.name!r} is scored from reference models (memray.references), not per sample")
 
 
-# LiRA and RMIA: their scores come from memray.reference_attacks once the reference models of
-# `references` (AttackConfig) are trained; registered here so that configs, the schema and the
-# CLI know them like every other attack
-attack("lira", needs_reference_models=True)(_from_reference_models)
-attack("rmia", needs_reference_models=True)(_from_reference_models)
+# LiRA and RMIA: their scores come from reference models trained like the target
+# (`references` of AttackConfig), each metric label from its own scorer of
+# memray.reference_attacks once the references are trained; registered here so that configs,
+# the schema and the CLI know them like every other attack
+attack("lira", reference_scorers={"": reference_attacks.lira_score,
+                                  "-offline": reference_attacks.lira_offline_score})(_from_reference_models)
+attack("rmia", reference_scorers={"": reference_attacks.rmia_score,
+                                  "-offline": reference_attacks.rmia_offline_score})(_from_reference_models)

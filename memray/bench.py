@@ -250,7 +250,7 @@ def memray_scores(model: nn.Module, token_ids: list[list[int]], texts: list[str]
                   attack_configs: list[AttackConfig], batch_size: int, vocab_chunk: int) -> dict[str, np.ndarray]:
     """Attack scores from memray's scorer, on the model as a trial loads it: one batched
     pass for every attack's statistics."""
-    need_vocab_stats = any(config.name == "mink++" for config in attack_configs)
+    need_vocab_stats = any(attacks.ATTACKS[config.name].needs_vocab_stats for config in attack_configs)
     with as_trials_load_it(model):
         stats = scoring.score_tokens(model, token_ids, batch_size=batch_size, vocab_chunk=vocab_chunk,
                                      need_vocab_stats=need_vocab_stats)

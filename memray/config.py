@@ -29,6 +29,7 @@ from memray.attacks import ATTACK_RULES
 from memray.attacks import ATTACKS as ATTACK_REGISTRY
 from memray.gguf_bases import PACKAGED as GGUF_ALIASES, is_gguf
 from memray.methods import METHODS as METHOD_REGISTRY
+from memray.reference_attacks import MIN_REFERENCES, reference_seed
 from memray.schema import ConfigError, Schema
 
 # ---------------------------------------------------------------------------------------
@@ -255,12 +256,19 @@ class TrainConfig(Schema):
 #: Reference models of lira / rmia when an attack entry does not say (LiRA is strong from
 #: 16 up, RMIA from 2-4; 8 keeps the cost at 8 trials per target)
 DEFAULT_REFERENCES = 8
+#: How a reference model is trained from its target's config, part of every reference's
+#: trial id. Trial ids hold what a trial trains and measures from its own weights (the
+#: per-sample attack rules, `ATTACK_RULES`, included); the reference attacks' own rules
+#: (`memray.reference_attacks.REFERENCE_RULES`) are not in any id: a change of them rescores
+#: targets from their per-sample files and retrains nothing, so old sweep folders resume.
+REFERENCE_RECIPE = ("its half of the audit pool (target's copies) topped up to the target's training-set size "
+                    "from samples outside the pool (unscored members first), no canaries, its own seed")
 
 
 class AttackConfig(Schema):
     name: str  # a registered attack (memray.attacks.ATTACKS)
     k: float | None = Field(None, gt=0, le=1)  # mink / mink++: share of lowest-scoring tokens
-    references: int | None = Field(None, ge=2)  # lira / rmia: reference models trained on halves of the audit pool
+    references: int | None = None  # lira / rmia: reference models trained on halves of the audit pool (even, >= 4)
 
     @field_validator("name")
     @classmethod
@@ -268,6 +276,14 @@ class AttackConfig(Schema):
         if name not in ATTACK_REGISTRY:
             raise ValueError(f"{name!r} is not one of {', '.join(ATTACK_REGISTRY)}")
         return name
+
+    @field_validator("references")
+    @classmethod
+    def _enough_references(cls, references: int | None) -> int | None:
+        if references is not None and (references < MIN_REFERENCES or references % 2):
+            raise ValueError(f"lira and rmia need an even number of at least {MIN_REFERENCES} reference models "
+                             f"(each audit sample in exactly half: two in and two out), not {references}")
+        return references
 
     @model_validator(mode="after")
     def _k(self) -> "AttackConfig":
@@ -292,9 +308,10 @@ class AttackConfig(Schema):
 
     @property
     def labels(self) -> list[str]:
-        """The labels of the metrics the attack fills: lira and rmia (scored from reference
-        models) also their offline variant, `lira-offline`."""
-        return [self.label, f"{self.label}-offline"] if self.references is not None else [self.label]
+        """The labels of the metrics the attack fills: one per reference scorer of an attack
+        scored from reference models (`lira`, `lira-offline`), else its label."""
+        scorers = ATTACK_REGISTRY[self.name].reference_scorers
+        return [self.label + suffix for suffix in scorers] if scorers else [self.label]
 
 
 #: Samples per scoring pass when `eval.batch_size` is left unset: a GPU needs wide batches
@@ -372,11 +389,14 @@ CHANGED_DEFAULTS: dict[tuple[str, str], tuple[Any, Any]] = {
 
 class ReferenceConfig(Schema):
     """Set on a reference model of lira / rmia: reference `index` of `of`, trained like its
-    target (this config less `reference`) on half `index` of the target's audit pool
-    (`memray.reference_attacks.half_masks`), scoring the whole pool every epoch."""
+    target (this config less `reference`: the split and audit pool stay keyed on its seed)
+    on half `index` of the target's audit pool (`memray.reference_attacks.half_masks`),
+    topped up to the target's training-set size, scoring the whole pool every epoch; with
+    `seed` its own, for initialization and data order (`memray.references.reference_seed`)."""
 
     index: int = Field(ge=0)
-    of: int = Field(ge=2)
+    of: int = Field(ge=MIN_REFERENCES)
+    seed: int
 
     @model_validator(mode="after")
     def _index_in_range(self) -> "ReferenceConfig":
@@ -415,6 +435,12 @@ class TrialConfig(Schema):
     def reference_models(self) -> int:
         """How many reference models this trial's attacks need (0: none)."""
         return max((a.references for a in self.attacks if a.references is not None), default=0)
+
+    def reference_sections(self) -> list[ReferenceConfig]:
+        """The `reference` section of each reference model this trial's attacks need, each
+        with its own seed (`memray.reference_attacks.reference_seed`)."""
+        count = self.reference_models()
+        return [ReferenceConfig(index=i, of=count, seed=reference_seed(self.seed, i)) for i in range(count)]
 
     @model_validator(mode="after")
     def _extraction_fits(self) -> "TrialConfig":
@@ -462,6 +488,8 @@ class TrialConfig(Schema):
         payload["attack_rules"] = ATTACK_RULES
         if payload["reference"] is None:
             del payload["reference"]  # targets and plain trials: ids as before the section existed
+        else:  # how a reference is trained from its target's data: a change of it is a new reference
+            payload["reference_recipe"] = REFERENCE_RECIPE
         for attack in payload["attacks"]:
             if attack.get("references") is None:
                 del attack["references"]  # attacks other than lira / rmia: ids as before the key existed

@@ -121,15 +121,7 @@ def load_split(data: DataConfig, seed: int, tokenizer: Any, source: str = "confi
     inputs always give the same split. Raises ConfigError when the data cannot be loaded or
     holds too few samples for the requested sizes.
     """
-    split_seed = data.split_seed if data.split_seed is not None else seed
-    pool = REGISTRY[data.dataset].pool(data, tokenizer, source)
-    members = data.members or _default_members(data, pool)
-    nonmembers = data.nonmembers or members
-    if pool.size < members + nonmembers + 1:
-        raise _too_few(data, pool.label, pool.size, members, nonmembers, source)
-
-    rng = np.random.default_rng(split_seed % 2**64)  # numpy takes no negative seeds
-    drawn = _draw(pool, rng.permutation(pool.size), members + nonmembers + data.validation)
+    pool, members, nonmembers, rng, drawn = _walk(data, seed, tokenizer, source, 0)
     if len(drawn) < members + nonmembers + 1:
         raise _too_few(data, pool.label, len(drawn), members, nonmembers, source)
     validation = len(drawn) - members - nonmembers
@@ -142,6 +134,30 @@ def load_split(data: DataConfig, seed: int, tokenizer: Any, source: str = "confi
     member_samples = [Sample(i, t, c) for (i, t), c in zip(drawn[:members], copies)]
     held_out = [Sample(i, t, 0) for i, t in drawn[members:]]
     return _split(member_samples, held_out[:nonmembers], held_out[nonmembers:], pool.origin)
+
+
+def _walk(data: DataConfig, seed: int, tokenizer: Any, source: str,
+          beyond: int) -> tuple[_Pool, int, int, np.random.Generator, list[tuple[str, str]]]:
+    """The seeded walk of `load_split`: (pool, members, non-members, the generator as the
+    walk leaves it, the samples drawn), drawing `beyond` more after the validation samples."""
+    split_seed = data.split_seed if data.split_seed is not None else seed
+    pool = REGISTRY[data.dataset].pool(data, tokenizer, source)
+    members = data.members or _default_members(data, pool)
+    nonmembers = data.nonmembers or members
+    if pool.size < members + nonmembers + 1:
+        raise _too_few(data, pool.label, pool.size, members, nonmembers, source)
+    rng = np.random.default_rng(split_seed % 2**64)  # numpy takes no negative seeds
+    drawn = _draw(pool, rng.permutation(pool.size), members + nonmembers + data.validation + beyond)
+    return pool, members, nonmembers, rng, drawn
+
+
+def spare_samples(data: DataConfig, seed: int, tokenizer: Any, count: int, source: str = "config") -> list[Sample]:
+    """Up to `count` samples of the dataset outside the split `load_split` draws from the
+    same arguments: the next ones of its seeded walk after the validation samples (none
+    when the pool ran out before them), each with copies 1."""
+    _, members, nonmembers, _, drawn = _walk(data, seed, tokenizer, source, count)
+    used = members + nonmembers + data.validation
+    return [Sample(i, t, 1) for i, t in drawn[used:]]
 
 
 # ---------------------------------------------------------------------------------------
@@ -227,15 +243,70 @@ def _split(members: list[Sample], nonmembers: list[Sample], validation: list[Sam
     return Split(members, nonmembers, validation, digest, origin)
 
 
-def audit_half(split: Split, pool: list[Sample], in_half: Sequence[bool]) -> Split:
-    """The split of a reference model of lira / rmia: the pool samples `in_half` marks are
-    its members (each at least once, duplicated ones as often as in the target), the others
-    its non-members; validation and origin as the target's."""
+@dataclass(frozen=True)
+class ReferenceData:
+    """What a reference model of lira / rmia trains on: its split (members: its half of the
+    audit pool, then the top-up) and how that was made up, for result.json."""
+
+    split: Split
+    pool_in: int  # audit-pool samples it trains on: the first pool_in of split.members
+    composition: dict[str, int]
+
+
+def reference_split(split: Split, pool: list[Sample], in_half: Sequence[bool], texts: int, seed: int,
+                    more: Callable[[int], list[Sample]], source: str = "config") -> ReferenceData:
+    """The data of a reference model of lira / rmia, trained like its target.
+
+    split: the target's split; pool: its audit pool (scored members, then scored
+    non-members); in_half: which pool samples this reference trains on
+    (`memray.reference_attacks.half_masks`); texts: the target's training texts
+    (duplicates and canary copies counted); seed: the reference's own seed, which orders
+    the top-up; more(count): up to count samples of the dataset outside the split
+    (`spare_samples`), asked for only when the target's own samples do not suffice.
+
+    Its members are its half of the pool (a target member with the target's copies, a
+    target non-member once), then samples outside the pool up to `texts` training texts:
+    the target's unscored members first (with their copies), then its unscored
+    non-members, then `more`, each in an order seeded by `seed`; the last one's copies are
+    cut to land on `texts` exactly. Its non-members are the rest of the pool; validation
+    and origin are the target's. Raises ConfigError naming the sizes when the half alone
+    exceeds `texts` or the dataset cannot supply the top-up.
+    """
     if len(pool) != len(in_half):
         raise ValueError(f"{len(in_half)} in/out flags for an audit pool of {len(pool)} samples")
-    members = [dataclasses.replace(s, copies=max(s.copies, 1)) for s, keep in zip(pool, in_half) if keep]
-    nonmembers = [dataclasses.replace(s, copies=0) for s, keep in zip(pool, in_half) if not keep]
-    return _split(members, nonmembers, split.validation, split.origin)
+    inside = [dataclasses.replace(s, copies=max(s.copies, 1)) for s, keep in zip(pool, in_half) if keep]
+    outside = [dataclasses.replace(s, copies=0) for s, keep in zip(pool, in_half) if not keep]
+    half_texts = sum(s.copies for s in inside)
+    if half_texts > texts:
+        raise ConfigError(source, "data.nonmembers",
+                          f"a reference model of lira / rmia trains on half of the audit pool, {len(inside)} samples "
+                          f"({half_texts} texts with the target's duplicates), more than the target's {texts} "
+                          f"training texts: score fewer non-members (data.nonmembers or eval.max_scored)")
+    rng = np.random.default_rng(seed % 2**64)
+    pooled = {s.id for s in pool}
+    unscored = [[s for s in split.members if s.id not in pooled],
+                [dataclasses.replace(s, copies=1) for s in split.nonmembers if s.id not in pooled]]
+    candidates = [s for group in unscored for s in (group[i] for i in rng.permutation(len(group)))]
+    missing = texts - half_texts
+    if sum(s.copies for s in candidates) < missing:
+        extra = more(missing)
+        candidates += [extra[i] for i in rng.permutation(len(extra))]
+    top_up: list[Sample] = []
+    for sample in candidates:
+        if missing <= 0:
+            break
+        top_up.append(dataclasses.replace(sample, copies=min(sample.copies, missing)))
+        missing -= top_up[-1].copies
+    if missing > 0:
+        raise ConfigError(source, "data.members",
+                          f"a reference model of lira / rmia trains on as many texts as the target ({texts}): its "
+                          f"half of the audit pool gives {half_texts}, and the dataset supplies only "
+                          f"{texts - half_texts - missing} more outside the audit pool and validation (the target's "
+                          f"unscored samples and the rest of the dataset); {texts - half_texts} are needed: use fewer "
+                          "members or a larger dataset")
+    composition = {"pool_samples": len(inside), "pool_texts": half_texts, "top_up_samples": len(top_up),
+                   "top_up_texts": sum(s.copies for s in top_up), "texts": texts}
+    return ReferenceData(_split(inside + top_up, outside, split.validation, split.origin), len(inside), composition)
 
 
 def _default_members(data: DataConfig, pool: _Pool) -> int:

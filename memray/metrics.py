@@ -1,11 +1,14 @@
 """Metrics of membership inference and language modelling: AUC with its 95% interval
-(DeLong, or a stratified bootstrap), TPR at fixed FPR, ROC points, perplexity.
+(DeLong, or a stratified bootstrap), TPR at fixed FPR with its Clopper-Pearson interval,
+ROC points, perplexity.
 
 Scores follow the attacks' convention (higher = more likely a member) and members are the
 positive class. Metric names are the ones of DESIGN.md: `mia/<attack>/auc`,
 `mia/<attack>/auc_lo`, `mia/<attack>/auc_hi`, `mia/<attack>/tpr@1%fpr`,
-`mia/<attack>/tpr@0.1%fpr`. A TPR at an FPR is reported only where the non-members resolve
-that FPR (at least 1/FPR of them); `unresolved_fprs` says which are left out and why.
+`mia/<attack>/tpr@0.1%fpr`, and beside each TPR its 95% interval
+(`mia/<attack>/tpr@1%fpr_lo`, `mia/<attack>/tpr@1%fpr_hi`, the same for 0.1%). A TPR at an
+FPR is reported only where the non-members resolve that FPR (at least 1/FPR of them);
+`unresolved_fprs` says which are left out and why.
 """
 
 from __future__ import annotations
@@ -50,6 +53,35 @@ def tpr_at_fpr(scores, is_member, fpr: float) -> float:
     # keep every point: dropping collinear ones would lose points just under the budget
     false_rates, true_rates, _ = roc_curve(labels, scores, drop_intermediate=False)
     return float(true_rates[false_rates <= fpr].max())
+
+
+def clopper_pearson(successes: int, trials: int, level: float = 0.95) -> tuple[float, float]:
+    """Clopper-Pearson ("exact") interval (low, high) of a binomial proportion: `successes`
+    of `trials` (trials >= 1), at confidence `level`. Low is the `(1 - level) / 2` quantile
+    of Beta(k, n - k + 1), high the `(1 + level) / 2` quantile of Beta(k + 1, n - k); 0 of n
+    has low 0 and n of n has high 1. The same interval as
+    `scipy.stats.binomtest(k, n).proportion_ci(method="exact")`."""
+    if trials < 1 or not 0 <= successes <= trials:
+        raise ValueError(f"need 0 <= successes <= trials and trials >= 1, not {successes} of {trials}")
+    tail = (1 - level) / 2
+    low = float(stats.beta.ppf(tail, successes, trials - successes + 1)) if successes > 0 else 0.0
+    high = float(stats.beta.ppf(1 - tail, successes + 1, trials - successes)) if successes < trials else 1.0
+    return low, high
+
+
+def tpr_interval(scores, is_member, fpr: float, level: float = 0.95) -> tuple[float, float, float]:
+    """(TPR, low, high): `tpr_at_fpr` and its Clopper-Pearson interval at `level`, from the
+    number of members above the threshold the FPR budget chose, out of all members.
+
+    The interval covers the binomial sampling of the members alone, with the threshold held
+    fixed. It does not cover the threshold's own uncertainty: the threshold comes from the
+    non-members' scores (at 0.1% FPR out of 1,000 non-members it rests on one or two of
+    them), and another draw of non-members would move it, and the TPR with it.
+    """
+    tpr = tpr_at_fpr(scores, is_member, fpr)
+    members = int(np.asarray(is_member, dtype=bool).sum())
+    low, high = clopper_pearson(round(tpr * members), members, level)
+    return tpr, low, high
 
 
 def roc_points(scores, is_member, max_points: int = 200) -> tuple[np.ndarray, np.ndarray]:
@@ -176,7 +208,9 @@ def mia_metrics(label: str, scores, is_member, bootstrap: int = 0, seed: int = 0
     """One attack's metrics under their names: the AUC, its 95% interval (`auc_lo`,
     `auc_hi`: DeLong's, or with `bootstrap` > 0 the percentile interval of that many
     stratified resamples seeded by `seed`), and the TPR at each FPR of `TPR_AT_FPR` that
-    the non-members resolve (`resolves`); an unresolved one is left out."""
+    the non-members resolve (`resolves`) with its 95% Clopper-Pearson interval over the
+    members (`<suffix>_lo`, `<suffix>_hi`; `tpr_interval` says what it leaves out); an
+    unresolved one is left out, interval and all."""
     metrics = {f"mia/{label}/auc": roc_auc(scores, is_member)}
     if bootstrap:
         low, high = bootstrap_auc(scores, is_member, bootstrap, seed)
@@ -186,5 +220,7 @@ def mia_metrics(label: str, scores, is_member, bootstrap: int = 0, seed: int = 0
     nonmembers = int((~np.asarray(is_member, dtype=bool)).sum())
     for suffix, fpr in TPR_AT_FPR:
         if resolves(fpr, nonmembers):
-            metrics[f"mia/{label}/{suffix}"] = tpr_at_fpr(scores, is_member, fpr)
+            tpr, low, high = tpr_interval(scores, is_member, fpr)
+            metrics[f"mia/{label}/{suffix}"] = tpr
+            metrics[f"mia/{label}/{suffix}_lo"], metrics[f"mia/{label}/{suffix}_hi"] = low, high
     return metrics

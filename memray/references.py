@@ -1,11 +1,15 @@
 """The reference models of a target trial's lira / rmia attacks, and the scores they give.
 
 A target whose attacks list `lira` or `rmia` (`{name: lira, references: 8}`) needs that many
-reference models: trials with the target's model, method, data and training, each trained
-on a seeded half of the target's audit pool (its scored members and non-members; the
-halves of `memray.reference_attacks.half_masks`), scoring the whole pool every epoch. A
-reference's config is the target's with `reference: {index, of}` set and `loss` as its only
-attack, so references do not depend on the target's other attacks.
+reference models (an even number, at least 4): trials with the target's model, method, data
+and training, each trained like the target. Reference i trains on its half of the target's
+audit pool (its scored members and non-members; the complementary halves of
+`memray.reference_attacks.half_masks`, so each audit sample is in exactly half of them),
+topped up from the dataset's samples outside the pool to as many training texts as the
+target (`memray.data.reference_split`), with a seed of its own for initialization and data
+order (`TrialConfig.reference_sections`), and scores the whole pool every epoch. A
+reference's config is the target's with `reference: {index, of, seed}` set and `loss` as
+its only attack, so references do not depend on the target's other attacks.
 
 `memray trial` trains them in process after the target (`run_references`, in
 `<target folder>/references/`). In a sweep they are trials of their own (`sweep_cells`:
@@ -13,11 +17,12 @@ cells after the grid's, scheduled by Ray like any trial, each trained once for a
 targets that share it), and the driver completes each target once it and its references
 have finished (`memray.sweep.completion`). Either way `add_reference_attacks` reads every
 epoch's per-sample `nll` of the target and the references and adds to the target's
-result.json and per-sample files, per epoch, under the usual metric names:
-- `lira` (online) and `lira-offline`: Gaussian fits of the references' logit-scaled
-  confidence (`memray.reference_attacks.logit_confidence` of the mean token loss);
-- `rmia` (online, gamma 1, Pr(x) = the mean over all references) and `rmia-offline` (out
-  references only, a = 0.3), with the audit pool as the population z.
+result.json and per-sample files, for every epoch after the first (epoch 0's target is the
+base model), each label from its own scorer in the attack registry
+(`memray.attacks.AttackSpec.reference_scorers`: `lira`, `lira-offline`, `rmia`,
+`rmia-offline`), and the counterfactual memorization of every audit sample. A target is
+rescored when its references' trial ids or results change, or the reference attacks' rules
+(`memray.reference_attacks.REFERENCE_RULES`) do.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ import numpy as np
 import pandas as pd
 
 from memray import metrics, reference_attacks
-from memray.config import AttackConfig, Cell, ReferenceConfig, TrialConfig, validate_trial
+from memray.attacks import ATTACKS
+from memray.config import AttackConfig, Cell, TrialConfig, validate_trial
 from memray.results import TrialRecord, scores_path, write_scores
 
 REFERENCES_DIR = "references"
@@ -38,12 +44,11 @@ REFERENCES_DIR = "references"
 
 def reference_configs(config: TrialConfig) -> list[TrialConfig]:
     """The reference models a target needs (none when no attack asks for any)."""
-    count = config.reference_models()
     raw = config.resolved()
     raw.update(attacks=[AttackConfig(name="loss").model_dump(mode="json")], reference=None)
     raw["extraction"]["enabled"] = False  # references are scored, never prompted
-    return [validate_trial({**raw, "reference": ReferenceConfig(index=i, of=count).model_dump()}, "reference model")
-            for i in range(count)]
+    return [validate_trial({**raw, "reference": section.model_dump()}, "reference model")
+            for section in config.reference_sections()]
 
 
 def reference_cells(cells: list[Cell]) -> list[Cell]:
@@ -98,61 +103,110 @@ def run_references(config: TrialConfig, trial_dir: Path, *, resume: bool = True,
     return folders
 
 
-def _labels(config: TrialConfig) -> list[str]:
-    return [label for a in config.attacks if a.references is not None for label in a.labels]
+#: Metric keys the references add to a target's epoch rows besides each label's `mia/` metrics
+COUNTERFACTUAL_MEAN = "mem/counterfactual/mean"
+#: Per-sample column of the target's score files: counterfactual memorization
+COUNTERFACTUAL_COLUMN = "counterfactual"
+#: Samples of highest counterfactual memorization kept per epoch in result.json
+COUNTERFACTUAL_TOP = 20
 
 
-def reference_scores(config: TrialConfig, target: pd.DataFrame, references: list[pd.DataFrame]) -> dict[str, np.ndarray]:
-    """label -> scores of the target's samples (in `target`'s row order) from one epoch's
-    per-sample `nll` of the target and of each reference (whose `member` column says which
-    samples it trained on)."""
+def _scorers(config: TrialConfig) -> dict[str, reference_attacks.ReferenceScorer]:
+    """label -> its scorer, for every reference attack of the target."""
+    return {attack.label + suffix: scorer for attack in config.attacks
+            for suffix, scorer in ATTACKS[attack.name].reference_scorers.items()}
+
+
+def _aligned(target: pd.DataFrame, references: list[pd.DataFrame]) -> tuple[np.ndarray, np.ndarray]:
+    """The references' (R, n) nll and in-mask in the target's row order."""
     ids = target["sample_id"].to_numpy()
     aligned = [frame.set_index("sample_id").loc[ids] for frame in references]
     losses = np.vstack([frame["nll"].to_numpy(dtype=float) for frame in aligned])
     in_mask = np.vstack([frame["member"].to_numpy(dtype=bool) for frame in aligned])
+    return losses, in_mask
+
+
+def reference_scores(config: TrialConfig, target: pd.DataFrame, references: list[pd.DataFrame]
+                     ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]], dict[str, str]]:
+    """One epoch's reference attacks from the per-sample `nll` of the target and of each
+    reference (whose `member` column says which samples it trained on). Returns (label ->
+    scores in `target`'s row order, label -> the rules its scorer used, label -> why it
+    was left out where the references cannot support it)."""
+    losses, in_mask = _aligned(target, references)
     target_loss = target["nll"].to_numpy(dtype=float)
     scores: dict[str, np.ndarray] = {}
-    for label in _labels(config):
-        if label == "lira":
-            scores[label] = reference_attacks.lira_online(reference_attacks.logit_confidence(target_loss),
-                                                          reference_attacks.logit_confidence(losses), in_mask)
-        elif label == "lira-offline":
-            scores[label] = reference_attacks.lira_offline(reference_attacks.logit_confidence(target_loss),
-                                                           reference_attacks.logit_confidence(losses), in_mask)
-        else:
-            scores[label] = reference_attacks.rmia(reference_attacks.confidence(target_loss),
-                                                   reference_attacks.confidence(losses), in_mask,
-                                                   online=label == "rmia")
-    return scores
+    rules: dict[str, dict[str, Any]] = {}
+    left_out: dict[str, str] = {}
+    for label, scorer in _scorers(config).items():
+        try:
+            found = scorer(target_loss, losses, in_mask)
+        except reference_attacks.DegenerateStatistic as err:
+            left_out[label] = str(err)
+            continue
+        scores[label], rules[label] = found.scores, found.rules
+    return scores, rules, left_out
 
 
-def add_reference_attacks(config: TrialConfig, trial_dir: Path, reference_dirs: list[Path]) -> list[dict[str, Any]]:
-    """For every epoch the target and all its references have scored: the lira / rmia
-    scores into the target's per-sample file and their metrics (AUC with its interval,
-    resolved TPRs) into its result.json. Returns the target's epochs as updated."""
+def _strip(row: dict[str, Any], labels: list[str]) -> None:
+    """Remove what an earlier completion added to an epoch row (these labels' metrics and
+    the counterfactual mean), so that a rescoring leaves no stale number."""
+    prefixes = tuple(f"mia/{label}/" for label in labels)
+    for key in [key for key in row if key.startswith(prefixes) or key == COUNTERFACTUAL_MEAN]:
+        del row[key]
+
+
+def add_reference_attacks(config: TrialConfig, trial_dir: Path, reference_dirs: list[Path],
+                          reference_results: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """For every epoch after epoch 0 that the target and all its references have scored:
+    the reference attacks' scores and the counterfactual memorization into the target's
+    per-sample file, their metrics (AUC with its interval, resolved TPRs) and the mean
+    counterfactual memorization into its result.json, with what they rest on under
+    `reference_models` and the samples of highest counterfactual memorization under
+    `counterfactual_top`. reference_results: the references' result.json (read from their
+    folders when not given). Returns the target's epochs as updated."""
     record = TrialRecord.open(trial_dir)
+    if reference_results is None:
+        reference_results = [TrialRecord.open(folder).data for folder in reference_dirs]
+    labels = list(_scorers(config))
+    per_epoch: dict[str, Any] = {}
+    top: dict[str, list[dict[str, Any]]] = {}
     for row in record.epochs:
         epoch = int(row["epoch"])
+        _strip(row, labels)
         paths = [scores_path(folder, epoch) for folder in reference_dirs]
         target_path = scores_path(trial_dir, epoch)
-        if not target_path.is_file() or not all(path.is_file() for path in paths):
+        if epoch == 0 or not target_path.is_file() or not all(path.is_file() for path in paths):
             continue
-        target = pd.read_parquet(target_path)
-        found = reference_scores(config, target, [pd.read_parquet(path) for path in paths])
+        target = pd.read_parquet(target_path).drop(columns=[*labels, COUNTERFACTUAL_COLUMN], errors="ignore")
+        frames = [pd.read_parquet(path) for path in paths]
+        found, rules, left_out = reference_scores(config, target, frames)
         member = target["member"].to_numpy(dtype=bool)
         for label, values in found.items():
             row.update(metrics.mia_metrics(label, values, member, config.eval.bootstrap, config.seed))
             target[label] = values
+        losses, in_mask = _aligned(target, frames)
+        memorized = reference_attacks.counterfactual(losses, in_mask)
+        target[COUNTERFACTUAL_COLUMN] = memorized
+        row[COUNTERFACTUAL_MEAN] = float(memorized.mean())
+        top[str(epoch)] = _highest(target, memorized)
+        per_epoch[str(epoch)] = {"rules": rules, **({"left_out": left_out} if left_out else {})}
         write_scores(trial_dir, epoch, target)
     if record.epochs:
         record.data["final"] = record.epochs[-1]
+    record.data["counterfactual_top"] = top
+    record.data.setdefault("attack_rules", {})["reference_attacks"] = reference_attacks.REFERENCE_RULES
     record.update(reference_models={"count": len(reference_dirs), "folders": reference_folders(trial_dir, reference_dirs),
-                                    "statistic": "nll: mean token loss per sample (lira: its logit-scaled "
-                                                 "confidence; rmia: exp(-nll) as Pr(x | model))",
-                                    "rmia": {"gamma": reference_attacks.RMIA_GAMMA,
-                                             "offline_a": reference_attacks.RMIA_OFFLINE_A},
-                                    "lira_fix_variance": reference_attacks.LIRA_FIX_VARIANCE})
+                                    "fingerprints": reference_fingerprints(reference_results),
+                                    "rules": reference_attacks.REFERENCE_RULES, "epochs": per_epoch})
     return record.epochs
+
+
+def _highest(target: pd.DataFrame, memorized: np.ndarray) -> list[dict[str, Any]]:
+    """The COUNTERFACTUAL_TOP samples of highest counterfactual memorization, highest first."""
+    order = np.argsort(-memorized, kind="stable")[:COUNTERFACTUAL_TOP]
+    copies = target["copies"].to_numpy() if "copies" in target else np.zeros(len(target), dtype=int)
+    return [{"sample_id": str(target["sample_id"].iloc[i]), "counterfactual": float(memorized[i]),
+             "member": bool(target["member"].iloc[i]), "copies": int(copies[i])} for i in order]
 
 
 def reference_folders(trial_dir: Path, reference_dirs: list[Path]) -> list[str]:
@@ -160,9 +214,20 @@ def reference_folders(trial_dir: Path, reference_dirs: list[Path]) -> list[str]:
     return [os.path.relpath(Path(folder).resolve(), Path(trial_dir).resolve()) for folder in reference_dirs]
 
 
-def has_reference_attacks(result: dict[str, Any], trial_dir: Path, reference_dirs: list[Path]) -> bool:
-    """Whether a target's result.json holds the lira / rmia of these reference models."""
-    return (result.get("reference_models") or {}).get("folders") == reference_folders(trial_dir, reference_dirs)
+def reference_fingerprints(reference_results: list[dict[str, Any]]) -> list[str]:
+    """What identifies the references a target was scored with: each one's trial id and
+    the time it finished (a reference trained again in the same folder finishes anew)."""
+    return [f"{result.get('trial_id')}@{result.get('finished')}" for result in reference_results]
+
+
+def has_reference_attacks(result: dict[str, Any], trial_dir: Path, reference_dirs: list[Path],
+                          reference_results: list[dict[str, Any]]) -> bool:
+    """Whether a target's result.json holds the reference attacks of these reference models
+    (their folders, trial ids and results) under today's rules."""
+    recorded = result.get("reference_models") or {}
+    return (recorded.get("folders") == reference_folders(trial_dir, reference_dirs)
+            and recorded.get("fingerprints") == reference_fingerprints(reference_results)
+            and recorded.get("rules") == reference_attacks.REFERENCE_RULES)
 
 
 def complete_target(config: TrialConfig, trial_dir: Path, final: dict[str, Any], *, resume: bool = True,

@@ -25,11 +25,13 @@ they are read back.
 ```
 `result.json` is rewritten atomically after every epoch, so a killed trial leaves a
 readable record of every epoch it finished. Readers (`memray status`, `memray report`)
-need nothing but these files.
+need nothing but these files. Trials that differ only in their seeds share a
+configuration key (`config_key`): the report's groups of seeds, W&B's `config_key`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -96,6 +98,26 @@ def trial_names(cells: list["Cell"]) -> dict[int, str]:
     """Stable trial folder names `<cell index>-<slug>`, zero-padded so they sort."""
     width = max(3, len(str(len(cells) - 1)))
     return {cell.index: f"{cell.index:0{width}d}-{cell.config.slug()}" for cell in cells}
+
+
+#: What a configuration key leaves out: the seeds (data.split_seed None takes the seed) and
+#: where the trial folder is written.
+NOT_CONFIGURATION = ("seed", "output_dir", "data.split_seed")
+
+
+def config_key(config: dict[str, Any]) -> str:
+    """The key of a trial's configuration: the first 10 hex digits of the SHA-256 of its
+    resolved config (`TrialConfig.resolved()`, result.json's `config`) without the keys of
+    NOT_CONFIGURATION. Trials with equal keys differ only in their seeds."""
+    payload = json.loads(json.dumps(config, default=str))  # a deep copy
+    for dotted in NOT_CONFIGURATION:
+        *sections, key = dotted.split(".")
+        tree = payload
+        for section in sections:
+            tree = tree.get(section) if isinstance(tree, dict) else None
+        if isinstance(tree, dict):
+            tree.pop(key, None)
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -228,9 +250,15 @@ def write_scores(trial_dir: Path, epoch: int, frame: pd.DataFrame) -> Path:
     return path
 
 
+def table_path(trial_dir: Path, kind: str, epoch: int) -> Path:
+    """The file of another per-sample table of an epoch (`extraction`, `canaries`):
+    `scores/<kind>_epoch_NNN.parquet`."""
+    return Path(trial_dir) / SCORES_DIR / f"{kind}_epoch_{epoch:03d}.parquet"
+
+
 def write_table(trial_dir: Path, kind: str, epoch: int, frame: pd.DataFrame) -> Path:
     """Other per-sample tables of an epoch (`extraction`, `canaries`): `scores/<kind>_epoch_NNN.parquet`."""
-    path = Path(trial_dir) / SCORES_DIR / f"{kind}_epoch_{epoch:03d}.parquet"
+    path = table_path(trial_dir, kind, epoch)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     frame.to_parquet(tmp, index=False)

@@ -35,7 +35,7 @@ import torch
 from transformers import set_seed
 
 from memray import attacks, data, extraction, flops, methods, metrics, models, reference_attacks, scoring
-from memray.config import ConfigError, TrialConfig
+from memray.config import ConfigError, ReferenceConfig, TrialConfig
 from memray.distributed import DEEPSPEED_FILE, Distributed, EvalReplica, deepspeed_config, resolve_zero
 from memray.results import CHECKPOINTS_DIR, TrialRecord, atomic_write_text, ending_state, write_scores, write_table
 from memray.train import EpochEnd, fit, saved_checkpoints, use_bf16
@@ -155,7 +155,10 @@ class TrialRun:
 
     def __init__(self, config: TrialConfig, record: TrialRecord, report: Report | None, cache_dir: Path | None,
                  progress: bool, distributed: Distributed | None):
-        set_seed(config.seed)
+        # a reference model of lira / rmia has a seed of its own for initialization and data
+        # order; its split and audit pool stay keyed on the target's (config.seed)
+        self.train_seed = config.reference.seed if config.reference is not None else config.seed
+        set_seed(self.train_seed)
         self.config, self.record, self.report, self.distributed = config, record, report, distributed
         source = str(record.trial_dir / "config.yaml")
         # a worker of a data-parallel trial has had its GPU set as the current one
@@ -167,16 +170,22 @@ class TrialRun:
         max_length = config.data.max_length
 
         self.scored_members, self.scored_nonmembers = _scored_samples(config, split)
-        if config.reference is not None:  # a reference model of lira / rmia: half of the target's audit pool
-            pool = self.scored_members + self.scored_nonmembers
-            in_half = reference_attacks.half_masks(len(pool), config.reference.of, config.seed)[config.reference.index]
-            split = data.audit_half(split, pool, in_half)
-            self.scored_members, self.scored_nonmembers = split.members, split.nonmembers  # the whole pool
+        self.canaries = extraction.make_canaries(config.data.canaries, config.seed) if config.data.canaries else []
+        reference_data = None
+        if config.reference_models() or config.reference is not None:
+            # every reference's data, so that a dataset too small for them is found before training
+            found = [_reference_data(config, split, self.scored_members + self.scored_nonmembers, self.canaries,
+                                     self.tokenizer, reference, source) for reference in _reference_sections(config)]
+            if config.reference is not None:  # a reference model: its half of the pool, topped up
+                reference_data = found[0]
+                split = reference_data.split
+                self.scored_members = split.members[:reference_data.pool_in]
+                self.scored_nonmembers = split.nonmembers  # the other half: the whole pool is scored
+                self.canaries = []  # the target's secrets: a reference trains on ordinary texts in their place
         self.scored = self.scored_members + self.scored_nonmembers
         self.scored_ids = scoring.tokenize_texts(self.tokenizer, [s.text for s in self.scored], max_length)
         self.scored_texts = scoring.scored_texts(self.tokenizer, self.scored_ids)  # zlib's text: what was scored
         self.validation_ids = scoring.tokenize_texts(self.tokenizer, [s.text for s in split.validation], max_length)
-        self.canaries = extraction.make_canaries(config.data.canaries, config.seed) if config.data.canaries else []
         training_texts = split.training_texts() + [c.text for c in self.canaries for _ in range(c.repeats)]
         self.train_ids = scoring.tokenize_texts(self.tokenizer, training_texts, max_length)
         self.is_member = np.array([True] * len(self.scored_members) + [False] * len(self.scored_nonmembers))
@@ -197,6 +206,9 @@ class TrialRun:
                                "validation": len(split.validation), "train_texts": len(self.train_ids),
                                "scored_members": len(self.scored_members),
                                "scored_nonmembers": len(self.scored_nonmembers)})
+        if reference_data is not None:
+            record.update(reference_data={**reference_data.composition, "seed": self.train_seed,
+                                          "target_seed": config.seed, "canaries": CANARY_RULE})
         if self.progress:
             print(f"[memray] {record.trial_dir.name}: {self.info.trained}; "
                   f"{self.info.trainable_params:,} of {self.info.total_params:,} parameters trained", file=sys.stderr)
@@ -319,11 +331,36 @@ class TrialRun:
         epochs = self.config.train.epochs
         if epochs > 0 and (resume_from is None or _checkpoint_epoch(resume_from) < epochs):
             self.epoch_started = time.perf_counter()
-            fit(self.model, self.tokenizer, self.train_ids, self.config.train, lr=self.info.lr, seed=self.config.seed,
+            fit(self.model, self.tokenizer, self.train_ids, self.config.train, lr=self.info.lr, seed=self.train_seed,
                 checkpoints_dir=self.record.trial_dir / CHECKPOINTS_DIR, evaluate=self.after_training_epoch,
                 on_epoch_end=self.epoch_saved, resume_from=resume_from, progress=self.progress,
                 deepspeed=self.deepspeed, gradient_checkpointing=bool(self.zero and self.zero.activation_checkpointing))
         return dict(self.record.epochs[-1])
+
+
+#: How canaries (data.canaries) meet the reference models of lira / rmia, recorded in each
+#: reference's result.json: they are the target's secrets, inserted by the auditor and
+#: measured by their exposure on the target; a reference stands for a model trained on the
+#: same distribution without them, so it counts their copies in its training-set size and
+#: trains on ordinary samples in their place.
+CANARY_RULE = "not trained on: their copies counted in the training-set size, filled with ordinary samples"
+
+
+def _reference_sections(config: TrialConfig) -> list[ReferenceConfig]:
+    """The `reference` sections whose data this trial builds: its own (a reference model),
+    or those of every reference model its attacks need (a target)."""
+    return [config.reference] if config.reference is not None else config.reference_sections()
+
+
+def _reference_data(config: TrialConfig, split: data.Split, pool: list[data.Sample], canaries: list[Any],
+                    tokenizer: Any, reference: ReferenceConfig, source: str) -> data.ReferenceData:
+    """The data of reference `reference.index` of the target `config` (the target's own
+    split): its half of the audit pool `pool`, topped up to the target's training texts."""
+    in_half = reference_attacks.half_masks(len(pool), reference.of, config.seed)[reference.index]
+    texts = len(split.training_texts()) + sum(c.repeats for c in canaries)
+    return data.reference_split(split, pool, in_half, texts, reference.seed,
+                                lambda count: data.spare_samples(config.data, config.seed, tokenizer, count, source),
+                                source)
 
 
 def _attack_rules(config: TrialConfig, nonmembers: int) -> dict[str, Any]:

@@ -1,13 +1,16 @@
-"""AUC, its DeLong and bootstrap intervals, TPR at FPR, ROC points and perplexity against
-hand-computed values and a slow, independent bootstrap."""
+"""AUC, its DeLong and bootstrap intervals, TPR at FPR and its Clopper-Pearson interval, ROC
+points and perplexity against hand-computed values, scipy's binomial test and a slow,
+independent bootstrap."""
 
 import math
 
 import numpy as np
 import pytest
 
-from memray.metrics import (bootstrap_auc, chance, delong_interval, mia_metrics, perplexity, roc_auc, roc_points,
-                            tpr_at_fpr, unresolved_fprs)
+from scipy.stats import binomtest
+
+from memray.metrics import (bootstrap_auc, chance, clopper_pearson, delong_interval, mia_metrics, perplexity, roc_auc,
+                            roc_points, tpr_at_fpr, tpr_interval, unresolved_fprs)
 
 # members 0.9, 0.4, 0.7; non-members 0.8, 0.1, 0.3, 0.2
 SCORES = np.array([0.9, 0.8, 0.4, 0.1, 0.7, 0.3, 0.2])
@@ -56,10 +59,41 @@ def test_mia_metrics_names_and_only_resolved_tprs():
     # 100 non-members resolve 1% but not 0.1%; 1000 resolve both
     scores, member = noisy_scores(n=200)
     assert set(mia_metrics("loss", scores, member)) == {"mia/loss/auc", "mia/loss/auc_lo", "mia/loss/auc_hi",
-                                                        "mia/loss/tpr@1%fpr"}
+                                                        "mia/loss/tpr@1%fpr", "mia/loss/tpr@1%fpr_lo",
+                                                        "mia/loss/tpr@1%fpr_hi"}
     assert list(unresolved_fprs(100)) == ["tpr@0.1%fpr"] and unresolved_fprs(1000) == {}
     scores, member = noisy_scores(n=2000)
-    assert "mia/loss/tpr@0.1%fpr" in mia_metrics("loss", scores, member)
+    found = mia_metrics("loss", scores, member)
+    for suffix in ("tpr@1%fpr", "tpr@0.1%fpr"):
+        tpr, low, high = (found[f"mia/loss/{suffix}{end}"] for end in ("", "_lo", "_hi"))
+        assert low <= tpr <= high
+
+
+@pytest.mark.parametrize("successes,trials", [(0, 1), (1, 1), (0, 100), (3, 100), (50, 100), (99, 100), (100, 100),
+                                              (1, 1000), (17, 60)])
+def test_clopper_pearson_equals_scipys_exact_interval(successes, trials):
+    exact = binomtest(successes, trials).proportion_ci(confidence_level=0.95, method="exact")
+    low, high = clopper_pearson(successes, trials)
+    assert low == pytest.approx(exact.low, abs=1e-12) and high == pytest.approx(exact.high, abs=1e-12)
+
+
+def test_clopper_pearson_by_hand_at_the_ends():
+    # 0 of n: low 0, high solves (1 - p)^n = 0.025; n of n: high 1, low solves p^n = 0.025
+    for n in (1, 10, 1000):
+        assert clopper_pearson(0, n) == (0.0, pytest.approx(1 - 0.025 ** (1 / n), rel=1e-9))
+        assert clopper_pearson(n, n) == (pytest.approx(0.025 ** (1 / n), rel=1e-9), 1.0)
+    with pytest.raises(ValueError, match="successes"):
+        clopper_pearson(5, 4)
+
+
+def test_tpr_interval_counts_the_members_above_the_chosen_threshold():
+    # SCORES at fpr 0.01: one of three members (0.9) above every non-member
+    tpr, low, high = tpr_interval(SCORES, MEMBER, 0.01)
+    assert tpr == pytest.approx(1 / 3)
+    assert (low, high) == clopper_pearson(1, 3)
+    scores, member = noisy_scores(n=2000)
+    tpr, low, high = tpr_interval(scores, member, 0.001)
+    assert (low, high) == clopper_pearson(round(tpr * 1000), 1000) and low < tpr < high
 
 
 def test_delong_interval_equals_a_hand_computed_variance():

@@ -23,7 +23,7 @@ from matplotlib import image
 from memray import metrics
 from memray.config import ConfigError, load_sweep
 from memray.report import build_report, label_variants, load_trials, report_command, sweep_uses_wandb
-from memray.results import TrialRecord, read_result, write_scores
+from memray.results import TrialRecord, read_result, write_scores, write_table
 from memray.results import SWEEP_FILE, trial_names
 
 REPO = Path(__file__).resolve().parent.parent
@@ -458,3 +458,209 @@ def test_report_of_a_small_real_sweep(tmp_path):
                                       "lora_placement_rank", "roc_pydoc_tiny-gpt2"}
     for relative in report["figures"].values():
         _is_real_plot(path.parent / relative)
+
+
+# ---------------------------------------------------------------------------------------
+# TPR intervals, seeds of one configuration, counterfactual memorization: a second folder
+# of trials (no sweep.yaml) with enough non-members to resolve both FPRs
+# ---------------------------------------------------------------------------------------
+
+TAIL_MEMBERS, TAIL_NONMEMBERS = 200, 1000
+TAIL_COPIES = np.r_[np.ones(150, int), np.full(30, 2), np.full(20, 4)]  # members' copy counts
+
+
+def _tail_trial(sweep_dir: Path, name: str, method: dict, seed: int, *, old: bool = False) -> Path:
+    """A finished trial of two epochs with 200 members and 1,000 non-members. `old`: its
+    result.json as written before the TPR intervals (no `tpr@...fpr_lo` / `_hi` keys)."""
+    from memray.config import TrialConfig
+
+    config = TrialConfig.model_validate({
+        "seed": seed, "model": {"name": "gpt2"}, "method": method, "train": {"epochs": 1},
+        "data": {"dataset": "wikitext2", "members": TAIL_MEMBERS, "nonmembers": TAIL_NONMEMBERS},
+        "attacks": ["loss"]})
+    record = TrialRecord.open(sweep_dir / "trials" / name)
+    record.start(config.resolved(), config.trial_id(), {"seed": seed})
+    record.update(method_info=_method_info("gpt2", method))
+    rng = np.random.default_rng(seed + 10 * len(name))
+    member = np.r_[np.ones(TAIL_MEMBERS, bool), np.zeros(TAIL_NONMEMBERS, bool)]
+    copies = np.r_[TAIL_COPIES, np.ones(TAIL_NONMEMBERS, int)]
+    for epoch in (0, 1):
+        loss = rng.normal(0, 1, member.size) + np.where(member, 1.5 * epoch * np.log2(2 * copies), 0)
+        row = {"epoch": epoch, "val/loss": 3.0 - 0.1 * epoch - 0.01 * seed, "val/ppl": math.exp(3.0 - 0.1 * epoch - 0.01 * seed),
+               **metrics.mia_metrics("loss", loss, member)}
+        if old:
+            row = {key: value for key, value in row.items() if not key.endswith(("fpr_lo", "fpr_hi"))}
+        frame = pd.DataFrame({"sample_id": [f"s{i}" for i in range(member.size)], "member": member,
+                              "copies": copies, "loss": loss})
+        if epoch and not old:  # a target with reference models: counterfactual memorization from epoch 1
+            frame["counterfactual"] = rng.normal(0.05, 0.1, member.size) + np.where(member, 0.2 * np.log2(copies), 0)
+            row["mem/counterfactual/mean"] = float(frame["counterfactual"].mean())
+            top = frame.nlargest(20, "counterfactual")
+            record.update(counterfactual_top={str(epoch): [
+                {"sample_id": r.sample_id, "counterfactual": r.counterfactual, "member": bool(r.member),
+                 "copies": int(r.copies)} for r in top.itertuples()]})
+            write_table(record.trial_dir, "extraction", epoch, _extraction_rows(frame, rng))
+        write_scores(record.trial_dir, epoch, frame)
+        record.add_epoch(row)
+    record.finish("success")
+    return record.trial_dir
+
+
+def _extraction_rows(frame: pd.DataFrame, rng) -> pd.DataFrame:
+    """Extraction rows (the columns memray.extraction writes) of every 5th member and as
+    many non-members: the more counterfactual memorization, the closer the continuation."""
+    tried = pd.concat([frame[frame["member"]].iloc[::5], frame[~frame["member"]].iloc[:40]])
+    closeness = 1 / (1 + np.exp(-8 * (tried["counterfactual"].to_numpy() - 0.1))) + rng.normal(0, 0.05, len(tried))
+    return pd.DataFrame({
+        "sample_id": tried["sample_id"], "member": tried["member"], "copies": tried["copies"],
+        "exact": closeness > 0.8, "lcp": (8 * closeness.clip(0, 1)).round(),
+        "rougeL": closeness.clip(0, 1), "bleu": (closeness - 0.2).clip(0, 1), "edit": (0.9 * closeness).clip(0, 1),
+        "generated_text": "x", "suffix_text": "x"})
+
+
+def make_tail_sweep(directory: Path) -> Path:
+    """Three seeds of head, and one of prefix whose result.json predates the TPR intervals."""
+    sweep_dir = directory / "tails"
+    for seed in range(3):
+        _tail_trial(sweep_dir, f"00{seed}-head-s{seed}", {"name": "head"}, seed)
+    _tail_trial(sweep_dir, "003-prefix-s0", {"name": "prefix"}, 0, old=True)
+    return sweep_dir
+
+
+@pytest.fixture(scope="module")
+def tails(tmp_path_factory):
+    sweep_dir = make_tail_sweep(tmp_path_factory.mktemp("tails"))
+    path = build_report(sweep_dir, bootstrap=200)
+    return sweep_dir, path, json.loads((path.parent / "report.json").read_text())
+
+
+def test_tprs_show_their_recorded_intervals_and_old_results_the_tpr_alone(tails):
+    sweep_dir, path, report = tails
+    results = _results(sweep_dir)
+    attacks = _csv(path, "attacks").set_index("trial")
+    for name, result in results.items():
+        final, row = result["epochs"][-1], attacks.loc[name]
+        for suffix in ("tpr@1%fpr", "tpr@0.1%fpr"):
+            assert row[suffix] == final[f"mia/loss/{suffix}"]
+            if name.endswith("prefix-s0"):  # recorded before the intervals: none is made up
+                assert math.isnan(row[f"{suffix} ci95 low"]) and math.isnan(row[f"{suffix} ci95 high"])
+            else:
+                assert (row[f"{suffix} ci95 low"], row[f"{suffix} ci95 high"]) == (
+                    final[f"mia/loss/{suffix}_lo"], final[f"mia/loss/{suffix}_hi"])
+                assert row[f"{suffix} ci95 low"] <= row[suffix] <= row[f"{suffix} ci95 high"]
+    markdown = (path.parent / "tables" / "attacks.md").read_text()
+    head = results["000-head-s0"]["epochs"][-1]
+    low, high = head["mia/loss/tpr@1%fpr_lo"], head["mia/loss/tpr@1%fpr_hi"]
+    assert f"{head['mia/loss/tpr@1%fpr']:.3f} [{low:.3f}, {high:.3f}]" in markdown
+    old = results["003-prefix-s0"]["epochs"][-1]
+    line = next(line for line in markdown.splitlines() if "003-prefix-s0" in line)
+    assert f"| {old['mia/loss/tpr@1%fpr']:.3f} " in line and "[" not in line.split("|")[8]
+    trials = {t["name"]: t for t in report["trials"]}
+    assert trials["000-head-s0"]["attacks"]["loss"]["tpr@1%fpr_ci95"] == [low, high]
+    assert trials["003-prefix-s0"]["attacks"]["loss"]["tpr@1%fpr_ci95"] is None
+    assert "Clopper-Pearson" in path.read_text()
+
+
+def test_roc_figure_draws_each_reported_tpr_with_its_interval(tails, monkeypatch):
+    from matplotlib.axes import Axes
+
+    from memray.report.figures import plot_roc
+    from memray.report.loading import attack_results
+
+    sweep_dir, path, report = tails
+    assert "roc_wikitext2_gpt2" in report["figures"]
+    _is_real_plot(path.parent / report["figures"]["roc_wikitext2_gpt2"])
+    drawn = []
+    original = Axes.errorbar
+
+    def spy(self, x, y, yerr=None, **kwargs):
+        drawn.append((x[0], y[0], yerr))
+        return original(self, x, y, yerr=yerr, **kwargs)
+
+    monkeypatch.setattr(Axes, "errorbar", spy)
+    trials = load_trials(sweep_dir, [])
+    label_variants(trials)
+    for trial in trials:
+        trial.attacks = attack_results(trial, sweep_dir, 0)
+    finals = {t.variant: t.final for t in sorted(trials, key=lambda t: t.seed, reverse=True)}  # lowest seed's
+    for variant in ("head", "prefix"):
+        drawn.clear()
+        plot_roc(trials, "wikitext2", "gpt2", [variant], path.parent / f"roc_{variant}.png")
+        final = finals[variant]
+        assert [(x, y) for x, y, _ in drawn] == [(0.01, final["mia/loss/tpr@1%fpr"]),
+                                                 (0.001, final["mia/loss/tpr@0.1%fpr"])]
+        for (x, y, yerr), suffix in zip(drawn, ("tpr@1%fpr", "tpr@0.1%fpr")):
+            if variant == "prefix":
+                assert yerr is None  # recorded before the intervals: the point alone
+            else:  # the axes start at the 0.1% FPR: a lower bound below it is drawn there
+                assert y - yerr[0][0] == pytest.approx(max(final[f"mia/loss/{suffix}_lo"], 0.001))
+                assert y + yerr[1][0] == pytest.approx(final[f"mia/loss/{suffix}_hi"])
+
+
+def test_seed_table_shows_mean_between_seed_sd_interval_and_seeds(tails):
+    sweep_dir, path, report = tails
+    results = _results(sweep_dir)
+    finals = [results[f"00{seed}-head-s{seed}"]["epochs"][-1] for seed in range(3)]
+    seeds = _csv(path, "seeds")
+    (row,) = seeds.to_dict("records")  # prefix has one seed: no spread, not listed
+    key = results["000-head-s0"]["config"]
+    from memray.results import config_key
+
+    assert row["config key"] == config_key(key) and row["n seeds"] == 3 and row["trials"] == 3
+    for metric, column in (("auc", "auc"), ("tpr@1%fpr", "tpr@1%fpr"), ("tpr@0.1%fpr", "tpr@0.1%fpr")):
+        values = [f[f"mia/loss/{metric}"] for f in finals]
+        assert row[f"{column} mean"] == pytest.approx(np.mean(values), abs=1e-12)
+        assert row[f"{column} std"] == pytest.approx(np.std(values, ddof=1), abs=1e-12)
+    assert row["auc ci95 low"] < row["auc mean"] < row["auc ci95 high"]
+    markdown = (path.parent / "tables" / "seeds.md").read_text()
+    header = markdown.splitlines()[2]
+    for column in ("config", "n seeds", "AUC mean", "AUC SD", "AUC 95% CI", "TPR@1%FPR mean", "TPR@1%FPR SD"):
+        assert f" {column} " in header
+    assert f"| {config_key(key)} " in markdown and "| 3 of 3 " in markdown
+    assert "ddof=1" in path.read_text()
+    (group,) = [g for g in report["groups"] if len(g["finished"]) == 3]
+    assert group["config_key"] == config_key(key) and group["final"]["mia/loss/auc"]["n"] == 3
+    assert group["final"]["mia/loss/auc"]["std"] == pytest.approx(row["auc std"])
+    assert group["auc_ci95"]["loss"] == [row["auc ci95 low"], row["auc ci95 high"]]
+
+
+def test_counterfactual_memorization_against_copies_and_extraction(tails):
+    from scipy.stats import spearmanr
+
+    sweep_dir, path, report = tails
+    table = _csv(path, "counterfactual").set_index("trial")
+    assert set(table.index) == {f"00{seed}-head-s{seed}" for seed in range(3)}  # the old trial has no column
+    for name, row in table.iterrows():
+        trial_dir = sweep_dir / "trials" / name
+        scores = pd.read_parquet(trial_dir / "scores" / "epoch_001.parquet")
+        members, nonmembers = scores[scores["member"]], scores[~scores["member"]]
+        assert row["epoch"] == 1 and row["members n"] == TAIL_MEMBERS
+        assert row["members mean"] == pytest.approx(members["counterfactual"].mean())
+        assert row["non-members mean"] == pytest.approx(nonmembers["counterfactual"].mean())
+        for copies in (1, 2, 4):
+            chosen = members[members["copies"] == copies]
+            assert row[f"copies {copies} n"] == len(chosen) == (TAIL_COPIES == copies).sum()
+            assert row[f"copies {copies} mean"] == pytest.approx(chosen["counterfactual"].mean())
+        assert row["copies 1 mean"] < row["copies 2 mean"] < row["copies 4 mean"]
+        rows = pd.read_parquet(trial_dir / "scores" / "extraction_epoch_001.parquet")
+        tried = members.merge(rows[rows["member"]], on=["sample_id", "member", "copies"])
+        assert len(tried) == 40 and row["spearman n"] == 40
+        extracted = tried[tried["exact"]]
+        assert row["extracted n"] == len(extracted) > 0 and row["not extracted n"] == 40 - len(extracted)
+        assert row["extracted mean"] == pytest.approx(extracted["counterfactual"].mean())
+        assert row["not extracted mean"] == pytest.approx(tried.loc[~tried["exact"], "counterfactual"].mean())
+        best = tried[["rougeL", "bleu", "edit"]].max(axis=1)
+        assert row["spearman best similarity"] == pytest.approx(spearmanr(tried["counterfactual"], best).statistic)
+        assert row["spearman best similarity"] > 0.5
+    text = path.read_text()
+    assert "## Counterfactual memorization vs duplication and extraction" in text
+    assert "counterfactual_wikitext2" in report["figures"]
+    _is_real_plot(path.parent / report["figures"]["counterfactual_wikitext2"])
+    assert len(report["tables"]["counterfactual"]) == 3
+
+
+def test_no_counterfactual_table_or_figure_without_the_column(built):
+    _, path, report = built
+    assert "counterfactual" not in report["tables"] and not any("counterfactual" in f for f in report["figures"])
+    assert not (path.parent / "tables" / "counterfactual.csv").exists()
+    assert "Counterfactual" not in path.read_text()

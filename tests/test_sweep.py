@@ -19,7 +19,7 @@ from memray.config import GPU_TYPES, ConfigError, ResourceRule, WandbConfig, loa
 from memray.sweep import trial_names
 
 from faults import clear_fault, inject_fault
-from helpers import file_states, read_result, trial_dirs, wandb_runs, write_small_sweep
+from helpers import file_states, read_result, trial_dirs, wandb_records, wandb_runs, write_small_sweep
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -188,6 +188,71 @@ def test_wandb_run_id_is_stable_per_trial_and_valid_for_wandb():
     assert first == sweep.wandb_run_id("abcd1234", 3)
     assert first != sweep.wandb_run_id("abcd1234", 4) != sweep.wandb_run_id("ffff0000", 3)
     assert re.fullmatch(r"[a-z0-9]{16}", first)
+
+
+def _seeded_cells(tmp_path: Path) -> list:
+    """Cells of a grid of two methods x two seeds (cell order: method, then seed)."""
+    path = tmp_path / "seeded.yaml"
+    path.write_text(json.dumps({
+        "name": "seeded", "base": {"model": {"name": "tiny-gpt2"}, "data": {"dataset": "pydoc"}},
+        "grid": {"method": [{"name": "full"}, {"name": "lora", "rank": 4}], "seed": [0, 1]}}))
+    return load_sweep(path)[1]
+
+
+def test_runs_of_one_configuration_share_a_config_key_column_and_tag(tmp_path):
+    from memray.results import config_key
+    from memray.sweep.wandb import config_name, wandb_config, wandb_tags
+
+    cells = _seeded_cells(tmp_path)
+    keys = [wandb_config(cell, f"t{cell.index}")["config_key"] for cell in cells]
+    assert keys[0] == keys[1] != keys[2] == keys[3]  # the seed left out, the method kept
+    assert all(re.fullmatch(r"[0-9a-f]{10}", key) for key in keys)
+    assert keys[0] == config_key(cells[0].config.resolved())  # the report's key of the same trials
+    for cell, key in zip(cells, keys):
+        assert f"config:{key}" in wandb_tags(cell, "seeded") and "sweep:seeded" in wandb_tags(cell, "seeded")
+    assert config_name(cells[0]) == "method.name=full" and config_name(cells[3]) == "method.name=lora, method.rank=4"
+    # output_dir and the split seed are no part of the configuration; any other setting is
+    moved = cells[0].config.model_copy(update={"output_dir": "elsewhere", "seed": 7})
+    assert config_key(moved.resolved()) == keys[0]
+    longer = cells[0].config.model_copy(update={"train": cells[0].config.train.model_copy(update={"epochs": 9})})
+    assert config_key(longer.resolved()) != keys[0]
+
+
+def test_an_offline_run_holds_the_config_key_and_every_interval(tmp_path):
+    """A trial's W&B run, read back from its offline file: the config key as column and tag,
+    each TPR's interval in the epoch's history row and in the AUC table beside the TPR."""
+    import numpy as np
+    import pandas as pd
+
+    from memray import metrics
+    from memray.results import write_scores
+    from memray.sweep.wandb import WandbSettings, WandbTrial, wandb_config
+
+    cell = _seeded_cells(tmp_path)[1]
+    member = np.arange(400) < 200
+    scores = np.random.default_rng(0).normal(size=400) + member
+    row = {"epoch": 1, **metrics.mia_metrics("loss", scores, member)}
+    assert {"mia/loss/tpr@1%fpr_lo", "mia/loss/tpr@1%fpr_hi"} <= set(row)
+    trial_dir = tmp_path / "trial"
+    write_scores(trial_dir, 1, pd.DataFrame({"member": member, "loss": scores}))
+    settings = WandbSettings(mode="offline", project="p", entity=None, group="seeded", uid="u1")
+    run = WandbTrial.start(settings, cell, "t1", trial_dir, wait_s=0)
+    run.log(row)
+    run.finish(trial_dir, row)
+    (logged,) = wandb_runs(trial_dir / "wandb")
+    key = wandb_config(cell, "t1")["config_key"]
+    assert logged["config"]["config_key"] == key and logged["config"]["config_name"] == "method.name=full"
+    (history,) = [r for r in logged["history"] if "epoch" in r]
+    for name in ("tpr@1%fpr", "tpr@1%fpr_lo", "tpr@1%fpr_hi", "auc_lo", "auc_hi"):
+        assert history[f"mia/loss/{name}"] == pytest.approx(row[f"mia/loss/{name}"])
+    (run_file,) = logged["dir"].glob("run-*.wandb")
+    tags = [list(r.run.tags) for r in wandb_records(run_file) if r.WhichOneof("record_type") == "run"]
+    assert f"config:{key}" in tags[0]
+    table = _wandb_table(logged["dir"], "mia/auc_table")
+    (line,) = table["data"]
+    values = dict(zip(table["columns"], line))
+    assert values["attack"] == "loss" and values["tpr@1%fpr_lo"] == pytest.approx(row["mia/loss/tpr@1%fpr_lo"])
+    assert values["tpr@0.1%fpr"] is None  # 200 non-members do not resolve 0.1%: left out, interval and all
 
 
 # ---------------------------------------------------------------------------------------

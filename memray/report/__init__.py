@@ -7,9 +7,10 @@ report.md          every table and figure in one Markdown file, ready to open or
 report.json        every number: per trial, per epoch, per attack, per group of seeds
 tables/<name>.md   the tables as Markdown, and as CSV (full precision) beside them:
 tables/<name>.csv    trials, attacks, seeds, method_by_model_<dataset>, findings, lora,
-                     extraction, duplication, unfinished
+                     extraction, duplication, counterfactual, unfinished
 figures/<name>.png auc_vs_epoch_<dataset>, auc_vs_model_size_<dataset>, ppl_vs_auc,
-                     lora_placement_rank, roc_<dataset>_<model>, duplication_<dataset>
+                     lora_placement_rank, roc_<dataset>_<model>, duplication_<dataset>,
+                     counterfactual_<dataset>
 ```
 and logs the same figures and tables to a W&B run (job type "report", in the sweep's
 group) when the sweep used W&B.
@@ -21,8 +22,10 @@ What the numbers mean:
   appear in the per-trial tables and the per-epoch plots, but not in the averages.
 - *Final* is a trial's last recorded epoch; *best* is its epoch of lowest validation
   perplexity (the checkpoint early stopping would keep).
-- Trials whose configs differ only in `seed` form a *group*; the seed tables give the
-  mean ± sample standard deviation (ddof=1) over the group's successful trials.
+- Trials whose configs differ only in their seeds form a *group*, named by its
+  configuration key (`memray.results.config_key`, the `config_key` of its W&B runs); the
+  seed table gives per group the mean, the between-seed sample standard deviation (ddof=1)
+  and the number of the group's successful trials (seeds) they are over.
 - AUC 95% intervals are the ones each trial recorded (`mia/<attack>/auc_lo`, `auc_hi`:
   DeLong's unless `eval.bootstrap` asked for a bootstrap); a trial that recorded none gets
   a percentile bootstrap of its final epoch's per-sample scores (members and non-members
@@ -30,7 +33,14 @@ What the numbers mean:
   marked "(chance)": not distinguishable from chance. A group's interval is that of the
   per-resample mean over its seeds; the seed table lists groups of two or more seeds only.
 - A TPR at an FPR is reported only where the non-members resolve that FPR (at least
-  1/FPR of them); the notes say which were left out and why.
+  1/FPR of them); the notes say which were left out and why. Beside it (the attacks table,
+  error bars on the ROC figures) its Clopper-Pearson 95% interval as the trial recorded it
+  (`mia/<attack>/tpr@1%fpr_lo`, `_hi`): the members' binomial uncertainty at the chosen
+  threshold, not the threshold's own; older result files show the TPR alone.
+- Counterfactual memorization (targets with lira / rmia reference models): the
+  `counterfactual` column of a trial's final-epoch score file, against the members' copy
+  counts and, where extraction ran, whether it reproduced them and how close it came
+  (`counterfactual` table and figures); neither appears when no trial has the column.
 - A model's size is the smallest base-parameter count any of its trials reports: a
   trial's `method_info.total_params`, less its `trainable_params` for PEFT methods (whose
   adapters, prefixes or prompts are added to the model). A model no trial has loaded yet
@@ -61,6 +71,7 @@ from memray.config import ConfigError
 from memray.report.loading import (
     BOOTSTRAP_RESAMPLES,
     attack_results,
+    counterfactual_samples,
     label_variants,
     load_trials,
     make_groups,
@@ -70,6 +81,7 @@ from memray.report.loading import (
 )
 from memray.report.tables import (
     attacks_table,
+    counterfactual_table,
     duplication_table,
     epoch_zero_note,
     extraction_table,
@@ -81,7 +93,7 @@ from memray.report.tables import (
     unfinished_table,
     unresolved_notes,
 )
-from memray.report.figures import make_figures
+from memray.report.figures import counterfactual_figures, make_figures
 from memray.report.findings import findings_table
 from memray.report.publishing import (
     status_counts,
@@ -142,7 +154,9 @@ def build_report(sweep_dir: Path, out_dir: Path | None = None, *, wandb: bool = 
     findings = findings_table(trials, sweep_dir)
     if findings is not None:
         tables["findings"] = findings
-    for table in (lora_table(groups, labels), extraction_table(trials), duplication_table(trials)):
+    counterfactual = {t.name: frame for t in trials if (frame := counterfactual_samples(t, sweep_dir)) is not None}
+    for table in (lora_table(groups, labels), extraction_table(trials), duplication_table(trials),
+                  counterfactual_table(trials, counterfactual)):
         if table is not None:
             tables[table.name] = table
     tables["trials"] = trials_table(trials, labels)
@@ -151,6 +165,7 @@ def build_report(sweep_dir: Path, out_dir: Path | None = None, *, wandb: bool = 
     for stale in (out_dir / "figures", out_dir / "tables"):
         shutil.rmtree(stale, ignore_errors=True)  # figures of an earlier report that no longer apply
     figures = make_figures(trials, groups, labels, sizes, out_dir / "figures")
+    figures.update(counterfactual_figures(trials, counterfactual, out_dir / "figures"))
     if not labels:
         notes.append("No trial has recorded an epoch yet: no attack numbers or figures.")
 

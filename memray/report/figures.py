@@ -1,6 +1,6 @@
 """The report's figures (matplotlib's object API: a Figure renders with Agg, no pyplot
 global state): AUC vs epoch, AUC vs model size, privacy-utility, LoRA bars, ROC curves on
-log-log axes, extraction vs duplicate count.
+log-log axes, extraction vs duplicate count, counterfactual memorization vs duplicate count.
 """
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import LogFormatter, NullLocator
 
-from memray.report.loading import Group, Trial, is_finite
+from memray.report.loading import COUNTERFACTUAL, Group, Trial, is_finite
 from memray.report.tables import duplicate_metrics, ordered_variants, params_text, slug
 
 FIGURE_DPI = 110
@@ -238,7 +239,10 @@ def plot_lora(groups: list[Group], labels: list[str], path: Path) -> Path | None
 
 def plot_roc(trials: list[Trial], dataset: str, model: str, variants: list[str], path: Path) -> Path | None:
     """ROC curves (log-log) of one dataset and model: a panel per method, a line per
-    attack, from the finished trial of the lowest seed (else the latest unfinished one)."""
+    attack, from the finished trial of the lowest seed (else the latest unfinished one);
+    at each reported FPR (1%, 0.1%) the attack's TPR as a point with its 95% Clopper-Pearson
+    interval as an error bar (a point alone where the trial recorded no interval). Returns
+    the file written, or None when no trial has ROC points."""
     panels = []
     for variant in variants:
         candidates = [t for t in trials if (t.dataset, t.model, t.variant) == (dataset, model, variant)
@@ -260,13 +264,16 @@ def plot_roc(trials: list[Trial], dataset: str, model: str, variants: list[str],
                 continue
             fpr, tpr = attack.roc
             positive = fpr[fpr > 0]
-            floor = min(floor, positive.min() if positive.size else 1.0)
+            floor = min(floor, positive.min() if positive.size else 1.0, *(x for x, _, _ in attack.tpr_points()))
             ax.plot(fpr, tpr, color=attack_colors[label], label=label)
+        for label, attack in trial.attacks.items():
+            if attack.roc is not None:
+                _tpr_error_bars(ax, attack.tpr_points(), floor, attack_colors[label])
         grid = np.logspace(np.log10(floor), 0, 50)
         ax.plot(grid, grid, color="grey", linestyle=":", linewidth=1)
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlim(floor, 1)
+        ax.set_xlim(floor / 1.5, 1)  # room for the point at the lowest FPR
         ax.set_ylim(floor, 1.05)
         aucs = "\n".join(f"{label} AUC {a.auc:.3f}" for label, a in trial.attacks.items() if a.roc is not None)
         ax.text(0.97, 0.03, aucs, transform=ax.transAxes, ha="right", va="bottom", fontsize="small",
@@ -276,7 +283,17 @@ def plot_roc(trials: list[Trial], dataset: str, model: str, variants: list[str],
         ax.set_xlabel("false-positive rate (log scale)")
         ax.set_ylabel("true-positive rate (log scale)")
         ax.grid(alpha=0.3, which="both")
-    return _finish_grid(figure, axes, len(panels), f"ROC curves, {dataset}, {model} (dotted: chance)", path)
+    return _finish_grid(figure, axes, len(panels),
+                        f"ROC curves, {dataset}, {model}\n(dotted: chance; bars: 95% interval of each TPR)", path)
+
+
+def _tpr_error_bars(ax, points: list[tuple[float, float, tuple[float, float] | None]], floor: float, color) -> None:
+    """Each (FPR, TPR, interval) of `points` as a point with its interval as an error bar on
+    a log-log ROC panel whose axes start at `floor` (a bound or TPR below it drawn at it)."""
+    for fpr, tpr, ci in points:
+        shown = max(tpr, floor)
+        error = None if ci is None else [[shown - max(ci[0], floor)], [max(ci[1], floor) - shown]]
+        ax.errorbar([fpr], [shown], yerr=error, color=color, marker="o", markersize=4, capsize=3, linestyle="")
 
 
 def _duplication_panels(trials: list[Trial]) -> list[str]:
@@ -346,6 +363,58 @@ def _duplicate_title(key: str) -> str:
     return key
 
 
+def plot_counterfactual(trials: list[Trial], samples: dict[str, pd.DataFrame], dataset: str, path: Path) -> Path | None:
+    """Counterfactual memorization vs copies in the training data, one dataset: a panel per
+    model and method (its seeds' final epochs pooled), a box per copy count of the members
+    and one of the non-members, each sample a dot over it. Takes the trials, their samples
+    by trial name (`counterfactual_samples`), the dataset and the file to write; returns
+    the file, or None when no trial of the dataset has samples."""
+    chosen = [t for t in trials if t.dataset == dataset and t.name in samples]
+    panels = sorted({(t.model, t.variant) for t in chosen})
+    if not panels:
+        return None
+    cols = min(4, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    figure, axes = _figure(rows, cols, width=5.2)
+    rng = np.random.default_rng(0)  # the dots' horizontal jitter, the same on every report
+    for index, (model, variant) in enumerate(panels):
+        ax = axes[index // cols][index % cols]
+        pooled = [samples[t.name] for t in chosen if (t.model, t.variant) == (model, variant)]
+        frame = pd.concat(pooled)
+        frame = frame[np.isfinite(frame[COUNTERFACTUAL].to_numpy(dtype=float))]
+        members, nonmembers = frame[frame["member"]], frame[~frame["member"]]
+        boxes = [("non-members", nonmembers[COUNTERFACTUAL], "grey")]
+        boxes += [(f"x{c}", members.loc[members["copies"] == c, COUNTERFACTUAL], "tab:blue")
+                  for c in sorted(members["copies"].unique())]
+        boxes = [(name, values.to_numpy(dtype=float), color) for name, values, color in boxes if len(values)]
+        for position, (_, values, color) in enumerate(boxes):
+            ax.boxplot([values], positions=[position], widths=0.6, showfliers=False,
+                       medianprops={"color": color}, boxprops={"color": color}, whiskerprops={"color": color},
+                       capprops={"color": color})
+            ax.scatter(position + rng.uniform(-0.2, 0.2, len(values)), values, s=4, alpha=0.3, color=color)
+        ax.set_xticks(range(len(boxes)), [f"{name}\n(n={len(values)})" for name, values, _ in boxes])
+        ax.axhline(0.0, color="grey", linestyle=":", linewidth=1)
+        ax.set_title(f"{model}, {variant}", fontsize="medium")
+        ax.set_xlabel("members by copies in the training data")
+        ax.set_ylabel("counterfactual memorization\n(log-likelihood: trained on it - not)")
+        ax.grid(alpha=0.3, axis="y")
+    return _finish_grid(figure, axes, len(panels), f"Counterfactual memorization vs duplication, {dataset}\n"
+                        "(final epoch, seeds pooled; dotted: none)", path)
+
+
+def counterfactual_figures(trials: list[Trial], samples: dict[str, pd.DataFrame],
+                           figures_dir: Path) -> dict[str, FigureFile]:
+    """`counterfactual_<dataset>` for each dataset with counterfactual samples (by trial
+    name, `counterfactual_samples`), by key; {} when no trial has any."""
+    figures = {}
+    for dataset in sorted({t.dataset for t in trials if t.name in samples}):
+        stem = f"counterfactual_{slug(dataset)}"
+        path = plot_counterfactual(trials, samples, dataset, figures_dir / f"{stem}.png")
+        if path is not None:
+            figures[stem] = FigureFile(path, f"Counterfactual memorization vs copies in the training data, {dataset}")
+    return figures
+
+
 @dataclass
 class FigureFile:
     path: Path
@@ -385,7 +454,8 @@ def make_figures(trials: list[Trial], groups: list[Group], labels: list[str], si
         for dataset in datasets:
             for model in models:
                 stem = f"roc_{slug(dataset)}_{slug(model)}"
-                add(stem, f"ROC curves (log-log), {dataset}, {model}",
+                add(stem, f"ROC curves (log-log), {dataset}, {model}; bars: TPR at 1% and 0.1% FPR with its "
+                          "95% Clopper-Pearson interval",
                     plot_roc(recorded, dataset, model, variants, file(stem)))
     for dataset in datasets:
         stem = f"duplication_{slug(dataset)}"

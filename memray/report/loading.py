@@ -1,7 +1,8 @@
 """Reading a sweep folder for the report: its trials (any folder holding a memray
 `result.json`, and the pending cells of its sweep.yaml), their method labels and model
-sizes, each attack's numbers with bootstrap intervals and ROC points, and the groups of
-trials that differ only in their seed.
+sizes, each attack's numbers with bootstrap intervals and ROC points, the groups of
+trials that differ only in their seed, and the per-sample counterfactual memorization of
+targets with reference models.
 """
 
 from __future__ import annotations
@@ -17,11 +18,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from memray.config import APPROX_PARAMS, Cell, ConfigError, SweepConfig, load_sweep
-from memray.metrics import bootstrap_aucs, percentile_interval, roc_points
+from memray.config import APPROX_PARAMS, Cell, ConfigError, SimilarityThresholds, SweepConfig, load_sweep
+from memray.metrics import TPR_AT_FPR, bootstrap_aucs, percentile_interval, roc_points
 from memray.references import sweep_cells
-from memray.results import DRIVER_FILE, RESULT_FILE, SWEEP_FILE, driver_alive, scores_path, trial_names
+from memray.results import (DRIVER_FILE, RESULT_FILE, SWEEP_FILE, config_key, driver_alive, scores_path,
+                            table_path, trial_names)
 
+#: The per-sample column of counterfactual memorization in a target's score files.
+COUNTERFACTUAL = "counterfactual"
 BOOTSTRAP_RESAMPLES = 1000  # percentile 95% bounds move by ~0.003 AUC between reruns at this count
 ROC_POINTS = 400  # per curve in plots and report.json: enough to draw the low-FPR steps
 STATUSES = ("success", "running", "failed", "interrupted", "lost", "pending")
@@ -45,11 +49,19 @@ class AttackResult:
     ci: tuple[float, float] | None = None  # 95% interval of the AUC: the trial's own (auc_lo, auc_hi), else a bootstrap
     resampled: np.ndarray | None = None  # the bootstrap AUCs, for intervals of seed means
     roc: tuple[np.ndarray, np.ndarray] | None = None  # (FPR, TPR) points
+    tpr_1_ci: tuple[float, float] | None = None  # Clopper-Pearson 95% interval of tpr_1 (None: not recorded)
+    tpr_01_ci: tuple[float, float] | None = None
 
     @property
     def chance(self) -> bool:
         """Whether the AUC's interval holds 0.5: not distinguishable from chance."""
         return self.ci is not None and self.ci[0] <= 0.5 <= self.ci[1]
+
+    def tpr_points(self) -> list[tuple[float, float, tuple[float, float] | None]]:
+        """(FPR, TPR, the TPR's 95% interval or None) at each FPR of `TPR_AT_FPR` whose TPR
+        the trial reported (result files older than the intervals have the TPR alone)."""
+        found = zip((fpr for _, fpr in TPR_AT_FPR), (self.tpr_1, self.tpr_01), (self.tpr_1_ci, self.tpr_01_ci))
+        return [(fpr, tpr, ci) for fpr, tpr, ci in found if is_finite(tpr)]
 
 
 @dataclass
@@ -105,9 +117,9 @@ class Trial:
         return [key.split("/")[1] for key in self.final if key.startswith("mia/") and key.endswith("/auc")]
 
     def group_key(self) -> str:
-        """Identity of the trial up to its seed: trials with equal keys are averaged."""
-        flat = {k: v for k, v in _flatten(self.config).items() if k not in ("seed", "output_dir", "data.split_seed")}
-        return json.dumps(flat, sort_keys=True, default=str)
+        """Identity of the trial up to its seed (`memray.results.config_key`, the same as
+        its W&B run's `config_key`): trials with equal keys are averaged."""
+        return config_key(self.config)
 
 
 def is_finite(value: Any) -> bool:
@@ -283,9 +295,9 @@ def _bootstrap_seed(name: str, label: str) -> int:
 
 
 def attack_results(trial: Trial, sweep_dir: Path, resamples: int) -> dict[str, AttackResult]:
-    """Per attack: final AUC, its interval and TPRs from result.json, AUC at the best epoch,
-    and from the final epoch's per-sample scores (when the file is there) the bootstrap AUCs
-    (the interval of a trial that recorded none) and the ROC."""
+    """Per attack: final AUC, its interval, TPRs and their intervals from result.json, AUC
+    at the best epoch, and from the final epoch's per-sample scores (when the file is there)
+    the bootstrap AUCs (the interval of a trial that recorded none) and the ROC."""
     final, best = trial.final, trial.best
     if not final:
         return {}
@@ -309,8 +321,15 @@ def attack_results(trial: Trial, sweep_dir: Path, resamples: int) -> dict[str, A
                 result.roc = roc_points(values, member, max_points=ROC_POINTS)
         if is_finite(final.get(key + "auc_lo")) and is_finite(final.get(key + "auc_hi")):
             result.ci = (final[key + "auc_lo"], final[key + "auc_hi"])  # what the trial measured (DeLong by default)
+        result.tpr_1_ci, result.tpr_01_ci = (_recorded_interval(final, key + suffix) for suffix, _ in TPR_AT_FPR)
         results[label] = result
     return results
+
+
+def _recorded_interval(row: dict[str, Any], key: str) -> tuple[float, float] | None:
+    """(`<key>_lo`, `<key>_hi`) of an epoch row, or None where the trial recorded none."""
+    low, high = row.get(key + "_lo"), row.get(key + "_hi")
+    return (low, high) if is_finite(low) and is_finite(high) else None
 
 
 @dataclass
@@ -327,9 +346,15 @@ class Group:
     def finished(self) -> list[Trial]:
         return [t for t in self.trials if t.status == "success" and t.final]
 
+    @property
+    def config_key(self) -> str:
+        """The configuration's key (`memray.results.config_key`, its W&B runs' `config_key`)."""
+        return self.trials[0].group_key()
+
     def stat(self, key: str, best: bool = False) -> tuple[float, float, int]:
-        """(mean, sample std, n) of a final-epoch metric (or the best epoch's) over the
-        finished trials; NaN where no trial has it, std NaN for a single trial."""
+        """(mean, between-seed sample standard deviation (ddof=1), n) of a final-epoch metric
+        (or the best epoch's) over the finished trials that have it; NaN where none has it,
+        std NaN for a single trial."""
         values = [(t.best if best else t.final).get(key) for t in self.finished]
         values = [v for v in values if is_finite(v)]
         if not values:
@@ -356,3 +381,36 @@ def make_groups(trials: list[Trial]) -> list[Group]:
             groups[key] = Group(trial.dataset, trial.model, trial.variant, trial.method, [])
         groups[key].trials.append(trial)
     return list(groups.values())
+
+
+def counterfactual_samples(trial: Trial, sweep_dir: Path) -> pd.DataFrame | None:
+    """A trial's per-sample counterfactual memorization at its final epoch, from the score
+    file of that epoch (`scores/epoch_NNN.parquet` of the trial folder below `sweep_dir`).
+
+    Returns columns sample_id, member, copies, counterfactual, and where extraction ran
+    that epoch (`scores/extraction_epoch_NNN.parquet`) `extracted` (the continuation
+    reproduced exactly) and `best similarity` (the highest of the sample's similarity
+    scores, rougeL / bleu / edit, each in [0, 1]), NaN for the samples it did not try. None
+    when the final epoch is 0 or its file has no counterfactual column (no reference
+    models, or a result written before them).
+    """
+    final = trial.final
+    if not final or int(final["epoch"]) < 1:
+        return None
+    trial_dir, epoch = Path(sweep_dir) / trial.path, int(final["epoch"])
+    path = scores_path(trial_dir, epoch)
+    if not path.is_file():
+        return None
+    scores = pd.read_parquet(path)
+    if COUNTERFACTUAL not in scores:
+        return None
+    samples = scores[["sample_id", "member", "copies", COUNTERFACTUAL]].copy()
+    extraction = table_path(trial_dir, "extraction", epoch)
+    if extraction.is_file():
+        rows = pd.read_parquet(extraction)
+        similarities = [name for name in SimilarityThresholds.model_fields if name in rows]
+        tried = pd.DataFrame({"sample_id": rows["sample_id"], "member": rows["member"],
+                              "extracted": rows["exact"].astype(float),
+                              "best similarity": rows[similarities].max(axis=1) if similarities else math.nan})
+        samples = samples.merge(tried, on=["sample_id", "member"], how="left")
+    return samples

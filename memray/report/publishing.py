@@ -54,6 +54,8 @@ def trial_json(trial: Trial, sizes: dict[str, dict[str, Any]]) -> dict[str, Any]
         "epochs_done": int(trial.final["epoch"]) if trial.final else None, "epochs_planned": trial.planned_epochs,
         "best_epoch": trial.best.get("epoch"), "final": trial.final, "best": trial.best,
         "attacks": {label: {"auc": a.auc, "tpr@1%fpr": a.tpr_1, "tpr@0.1%fpr": a.tpr_01, "auc_ci95": list(a.ci) if a.ci else None,
+                            "tpr@1%fpr_ci95": list(a.tpr_1_ci) if a.tpr_1_ci else None,
+                            "tpr@0.1%fpr_ci95": list(a.tpr_01_ci) if a.tpr_01_ci else None,
                             "best_epoch": {"auc": a.auc_best, "tpr@1%fpr": a.tpr_1_best, "tpr@0.1%fpr": a.tpr_01_best},
                             "roc": {"fpr": a.roc[0], "tpr": a.roc[1]} if a.roc is not None else None}
                     for label, a in trial.attacks.items()},
@@ -63,6 +65,10 @@ def trial_json(trial: Trial, sizes: dict[str, dict[str, Any]]) -> dict[str, Any]
 
 
 def group_json(group: Group, labels: list[str]) -> dict[str, Any]:
+    """A group of seeds for report.json: its configuration key, trials, finished trials and
+    seeds, per final-epoch metric {mean, std (between-seed sample SD, ddof=1), n (seeds)},
+    the best-epoch perplexity alike, and per attack the bootstrap 95% interval of the
+    seed-mean AUC (None without per-sample scores)."""
     stats = {}
     for key in group.metric_keys():
         mean, std, n = group.stat(key)
@@ -70,7 +76,8 @@ def group_json(group: Group, labels: list[str]) -> dict[str, Any]:
     best_mean, best_std, best_n = group.stat("val/ppl", best=True)
     return {
         "dataset": group.dataset, "model": group.model, "variant": group.variant, "method": group.method,
-        "trials": [t.name for t in group.trials], "finished": [t.name for t in group.finished],
+        "config_key": group.config_key, "trials": [t.name for t in group.trials],
+        "finished": [t.name for t in group.finished],
         "seeds": [t.seed for t in group.trials], "final": stats,
         "best_val_ppl": {"mean": best_mean, "std": best_std, "n": best_n},
         "auc_ci95": {label: group.auc_interval(label) for label in labels},
@@ -110,7 +117,7 @@ def markdown(name: str, sweep_dir: Path, out_dir: Path, trials: list[Trial], tab
     lines.extend(["## Figures", ""])
     for figure in figures.values():
         lines.extend([f"![{figure.caption}]({figure.path.relative_to(out_dir).as_posix()})", ""])
-    for key in ("lora", "extraction", "duplication", "trials", "attacks"):
+    for key in ("lora", "extraction", "duplication", "counterfactual", "trials", "attacks"):
         if key in tables:
             add_table(tables[key])
     return "\n".join(lines)

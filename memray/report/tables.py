@@ -1,6 +1,6 @@
 """The report's tables: per trial, per attack, seeds aggregated, method x model size, LoRA
-placement x rank, extraction, duplication and unfinished trials; each a `Table` written as
-Markdown and CSV.
+placement x rank, extraction, duplication, counterfactual memorization and unfinished
+trials; each a `Table` written as Markdown and CSV.
 """
 
 from __future__ import annotations
@@ -11,10 +11,12 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+import numpy as np
 import pandas as pd
+from scipy import stats
 
 from memray.config import METHODS
-from memray.report.loading import BOOTSTRAP_RESAMPLES, Group, Trial, is_finite
+from memray.report.loading import BOOTSTRAP_RESAMPLES, COUNTERFACTUAL, Group, Trial, is_finite
 
 
 
@@ -65,6 +67,13 @@ def epoch_zero_note(trials: list[Trial]) -> str | None:
 
 def _interval(ci: tuple[float, float] | None, digits: int = 3) -> str:
     return f"[{_num(ci[0], digits)}, {_num(ci[1], digits)}]" if ci else "-"
+
+
+def _with_interval(value: float, ci: tuple[float, float] | None, digits: int = 3) -> str:
+    """`0.120 [0.081, 0.168]`; the value alone where no interval was recorded, '-' for no value."""
+    if not is_finite(value):
+        return "-"
+    return _num(value, digits) + (f" {_interval(ci, digits)}" if ci else "")
 
 
 def params_text(params: float | None) -> str:
@@ -149,29 +158,37 @@ def attacks_table(trials: list[Trial]) -> Table:
                          "seed": t.seed, "status": t.status, "attack": label, "epoch": t.final.get("epoch"),
                          "auc": a.auc, "chance": a.chance, "auc ci95 low": a.ci[0] if a.ci else None,
                          "auc ci95 high": a.ci[1] if a.ci else None, "tpr@1%fpr": a.tpr_1,
-                         "tpr@0.1%fpr": a.tpr_01, "best epoch": t.best.get("epoch"), "auc at best epoch": a.auc_best,
+                         "tpr@1%fpr ci95 low": a.tpr_1_ci[0] if a.tpr_1_ci else None,
+                         "tpr@1%fpr ci95 high": a.tpr_1_ci[1] if a.tpr_1_ci else None, "tpr@0.1%fpr": a.tpr_01,
+                         "tpr@0.1%fpr ci95 low": a.tpr_01_ci[0] if a.tpr_01_ci else None,
+                         "tpr@0.1%fpr ci95 high": a.tpr_01_ci[1] if a.tpr_01_ci else None,
+                         "best epoch": t.best.get("epoch"), "auc at best epoch": a.auc_best,
                          "tpr@1%fpr at best epoch": a.tpr_1_best, "tpr@0.1%fpr at best epoch": a.tpr_01_best})
             text.append({"trial": t.name, "method": t.variant, "status": t.status, "attack": label,
                          "epoch": str(int(t.final["epoch"])), "AUC": _num(a.auc) + (CHANCE_MARK if a.chance else ""),
                          "AUC 95% CI": _interval(a.ci),
-                         "TPR@1%FPR": _num(a.tpr_1), "TPR@0.1%FPR": _num(a.tpr_01),
+                         "TPR@1%FPR [95% CI]": _with_interval(a.tpr_1, a.tpr_1_ci),
+                         "TPR@0.1%FPR [95% CI]": _with_interval(a.tpr_01, a.tpr_01_ci),
                          "AUC (best epoch)": _num(a.auc_best)})
     return Table("attacks", "Attacks per trial: AUC with its 95% interval, TPR at 1% and 0.1% FPR",
                  pd.DataFrame(rows), pd.DataFrame(text),
                  f"At the final epoch; intervals as the trial recorded them (DeLong's unless eval.bootstrap was set; "
                  f"trials that recorded none: {BOOTSTRAP_RESAMPLES} stratified bootstrap resamples of the per-sample "
                  f"scores); {CHANCE_MARK} = the interval holds 0.5, not distinguishable from chance; a TPR is '-' "
-                 "where the non-members cannot resolve its FPR (see the notes); the last column is the AUC at "
-                 "the best-perplexity epoch (its TPRs are "
-                 "in the CSV).")
+                 "where the non-members cannot resolve its FPR (see the notes); beside it its Clopper-Pearson 95% "
+                 "interval over the members at the threshold its FPR chose (the threshold's own uncertainty, "
+                 "from the non-members, is not in it; trials run before these intervals show the TPR alone); "
+                 "the last column is the AUC at the best-perplexity epoch (its TPRs are in the CSV).")
 
 
 def seeds_table(groups: list[Group], labels: list[str], sizes: dict[str, dict[str, Any]]) -> Table:
-    """Mean ± std over seeds of each configuration that has two or more finished seeds
-    (one seed has no spread to show)."""
+    """Per configuration with two or more finished seeds (one seed has no spread to show)
+    and attack: the mean over seeds, the between-seed sample SD (ddof=1) and the number of
+    seeds of the AUC and the TPRs, the bootstrap 95% interval of the seed-mean AUC, and the
+    validation perplexity's mean ± SD. Takes the groups, the attack labels and the model
+    sizes (`model_sizes`); returns the table."""
     rows, text = [], []
     for g in (g for g in groups if len(g.finished) >= 2):
-        seeds = f"{len(g.finished)}/{len(g.trials)}"
         ppl, ppl_std, _ = g.stat("val/ppl")
         best_ppl, best_std, _ = g.stat("val/ppl", best=True)
         for label in labels:
@@ -180,19 +197,25 @@ def seeds_table(groups: list[Group], labels: list[str], sizes: dict[str, dict[st
             tpr01, tpr01_std, _ = g.stat(f"mia/{label}/tpr@0.1%fpr")
             ci = g.auc_interval(label)
             rows.append({"dataset": g.dataset, "model": g.model, "params": sizes[g.model]["params"],
-                         "method": g.variant, "finished": len(g.finished), "trials": len(g.trials),
-                         "attack": label, "auc mean": auc, "auc std": auc_std, "auc ci95 low": ci[0] if ci else None,
-                         "auc ci95 high": ci[1] if ci else None, "tpr@1%fpr mean": tpr1, "tpr@1%fpr std": tpr1_std,
+                         "method": g.variant, "config key": g.config_key, "finished": len(g.finished),
+                         "trials": len(g.trials), "attack": label, "n seeds": n, "auc mean": auc, "auc std": auc_std,
+                         "auc ci95 low": ci[0] if ci else None, "auc ci95 high": ci[1] if ci else None,
+                         "tpr@1%fpr mean": tpr1, "tpr@1%fpr std": tpr1_std,
                          "tpr@0.1%fpr mean": tpr01, "tpr@0.1%fpr std": tpr01_std, "final val ppl mean": ppl,
                          "final val ppl std": ppl_std, "best val ppl mean": best_ppl, "best val ppl std": best_std})
-            text.append({"dataset": g.dataset, "model": g.model, "method": g.variant, "seeds": seeds,
-                         "attack": label, "AUC": _pm(auc, auc_std), "AUC 95% CI": _interval(ci),
-                         "TPR@1%FPR": _pm(tpr1, tpr1_std), "TPR@0.1%FPR": _pm(tpr01, tpr01_std),
+            text.append({"dataset": g.dataset, "model": g.model, "method": g.variant, "config": g.config_key,
+                         "attack": label, "n seeds": f"{n} of {len(g.trials)}", "AUC mean": _num(auc),
+                         "AUC SD": _num(auc_std), "AUC 95% CI": _interval(ci),
+                         "TPR@1%FPR mean": _num(tpr1), "TPR@1%FPR SD": _num(tpr1_std),
+                         "TPR@0.1%FPR mean": _num(tpr01), "TPR@0.1%FPR SD": _num(tpr01_std),
                          "val PPL (final)": _pm(ppl, ppl_std, 2), "val PPL (best)": _pm(best_ppl, best_std, 2)})
-    return Table("seeds", "Over seeds: mean ± std of the finished trials of each configuration",
+    return Table("seeds", "Over seeds: mean, between-seed SD and interval of each configuration",
                  pd.DataFrame(rows), pd.DataFrame(text),
-                 "Seeds = finished / all trials of the configuration; only configurations with two or more "
-                 "finished seeds are listed; the interval is a bootstrap 95% interval of the seed-mean AUC.")
+                 "One row per configuration (config = its key, the `config_key` of its W&B runs) and attack; "
+                 "only configurations with two or more finished seeds are listed. n seeds = finished trials the "
+                 "numbers are over, of the configuration's trials. Mean = mean over seeds; SD = between-seed "
+                 "sample standard deviation (ddof=1; in the CSV `std`); AUC 95% CI = bootstrap interval of the "
+                 "seed-mean AUC (percentiles of the per-resample mean over seeds); val PPL: mean ± SD.")
 
 
 def method_by_model_tables(groups: list[Group], labels: list[str], sizes: dict[str, dict[str, Any]]) -> list[Table]:
@@ -302,6 +325,64 @@ def duplication_table(trials: list[Trial]) -> Table | None:
     text["copies"] = text["copies"].astype(str)
     return Table("duplication", "By copy count in the training data", data, text,
                  "Final epoch; each metric over the members with that many copies (AUC: against all non-members).")
+
+
+def _mean_of(values: pd.Series) -> tuple[float, int]:
+    """(mean, count) of the finite values; NaN mean for none."""
+    values = values[np.isfinite(values.to_numpy(dtype=float))]
+    return (float(values.mean()) if len(values) else math.nan), len(values)
+
+
+def _mean_text(mean: float, count: int) -> str:
+    return f"{_num(mean)} (n={count})" if count else "-"
+
+
+def counterfactual_table(trials: list[Trial], samples: dict[str, pd.DataFrame]) -> Table | None:
+    """Counterfactual memorization against duplication and extraction, per trial at its
+    final epoch. Takes the trials and, per trial name, its samples (`counterfactual_samples`:
+    trials without any are left out). Per trial: the mean counterfactual of its members
+    by copy count and over all members, of its non-members, of the members extraction
+    reproduced exactly and of those it did not, and Spearman's rank correlation between the
+    members' counterfactual and their best extraction similarity (where extraction ran;
+    NaN for fewer than 3 members or constant values). None when no trial has samples."""
+    chosen = [t for t in trials if t.name in samples]
+    if not chosen:
+        return None
+    levels = sorted({int(c) for t in chosen for c in samples[t.name].loc[samples[t.name]["member"], "copies"]})
+    rows, text = [], []
+    for t in chosen:
+        frame = samples[t.name]
+        members, nonmembers = frame[frame["member"]], frame[~frame["member"]]
+        row = {"trial": t.name, "dataset": t.dataset, "model": t.model, "method": t.variant, "seed": t.seed,
+               "status": t.status, "epoch": t.final.get("epoch")}
+        line = {"trial": t.name, "method": t.variant, "status": t.status, "epoch": str(int(t.final["epoch"]))}
+        groups = [("members", members)] + [(f"copies {c}", members[members["copies"] == c]) for c in levels]
+        groups.append(("non-members", nonmembers))
+        if "extracted" in frame:
+            groups += [("extracted", members[members["extracted"] == 1.0]),
+                       ("not extracted", members[members["extracted"] == 0.0])]
+        for name, group in groups:
+            mean, count = _mean_of(group[COUNTERFACTUAL])
+            row[f"{name} mean"], row[f"{name} n"] = mean, count
+            line[name.replace("copies ", "x")] = _mean_text(mean, count)
+        if "best similarity" in frame:
+            tried = members[np.isfinite(members["best similarity"].to_numpy(dtype=float))
+                            & np.isfinite(members[COUNTERFACTUAL].to_numpy(dtype=float))]
+            rho = math.nan
+            if len(tried) >= 3 and tried[COUNTERFACTUAL].nunique() > 1 and tried["best similarity"].nunique() > 1:
+                rho = float(stats.spearmanr(tried[COUNTERFACTUAL], tried["best similarity"]).statistic)
+            row["spearman best similarity"], row["spearman n"] = rho, len(tried)
+            line["Spearman (best similarity)"] = f"{_num(rho)} (n={len(tried)})" if len(tried) else "-"
+        rows.append(row)
+        text.append(line)
+    return Table("counterfactual", "Counterfactual memorization vs duplication and extraction", pd.DataFrame(rows),
+                 pd.DataFrame(text).fillna("-"),
+                 "Final epoch. Counterfactual memorization of a sample (Zhang et al. 2021): its mean log-likelihood "
+                 "under the reference models that trained on it minus under those that did not (positive = "
+                 "memorized); mean over the trial's members, by copies in the training data (xc), over its "
+                 "non-members, and over the members extraction tried: reproduced exactly (extracted) or not. "
+                 "Spearman: rank correlation over those members between counterfactual memorization and the best "
+                 "of their extraction similarities (rougeL, bleu, edit). '-' where the trial ran no extraction.")
 
 
 def unfinished_table(trials: list[Trial]) -> Table:

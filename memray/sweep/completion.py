@@ -5,7 +5,8 @@ sweep_cells`), so a target's lira / rmia can be computed only when it and all it
 references have finished. The driver does it, alone (one writer of a target's
 result.json): a thread of `memray run / resume` looks every `POLL_S` seconds (URI storage:
 `URI_POLL_S`) for targets whose trials have all succeeded and whose result.json lacks the
-attacks of these references, and once more after the last trial (a resumed sweep whose
+attacks of these references (or holds those of references since trained again, or of
+other rules: `memray.references.has_reference_attacks`), and once more after the last trial (a resumed sweep whose
 trials were all done included). For each it adds lira / rmia per epoch to the target's result.json and
 per-sample files (`memray.references.add_reference_attacks`) and logs the new metrics of
 every epoch into the target's W&B run. On URI storage the trial folders are fetched from
@@ -70,12 +71,13 @@ def complete_targets(context: SweepContext, done: set[int] | None = None,
             continue
         # decided from result.json alone: on URI storage the folders are fetched only to complete
         trials = Path(TRIALS_DIR)
-        if not has_reference_attacks(results[0], trials / names[0], [trials / name for name in names[1:]]):
+        if not has_reference_attacks(results[0], trials / names[0], [trials / name for name in names[1:]], results[1:]):
             with _trial_folders(context, [target, *references]) as folders:
-                epochs = add_reference_attacks(context.cells[target].config, folders[0], folders[1:])
+                epochs = add_reference_attacks(context.cells[target].config, folders[0], folders[1:], results[1:])
+                top = json.loads((folders[0] / RESULT_FILE).read_text()).get("counterfactual_top") or {}
                 if context.folder.is_uri:
                     TrialMirror(context.folder, names[0], folders[0]).upload()
-            _log_late(context, target, epochs)
+            _log_late(context, target, epochs, top)
             completed.append(names[0])
         if done is not None:
             done.add(target)
@@ -88,19 +90,21 @@ def _result(context: SweepContext, name: str) -> dict:
     return json.loads(text) if text else {}
 
 
-def _log_late(context: SweepContext, target: int, epochs: list[dict]) -> None:
-    """The target's new metrics into its W&B run: through its local W&B files where the
-    driver has them (what they lack, `reconcile_trial`), else (URI storage) once, online."""
+def _log_late(context: SweepContext, target: int, epochs: list[dict], top: dict) -> None:
+    """The target's new metrics (and the samples of highest counterfactual memorization,
+    `top`) into its W&B run: through its local W&B files where the driver has them (what
+    they lack, `reconcile_trial`), else (URI storage) once, online."""
     cell, name = context.cells[target], context.trial_names[target]
     if context.wandb.mode == "disabled":
         return
     if not context.folder.is_uri:
         reconcile_trial(context.wandb, cell, name, Path(context.local_root),
-                        {"epochs": epochs, "status": "success"})
+                        {"epochs": epochs, "status": "success", "counterfactual_top": top})
     elif context.wandb.mode == "online":
         with tempfile.TemporaryDirectory(prefix="memray-wandb-") as scratch:
             run = WandbTrial.start(context.wandb, cell, name, Path(scratch), wait_s=0)
-            run.log_late(epochs)
+            if run.log_late(epochs):
+                run.log_counterfactual_top(top)
             run.finish(Path(scratch), None, "success")
 
 

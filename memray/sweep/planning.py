@@ -26,6 +26,7 @@ from memray.config import (
     load_sweep,
     parse_override,
 )
+from memray.attacks import ATTACKS
 from memray.gguf_bases import is_gguf
 from memray.methods import METHODS
 
@@ -267,7 +268,8 @@ def trial_flops(config: TrialConfig, shape: Any, hf_config: Any) -> float:
     forward = 2 * shape.params + attention_flops(hf_config, context, trained=False)
     cap = config.eval.max_scored or max(members, nonmembers)
     scored = (min(members, cap) + min(nonmembers, cap) + data.validation) * data.max_length * (epochs + 1)
-    reference = (members + nonmembers) * data.max_length if any(a.name == "ref" for a in config.attacks) else 0
+    needs_reference = any(ATTACKS[a.name].needs_reference for a in config.attacks)
+    reference = (members + nonmembers) * data.max_length if needs_reference else 0
     decoded = 0.0
     if config.extraction.enabled:
         decoded = 2 * config.extraction.samples * config.extraction.suffix_tokens * (epochs + 1)

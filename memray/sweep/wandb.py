@@ -1,6 +1,9 @@
 """W&B for a sweep: one run per trial, grouped by the sweep name, with the cell's axes and
 key hyperparameters as flat config columns and tags; the same run id on every attempt of
 a trial, so a resumed trial continues its run; ROC curves and an AUC table at the end.
+Runs that differ only in their seeds share a configuration key (`memray.results.config_key`),
+a config column `config_key` (with the readable `config_name`) and a tag `config:<key>`,
+so the UI can group a sweep's runs by configuration and show the spread over seeds.
 
 `result.json` is the source of truth for a run's history. Every attempt of a trial (and
 the driver at the end of `memray run / resume`) first reads what the run's W&B files
@@ -34,12 +37,15 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from memray.config import Cell
+from memray.results import NOT_CONFIGURATION, config_key
 
 #: How long an attempt waits for an earlier attempt's W&B process to close the run's files
 #: (it flushes what it holds when its trial process dies) before reading them.
 CLOSE_WAIT_S = 60.0
 #: The epoch of a late row (`WandbTrial.log_late`); its metrics are plotted against it.
 LATE_EPOCH = "reference_epoch"
+#: The table of the samples of highest counterfactual memorization (`log_counterfactual_top`)
+COUNTERFACTUAL_TABLE = "mem/counterfactual/top"
 
 
 @dataclass(frozen=True)
@@ -67,9 +73,23 @@ def _flat(prefix: str, value: Any) -> dict[str, Any]:
     return {prefix: value}
 
 
+def config_name(cell: Cell) -> str:
+    """The readable form of a cell's configuration key: its grid axes other than the seeds
+    (`method.name=lora, method.rank=8`), "base" for a grid of seeds alone; a reference
+    model's ends with its index (`reference 1/4`)."""
+    axes = {key: value for key, value in _flat("", cell.axes).items() if key not in NOT_CONFIGURATION}
+    parts = [f"{key}={json.dumps(value) if isinstance(value, (list, dict)) else value}" for key, value in axes.items()]
+    reference = cell.config.reference
+    if reference is not None:
+        parts.append(f"reference {reference.index}/{reference.of}")
+    return ", ".join(parts) or "base"
+
+
 def wandb_config(cell: Cell, trial_name: str) -> dict[str, Any]:
-    """W&B config: flat columns (every grid axis as its dotted key, e.g. `method.rank`, and
-    the key hyperparameters), then the nested axes and resolved config."""
+    """W&B config of a cell's run (`trial_name` its folder name): flat columns (every grid
+    axis as its dotted key, e.g. `method.rank`, the key hyperparameters, and the
+    configuration's `config_key` and readable `config_name`), then the nested axes and the
+    resolved config."""
     from memray.methods import default_lr
 
     config, method = cell.config, cell.config.method
@@ -81,16 +101,17 @@ def wandb_config(cell: Cell, trial_name: str) -> dict[str, Any]:
         "epochs": config.train.epochs, "batch_size": config.train.batch_size,
         "duplication": duplicates.fraction if duplicates else 0.0, "seed": config.seed,
         "cell": cell.index, "trial": trial_name,
+        "config_key": config_key(config.resolved()), "config_name": config_name(cell),
     }
     columns.update(_flat("", cell.axes))
     return {**columns, "axes": cell.axes, "config": config.resolved()}
 
 
 def wandb_tags(cell: Cell, sweep_name: str) -> list[str]:
-    """Run tags: sweep, model, method and dataset, each as `kind:value`."""
+    """Run tags: sweep, model, method, dataset and configuration key, each as `kind:value`."""
     config = cell.config
     return [f"sweep:{sweep_name}", f"model:{config.model.name}", f"method:{config.method.name}",
-            f"dataset:{config.data.dataset}"]
+            f"dataset:{config.data.dataset}", f"config:{config_key(config.resolved())}"]
 
 
 # -- reading a run's local files back --------------------------------------------------------
@@ -310,6 +331,24 @@ class WandbTrial:
             count += 1
         return count
 
+    def log_counterfactual_top(self, top: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
+        """The samples of highest counterfactual memorization (result.json's
+        `counterfactual_top`) of its last epoch, as a table `mem/counterfactual/top` at the
+        next free step, against that epoch (`reference_epoch`)."""
+        if self.run is None or not top:
+            return
+        epoch = max(top, key=int)
+        try:
+            import wandb
+
+            table = wandb.Table(columns=["sample_id", "counterfactual", "member", "copies"])
+            for row in top[epoch]:
+                table.add_data(row["sample_id"], row["counterfactual"], row["member"], row["copies"])
+            self.run.log({LATE_EPOCH: int(epoch), COUNTERFACTUAL_TABLE: table}, step=self.next_step)
+            self.next_step += 1
+        except Exception as err:  # noqa: BLE001
+            warnings.warn(f"W&B log failed: {err}", stacklevel=2)
+
     def finish(self, trial_dir: Path, final: Mapping[str, float] | None, state: str = "success",
                reason: str | None = None) -> None:
         """Record the trial's state (and reason) in the run's summary, log the ROC curves of
@@ -333,15 +372,16 @@ class WandbTrial:
     def _log_curves(self, trial_dir: Path, final: Mapping[str, float]) -> None:
         import wandb
 
-        from memray.metrics import roc_points
+        from memray.metrics import TPR_AT_FPR, roc_points
         from memray.results import read_scores, scores_path
 
         epoch = int(final["epoch"])
         labels = [key.split("/")[1] for key in final if key.startswith("mia/") and key.endswith("/auc")]
-        table = wandb.Table(columns=["attack", "auc", "tpr@1%fpr", "tpr@0.1%fpr"])
+        # each number with its 95% interval beside it (None where the trial left it out)
+        columns = [name + end for name in ("auc", *(suffix for suffix, _ in TPR_AT_FPR)) for end in ("", "_lo", "_hi")]
+        table = wandb.Table(columns=["attack", *columns])
         for label in labels:
-            table.add_data(label, final.get(f"mia/{label}/auc"), final.get(f"mia/{label}/tpr@1%fpr"),
-                           final.get(f"mia/{label}/tpr@0.1%fpr"))
+            table.add_data(label, *(final.get(f"mia/{label}/{column}") for column in columns))
         logged: dict[str, Any] = {"mia/auc_table": table}
         if scores_path(trial_dir, epoch).is_file():
             scores = read_scores(trial_dir, epoch)
@@ -376,7 +416,8 @@ def reconcile_trial(settings: WandbSettings, cell: Cell, trial_name: str, direct
         return False
     run = WandbTrial.start(settings, cell, trial_name, directory, wait_s=0)
     run.replay(rows)
-    run.log_late(rows)
+    if run.log_late(rows):
+        run.log_counterfactual_top(result.get("counterfactual_top") or {})
     state = result.get("status") or "lost"
     run.finish(Path(directory), None, state, result.get("reason"))
     return True

@@ -27,6 +27,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from memray.attacks import ATTACK_RULES
 from memray.attacks import ATTACKS as ATTACK_REGISTRY
+from memray.gguf_bases import PACKAGED as GGUF_ALIASES, is_gguf
 from memray.methods import METHODS as METHOD_REGISTRY
 from memray.reference_attacks import MIN_REFERENCES, reference_seed
 from memray.schema import ConfigError, Schema
@@ -93,7 +94,7 @@ GPU_TYPES: dict[str, tuple[str, float]] = {
 
 
 class ModelConfig(Schema):
-    name: str = "tiny-gpt2"  # alias, built-in, hub id ("org/name") or local path
+    name: str = "tiny-gpt2"  # alias, built-in, packaged GGUF alias, hub id ("org/name"), local folder or .gguf file
     revision: str | None = None  # hub revision; part of the reference-statistics cache key
     pretrained: bool = True  # built-ins: start from the cached tiny base trained on pydoc text
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPUs that have it
@@ -101,14 +102,20 @@ class ModelConfig(Schema):
     @field_validator("name")
     @classmethod
     def _known_model(cls, name: str) -> str:
-        if name in MODEL_ALIASES or name in BUILTIN_MODELS:
-            return name
+        if name in MODEL_ALIASES or name in BUILTIN_MODELS or is_gguf(name):
+            return name  # a .gguf path is checked (and converted) when the model is loaded
         if "/" in name or name.startswith((".", "~")) or Path(name).expanduser().exists():
             return name  # a hub id or a local path: checked when the model is loaded
-        choices = ", ".join([*MODEL_ALIASES, *BUILTIN_MODELS])
+        choices = ", ".join([*MODEL_ALIASES, *BUILTIN_MODELS, *GGUF_ALIASES])
         raise ValueError(
             f"{name!r} is not a known alias ({choices}), a local path, or a hub id (org/name)"
         )
+
+    @model_validator(mode="after")
+    def _gguf_has_no_revision(self) -> "ModelConfig":
+        if self.revision is not None and is_gguf(self.name):
+            raise ValueError(f"revision: {self.name} is a GGUF file, which has no hub revision")
+        return self
 
 
 class DuplicatesConfig(Schema):

@@ -151,6 +151,33 @@ def delong_interval(scores, is_member, level: float = 0.95) -> tuple[float, floa
     return max(0.0, auc - z * se), min(1.0, auc + z * se)
 
 
+def delong_covariance(score_columns, is_member) -> tuple[np.ndarray, np.ndarray]:
+    """AUCs of several score columns on the same samples and DeLong's covariance of them.
+
+    score_columns: [n_samples, k] (e.g. k trials, or one trial at k epochs, scoring the same
+    members and non-members). Returns (aucs [k], covariance [k, k]) from the structural
+    components of DeLong et al. 1988, each column's from midranks as in `delong_interval`:
+    S = cov(V10) / m + cov(V01) / n. The variance of a contrast c of the AUCs (a difference
+    of two, or of two means) is c' S c: the paired test of correlated AUCs.
+    """
+    columns = np.asarray(score_columns, dtype=np.float64)
+    labels = np.asarray(is_member, dtype=bool)
+    if columns.ndim != 2 or columns.shape[0] != labels.shape[0]:
+        raise ValueError(f"score columns {columns.shape} must be [samples, k] with is_member {labels.shape}")
+    m, n = int(labels.sum()), int((~labels).sum())
+    if m < 2 or n < 2:
+        raise ValueError("DeLong's covariance needs at least two members and two non-members")
+    v10, v01 = np.empty((m, columns.shape[1])), np.empty((n, columns.shape[1]))
+    for j, scores in enumerate(columns.T):
+        _checked(scores, labels)
+        members, nonmembers = scores[labels], scores[~labels]
+        all_ranks = stats.rankdata(np.concatenate([members, nonmembers]))
+        v10[:, j] = (all_ranks[:m] - stats.rankdata(members)) / n
+        v01[:, j] = 1.0 - (all_ranks[m:] - stats.rankdata(nonmembers)) / m
+    covariance = np.atleast_2d(np.cov(v10, rowvar=False)) / m + np.atleast_2d(np.cov(v01, rowvar=False)) / n
+    return v10.mean(axis=0), covariance
+
+
 def resolves(fpr: float, nonmembers: int) -> bool:
     """Whether `nonmembers` non-members resolve a false-positive rate of `fpr`: at least
     1/fpr of them, so that one false positive is not already above the budget."""

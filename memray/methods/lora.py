@@ -16,6 +16,12 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 
+#: Placements by how much LoRA memorizes with them, least first: Hou et al. 2025 (arXiv
+#: 2507.00258) found LoRA on the MLP / projection layers above LoRA on attention, and both
+#: highest. The report's findings test this order on a sweep's results.
+PLACEMENT_ORDER: tuple[str, ...] = ("attn", "mlp", "both")
+
+
 class LoraMethod(MethodSchema):
     name: Literal["lora"] = "lora"
     rank: int = Field(8, gt=0)

@@ -8,8 +8,8 @@ report.html        the same in one self-contained page to open and share (figure
                      tables sortable, notes and findings at the top; no server, no network)
 report.json        every number: per trial, per epoch, per attack, per group of seeds
 tables/<name>.md   the tables as Markdown, and as CSV (full precision) beside them:
-tables/<name>.csv    trials, attacks, seeds, method_by_model_<dataset>, lora, extraction,
-                     duplication, counterfactual, unfinished
+tables/<name>.csv    trials, attacks, seeds, method_by_model_<dataset>, findings, lora,
+                     extraction, duplication, counterfactual, unfinished
 figures/<name>.png auc_vs_epoch_<dataset>, auc_vs_model_size_<dataset>, ppl_vs_auc,
                      lora_placement_rank, roc_<dataset>_<model>, duplication_<dataset>,
                      counterfactual_<dataset>
@@ -47,6 +47,9 @@ What the numbers mean:
   trial's `method_info.total_params`, less its `trainable_params` for PEFT methods (whose
   adapters, prefixes or prompts are added to the model). A model no trial has loaded yet
   takes memray's approximate count (`memray.config.APPROX_PARAMS`).
+- *Findings* (`findings`): each claim of the two studies the grid can test, decided from
+  the per-sample scores by a paired test (DeLong) on the shared split, over seeds; the
+  rules are in `memray.report.findings`.
 - Method labels say what differs: `lora (attn, r8)`, and a sweep axis that varies
   between trials of the same method, model and dataset is appended (`dup 10% x2/5/10`).
 
@@ -93,6 +96,7 @@ from memray.report.tables import (
     unresolved_notes,
 )
 from memray.report.figures import counterfactual_figures, make_figures
+from memray.report.findings import findings_table
 from memray.report.html import html_report
 from memray.report.publishing import (
     status_counts,
@@ -151,6 +155,9 @@ def build_report(sweep_dir: Path, out_dir: Path | None = None, *, wandb: bool = 
     tables = {"unfinished": unfinished_table(trials)}
     tables.update({t.name: t for t in method_by_model_tables(groups, labels, sizes)})
     tables["seeds"] = seeds_table(groups, labels, sizes)
+    findings = findings_table(trials, sweep_dir)
+    if findings is not None:
+        tables["findings"] = findings
     counterfactual = {t.name: frame for t in trials if (frame := counterfactual_samples(t, sweep_dir)) is not None}
     for table in (lora_table(groups, labels), extraction_table(trials), duplication_table(trials),
                   counterfactual_table(trials, counterfactual)):

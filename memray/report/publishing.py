@@ -112,6 +112,8 @@ def markdown(name: str, sweep_dir: Path, out_dir: Path, trials: list[Trial], tab
     for key in [k for k in tables if k.startswith("method_by_model_")]:
         add_table(tables[key])
     add_table(tables["seeds"])
+    if "findings" in tables:
+        add_table(tables["findings"])
     lines.extend(["## Figures", ""])
     for figure in figures.values():
         lines.extend([f"![{figure.caption}]({figure.path.relative_to(out_dir).as_posix()})", ""])

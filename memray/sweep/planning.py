@@ -27,6 +27,7 @@ from memray.config import (
     parse_override,
 )
 from memray.attacks import ATTACKS
+from memray.gguf_bases import is_gguf
 from memray.methods import METHODS
 
 
@@ -40,7 +41,12 @@ def parse_overrides(overrides: Sequence[str] | Mapping[str, Any] | None) -> dict
 
 
 def approx_params(config: TrialConfig) -> float:
-    """Approximate parameter count of the trial's model (UNKNOWN_PARAMS for other models)."""
+    """Approximate parameter count of the trial's model: a GGUF file's count from its tensor
+    table, an alias's from APPROX_PARAMS, UNKNOWN_PARAMS for other models."""
+    if is_gguf(config.model.name):
+        from memray import models
+
+        return float(models.gguf_parameter_count(config.model))
     return APPROX_PARAMS.get(config.model.name, UNKNOWN_PARAMS)
 
 

@@ -149,19 +149,20 @@ def test_the_report_shows_the_target_with_lira_and_rmia_and_not_its_references(t
     assert all(row["auc_ci95"] is not None for row in report["trials"][0]["attacks"].values())
 
 
-@pytest.mark.slow
-def test_over_three_seeds_reference_attacks_beat_loss_at_low_fpr(tmp_path):
+def test_over_three_seeds_reference_attacks_beat_loss_at_low_fpr(target, tmp_path):
     """The issue's bar, on the tiny full fine-tuning trial with 100 scored non-members and 4
-    references, seeds 0-2 (about 15 trials of a minute or more each on two cores): the mean
-    TPR at 1% FPR of lira and rmia, online and offline, above LOSS's; offline RMIA's scores
-    never rank as LOSS's (Spearman <= 0.95); every reference trained on the target's
-    training-set size with a seed of its own."""
+    references, seeds 0 (the module's trial) to 2: the mean TPR at 1% FPR of lira and rmia,
+    online and offline, above LOSS's; offline RMIA's scores never rank as LOSS's (Spearman
+    <= 0.95); every reference trained on the target's training-set size with a seed of its
+    own. Measured here: LOSS .25/.40/.47, lira .95/1.0/.99, lira-offline .83/.82/.34, rmia
+    .99/1.0/.99, rmia-offline .85/.91/.33."""
     tprs: dict[str, list[float]] = {}
     for seed in (0, 1, 2):
-        path = tmp_path / f"trial{seed}.yaml"
-        path.write_text(yaml.safe_dump({**TRIAL, "seed": seed, "output_dir": str(tmp_path)}))
-        folder = tmp_path / f"s{seed}"
-        assert cli.main(["trial", str(path), "--trial-dir", str(folder), "--quiet"]) == 0
+        folder = target if seed == 0 else tmp_path / f"s{seed}"
+        if seed:
+            path = tmp_path / f"trial{seed}.yaml"
+            path.write_text(yaml.safe_dump({**TRIAL, "seed": seed, "output_dir": str(tmp_path)}))
+            assert cli.main(["trial", str(path), "--trial-dir", str(folder), "--quiet"]) == 0
         result = json.loads((folder / "result.json").read_text())
         for label in ("loss", "lira", "lira-offline", "rmia", "rmia-offline"):
             tprs.setdefault(label, []).append(result["final"][f"mia/{label}/tpr@1%fpr"])

@@ -116,3 +116,36 @@ def test_delong_covariance_of_correlated_aucs():
     assert 1.959964 * np.sqrt(covariance[0, 0]) == pytest.approx((high - low) / 2, rel=1e-6)
     # the two AUCs share their samples: the difference's variance is far below the sum of theirs
     assert covariance[0, 0] + covariance[1, 1] - 2 * covariance[0, 1] < 0.3 * (covariance[0, 0] + covariance[1, 1])
+
+
+@pytest.mark.parametrize("expected", [HOLDS, FAILS])
+def test_the_findings_figure_draws_each_row_in_its_verdicts_colour(tmp_path, monkeypatch, expected):
+    """One point with its interval per row of the table, centred on the row's difference (or
+    a near-chance row's AUC less 0.5), in the colour of its verdict; in report.md and report.html."""
+    from matplotlib.axes import Axes
+
+    from memray.report.figures import VERDICT_COLORS, plot_findings
+    from memray.report.findings import CHANCE_MARGIN
+
+    write_scenario(tmp_path, SCENARIOS[expected], OWN_NOISE[expected], seeds=(0,))
+    path = build_report(tmp_path, bootstrap=0)
+    assert "figures/findings.png" in path.read_text()
+    assert '<figure id="figure-findings">' in (path.parent / "report.html").read_text()
+    rows = json.loads((path.parent / "report.json").read_text())["tables"]["findings"]
+
+    drawn = []
+    original = Axes.errorbar
+
+    def spy(self, x, y, *args, **kwargs):
+        drawn.append((x[0], kwargs["xerr"], kwargs["color"]))
+        return original(self, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "errorbar", spy)
+    assert plot_findings(pd.DataFrame(rows), CHANCE_MARGIN, tmp_path / "findings.png").is_file()
+    assert len(drawn) == len(rows)
+    for (center, xerr, color), row in zip(drawn, rows):
+        chance = row["difference"] is None
+        expected_center = row["a"] - 0.5 if chance else row["difference"]
+        low = row["a_lo"] - 0.5 if chance else row["difference_lo"]
+        assert center == pytest.approx(expected_center) and center - xerr[0][0] == pytest.approx(low)
+        assert color == VERDICT_COLORS[row["verdict"]]

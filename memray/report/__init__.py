@@ -12,7 +12,7 @@ tables/<name>.csv    trials, attacks, seeds, method_by_model_<dataset>, findings
                      extraction, duplication, counterfactual, unfinished
 figures/<name>.png auc_vs_epoch_<dataset>, auc_vs_model_size_<dataset>, ppl_vs_auc,
                      lora_placement_rank, roc_<dataset>_<model>, duplication_<dataset>,
-                     counterfactual_<dataset>
+                     counterfactual_<dataset>, findings
 ```
 and logs the same figures and tables to a W&B run (job type "report", in the sweep's
 group) when the sweep used W&B.
@@ -95,8 +95,8 @@ from memray.report.tables import (
     unfinished_table,
     unresolved_notes,
 )
-from memray.report.figures import counterfactual_figures, make_figures
-from memray.report.findings import findings_table
+from memray.report.figures import FigureFile, counterfactual_figures, make_figures, plot_findings
+from memray.report.findings import CHANCE_MARGIN, findings_table
 from memray.report.html import html_report
 from memray.report.publishing import (
     status_counts,
@@ -170,6 +170,11 @@ def build_report(sweep_dir: Path, out_dir: Path | None = None, *, wandb: bool = 
         shutil.rmtree(stale, ignore_errors=True)  # figures of an earlier report that no longer apply
     figures = make_figures(trials, groups, labels, sizes, out_dir / "figures")
     figures.update(counterfactual_figures(trials, counterfactual, out_dir / "figures"))
+    if findings is not None:
+        path = plot_findings(findings.data, CHANCE_MARGIN, out_dir / "figures" / "findings.png")
+        if path is not None:
+            figures = {"findings": FigureFile(path, "Findings: each claim's difference with its 95% interval, "
+                                                    "coloured by its verdict"), **figures}
     if not labels:
         notes.append("No trial has recorded an epoch yet: no attack numbers or figures.")
 

@@ -1,6 +1,7 @@
 """The report's figures (matplotlib's object API: a Figure renders with Agg, no pyplot
 global state): AUC vs epoch, AUC vs model size, privacy-utility, LoRA bars, ROC curves on
-log-log axes, extraction vs duplicate count, counterfactual memorization vs duplicate count.
+log-log axes, extraction vs duplicate count, counterfactual memorization vs duplicate count,
+the findings table as a forest plot.
 
 One style throughout, for what the studies compare: a method's colour comes from its
 family (`memray.methods.METHOD_FAMILIES`: cool hues and solid lines for parameter-based
@@ -543,6 +544,57 @@ def counterfactual_figures(trials: list[Trial], samples: dict[str, pd.DataFrame]
         if path is not None:
             figures[stem] = FigureFile(path, f"Counterfactual memorization vs copies in the training data, {dataset}")
     return figures
+
+
+#: Verdicts of the findings table and their marker colours (the table's words).
+VERDICT_COLORS = {"holds": "#31a354", "does not hold": "#de2d26", "inconclusive": "#737373"}
+
+
+def _wrapped(text: str, width: int = 44) -> str:
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return "\n".join([*lines, line])
+
+
+def plot_findings(rows: pd.DataFrame, chance_margin: float, path: Path) -> Path | None:
+    """The findings table as a forest plot, one panel per (model, dataset): each row's
+    difference (side a - side b, AUC or ROUGE-L) with its 95% interval, or for a
+    "near chance" row its AUC less 0.5 inside the shaded +/- `chance_margin` band; the
+    marker coloured by the verdict; 0 marked. rows: the findings table's data
+    (`memray.report.findings`: finding, measure, model, dataset, a, a_lo, a_hi,
+    difference, difference_lo, difference_hi, verdict). None when it has no row."""
+    if rows.empty:
+        return None
+    settings = list(dict.fromkeys(zip(rows["model"], rows["dataset"])))
+    figure, axes_grid = _figure(len(settings), 1, width=8.0, height=0.55 * rows.groupby(["model", "dataset"]).size().max() + 1.0)
+    for ax, (model, dataset) in zip(axes_grid[:, 0], settings):
+        part = rows[(rows["model"] == model) & (rows["dataset"] == dataset)].reset_index(drop=True)
+        labels = []
+        for y, row in part.iterrows():
+            chance = not is_finite(row.get("difference"))
+            center, low, high = ((row["a"] - CHANCE_AUC, row["a_lo"] - CHANCE_AUC, row["a_hi"] - CHANCE_AUC) if chance
+                                 else (row["difference"], row["difference_lo"], row["difference_hi"]))
+            color = VERDICT_COLORS.get(row["verdict"], "#252525")
+            if chance:
+                ax.fill_betweenx([y - 0.4, y + 0.4], -chance_margin, chance_margin, color="#bdbdbd", alpha=0.35, lw=0)
+            ax.errorbar([center], [y], xerr=[[center - low], [high - center]], fmt="o", color=color, capsize=3,
+                        lw=LINE_WIDTH)
+            labels.append(_wrapped(f"{row['finding']} ({row['measure']}{', AUC - 0.5' if chance else ''})"))
+        ax.axvline(0.0, color="#252525", lw=0.8, ls=":")
+        ax.set_yticks(range(len(part)), labels, fontsize="small")
+        ax.set_ylim(len(part) - 0.5, -0.5)
+        ax.set_title(f"{model}, {dataset}", fontsize="medium")
+        ax.set_xlabel("difference a - b, 95% interval (AUC; ROUGE-L for duplication)")
+        ax.grid(axis="x", alpha=0.3)
+    handles = {verdict: Line2D([], [], marker="o", ls="", color=color) for verdict, color in VERDICT_COLORS.items()}
+    figure.suptitle("Findings of the studies on this sweep")
+    _legend(figure, axes_grid, handles)
+    return _save(figure, path)
 
 
 @dataclass

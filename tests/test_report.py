@@ -265,7 +265,8 @@ def _is_real_plot(path: Path) -> None:
 def test_every_figure_is_a_real_png_and_in_report_md(built):
     _, path, report = built
     expected = {"auc_vs_epoch_wikitext2", "auc_vs_model_size_wikitext2", "ppl_vs_auc", "lora_placement_rank",
-                "roc_wikitext2_gpt2", "roc_wikitext2_gpt2-medium", "duplication_wikitext2"}
+                "roc_wikitext2_gpt2", "roc_wikitext2_gpt2-medium", "duplication_wikitext2", "findings"}
+    assert report["tables"]["findings"]  # the findings figure draws the findings table
     assert set(report["figures"]) == expected
     text = path.read_text()
     for relative in report["figures"].values():
@@ -513,7 +514,7 @@ def test_report_of_a_small_real_sweep(tmp_path):
     full_info = results[names[full.index]]["method_info"]
     assert report["models"]["tiny-gpt2"] == {"params": full_info["total_params"], "source": "trials"}
     assert set(report["figures"]) == {"auc_vs_epoch_pydoc", "auc_vs_model_size_pydoc", "ppl_vs_auc",
-                                      "lora_placement_rank", "roc_pydoc_tiny-gpt2"}
+                                      "lora_placement_rank", "roc_pydoc_tiny-gpt2", "findings"}
     for relative in report["figures"].values():
         _is_real_plot(path.parent / relative)
 

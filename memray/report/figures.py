@@ -571,7 +571,8 @@ def plot_findings(rows: pd.DataFrame, chance_margin: float, path: Path) -> Path 
     if rows.empty:
         return None
     settings = list(dict.fromkeys(zip(rows["model"], rows["dataset"])))
-    figure, axes_grid = _figure(len(settings), 1, width=8.0, height=0.55 * rows.groupby(["model", "dataset"]).size().max() + 1.0)
+    most = int(rows.groupby(["model", "dataset"]).size().max())
+    figure, axes_grid = _figure(len(settings), 1, width=8.0, height=max(2.4, 0.55 * most + 1.0))
     for ax, (model, dataset) in zip(axes_grid[:, 0], settings):
         part = rows[(rows["model"] == model) & (rows["dataset"] == dataset)].reset_index(drop=True)
         labels = []

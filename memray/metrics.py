@@ -136,17 +136,8 @@ def delong_interval(scores, is_member, level: float = 0.95) -> tuple[float, floa
     its rank among members) / n, V01_j = 1 - (rank of non-member j among all - its rank
     among non-members) / m, var = var(V10) / m + var(V01) / n. Closed form, O(N log N).
     """
-    scores, labels = _checked(scores, is_member)
-    members, nonmembers = scores[labels], scores[~labels]
-    m, n = len(members), len(nonmembers)
-    if m < 2 or n < 2:
-        raise ValueError("DeLong's interval needs at least two members and two non-members")
-    all_ranks = stats.rankdata(np.concatenate([members, nonmembers]))
-    member_ranks, nonmember_ranks = stats.rankdata(members), stats.rankdata(nonmembers)
-    v10 = (all_ranks[:m] - member_ranks) / n  # per member: share of non-members it beats (ties 1/2)
-    v01 = 1.0 - (all_ranks[m:] - nonmember_ranks) / m  # per non-member: share of members above it
-    auc = float(v10.mean())
-    se = math.sqrt(v10.var(ddof=1) / m + v01.var(ddof=1) / n)
+    aucs, covariance = delong_covariance(np.asarray(scores, dtype=np.float64)[:, None], is_member)
+    auc, se = float(aucs[0]), math.sqrt(float(covariance[0, 0]))
     z = float(stats.norm.ppf(0.5 + level / 2))
     return max(0.0, auc - z * se), min(1.0, auc + z * se)
 
@@ -156,7 +147,7 @@ def delong_covariance(score_columns, is_member) -> tuple[np.ndarray, np.ndarray]
 
     score_columns: [n_samples, k] (e.g. k trials, or one trial at k epochs, scoring the same
     members and non-members). Returns (aucs [k], covariance [k, k]) from the structural
-    components of DeLong et al. 1988, each column's from midranks as in `delong_interval`:
+    components of DeLong et al. 1988, each column's from midranks (Sun & Xu 2014):
     S = cov(V10) / m + cov(V01) / n. The variance of a contrast c of the AUCs (a difference
     of two, or of two means) is c' S c: the paired test of correlated AUCs.
     """
@@ -166,7 +157,7 @@ def delong_covariance(score_columns, is_member) -> tuple[np.ndarray, np.ndarray]
         raise ValueError(f"score columns {columns.shape} must be [samples, k] with is_member {labels.shape}")
     m, n = int(labels.sum()), int((~labels).sum())
     if m < 2 or n < 2:
-        raise ValueError("DeLong's covariance needs at least two members and two non-members")
+        raise ValueError("DeLong's variance needs at least two members and two non-members")
     v10, v01 = np.empty((m, columns.shape[1])), np.empty((n, columns.shape[1]))
     for j, scores in enumerate(columns.T):
         _checked(scores, labels)

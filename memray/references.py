@@ -37,7 +37,7 @@ import pandas as pd
 from memray import metrics, reference_attacks
 from memray.attacks import ATTACKS
 from memray.config import AttackConfig, Cell, TrialConfig, validate_trial
-from memray.results import TrialRecord, scores_path, write_scores
+from memray.results import COUNTERFACTUAL_COLUMN, TrialRecord, scores_path, write_scores
 
 REFERENCES_DIR = "references"
 
@@ -105,8 +105,6 @@ def run_references(config: TrialConfig, trial_dir: Path, *, resume: bool = True,
 
 #: Metric keys the references add to a target's epoch rows besides each label's `mia/` metrics
 COUNTERFACTUAL_MEAN = "mem/counterfactual/mean"
-#: Per-sample column of the target's score files: counterfactual memorization
-COUNTERFACTUAL_COLUMN = "counterfactual"
 #: Samples of highest counterfactual memorization kept per epoch in result.json
 COUNTERFACTUAL_TOP = 20
 
@@ -126,14 +124,12 @@ def _aligned(target: pd.DataFrame, references: list[pd.DataFrame]) -> tuple[np.n
     return losses, in_mask
 
 
-def reference_scores(config: TrialConfig, target: pd.DataFrame, references: list[pd.DataFrame]
+def reference_scores(config: TrialConfig, target_loss: np.ndarray, losses: np.ndarray, in_mask: np.ndarray
                      ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]], dict[str, str]]:
-    """One epoch's reference attacks from the per-sample `nll` of the target and of each
-    reference (whose `member` column says which samples it trained on). Returns (label ->
-    scores in `target`'s row order, label -> the rules its scorer used, label -> why it
-    was left out where the references cannot support it)."""
-    losses, in_mask = _aligned(target, references)
-    target_loss = target["nll"].to_numpy(dtype=float)
+    """One epoch's reference attacks from the per-sample `nll` of the target (n,) and of
+    the references (R, n), with in_mask (R, n) saying which samples each trained on
+    (`_aligned`). Returns (label -> scores, label -> the rules its scorer used, label -> why
+    it was left out where the references cannot support it)."""
     scores: dict[str, np.ndarray] = {}
     rules: dict[str, dict[str, Any]] = {}
     left_out: dict[str, str] = {}
@@ -179,12 +175,12 @@ def add_reference_attacks(config: TrialConfig, trial_dir: Path, reference_dirs: 
             continue
         target = pd.read_parquet(target_path).drop(columns=[*labels, COUNTERFACTUAL_COLUMN], errors="ignore")
         frames = [pd.read_parquet(path) for path in paths]
-        found, rules, left_out = reference_scores(config, target, frames)
+        losses, in_mask = _aligned(target, frames)
+        found, rules, left_out = reference_scores(config, target["nll"].to_numpy(dtype=float), losses, in_mask)
         member = target["member"].to_numpy(dtype=bool)
         for label, values in found.items():
             row.update(metrics.mia_metrics(label, values, member, config.eval.bootstrap, config.seed))
             target[label] = values
-        losses, in_mask = _aligned(target, frames)
         memorized = reference_attacks.counterfactual(losses, in_mask)
         target[COUNTERFACTUAL_COLUMN] = memorized
         row[COUNTERFACTUAL_MEAN] = float(memorized.mean())

@@ -236,6 +236,10 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} to result.json")
 
 
+#: Per-sample column of a target's score files: counterfactual memorization (memray.references)
+COUNTERFACTUAL_COLUMN = "counterfactual"
+
+
 def scores_path(trial_dir: Path, epoch: int) -> Path:
     return Path(trial_dir) / SCORES_DIR / f"epoch_{epoch:03d}.parquet"
 

@@ -174,8 +174,12 @@ class TrialRun:
         reference_data = None
         if config.reference_models() or config.reference is not None:
             # every reference's data, so that a dataset too small for them is found before training
-            found = [_reference_data(config, split, self.scored_members + self.scored_nonmembers, self.canaries,
-                                     self.tokenizer, reference, source) for reference in _reference_sections(config)]
+            pool = self.scored_members + self.scored_nonmembers
+            texts = len(split.training_texts()) + sum(c.repeats for c in self.canaries)  # the target's
+            more = _spare_once(config, self.tokenizer, texts, source)
+            found = [data.reference_split(split, pool, reference_attacks.half_masks(len(pool), reference.of, config.seed)
+                                          [reference.index], texts, reference.seed, more, source)
+                     for reference in _reference_sections(config)]
             if config.reference is not None:  # a reference model: its half of the pool, topped up
                 reference_data = found[0]
                 split = reference_data.split
@@ -352,15 +356,18 @@ def _reference_sections(config: TrialConfig) -> list[ReferenceConfig]:
     return [config.reference] if config.reference is not None else config.reference_sections()
 
 
-def _reference_data(config: TrialConfig, split: data.Split, pool: list[data.Sample], canaries: list[Any],
-                    tokenizer: Any, reference: ReferenceConfig, source: str) -> data.ReferenceData:
-    """The data of reference `reference.index` of the target `config` (the target's own
-    split): its half of the audit pool `pool`, topped up to the target's training texts."""
-    in_half = reference_attacks.half_masks(len(pool), reference.of, config.seed)[reference.index]
-    texts = len(split.training_texts()) + sum(c.repeats for c in canaries)
-    return data.reference_split(split, pool, in_half, texts, reference.seed,
-                                lambda count: data.spare_samples(config.data, config.seed, tokenizer, count, source),
-                                source)
+def _spare_once(config: TrialConfig, tokenizer: Any, texts: int, source: str) -> Callable[[int], list[data.Sample]]:
+    """`more` of `memray.data.reference_split` for every reference of one trial: the
+    dataset's spare samples, read once (the pool is built again to walk past the split) and
+    `texts` of them, as many as any reference's top-up can need."""
+    spare: list[list[data.Sample]] = []
+
+    def more(count: int) -> list[data.Sample]:
+        if not spare:
+            spare.append(data.spare_samples(config.data, config.seed, tokenizer, texts, source))
+        return spare[0][:count]
+
+    return more
 
 
 def _attack_rules(config: TrialConfig, nonmembers: int) -> dict[str, Any]:

@@ -21,11 +21,11 @@ import pandas as pd
 from memray.config import APPROX_PARAMS, Cell, ConfigError, SimilarityThresholds, SweepConfig, load_sweep
 from memray.metrics import TPR_AT_FPR, bootstrap_aucs, percentile_interval, roc_points
 from memray.references import sweep_cells
-from memray.results import (DRIVER_FILE, RESULT_FILE, SWEEP_FILE, config_key, driver_alive, scores_path,
+from memray.results import (COUNTERFACTUAL_COLUMN, DRIVER_FILE, RESULT_FILE, SWEEP_FILE, config_key, driver_alive, scores_path,
                             table_path, trial_names)
 
 #: The per-sample column of counterfactual memorization in a target's score files.
-COUNTERFACTUAL = "counterfactual"
+COUNTERFACTUAL = COUNTERFACTUAL_COLUMN
 BOOTSTRAP_RESAMPLES = 1000  # percentile 95% bounds move by ~0.003 AUC between reruns at this count
 ROC_POINTS = 400  # per curve in plots and report.json: enough to draw the low-FPR steps
 STATUSES = ("success", "running", "failed", "interrupted", "lost", "pending")

@@ -53,7 +53,6 @@ import statistics
 import sys
 import tempfile
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -77,13 +76,17 @@ from memray import attacks, methods, models, scoring
 from memray.config import (BUILTIN_MODELS, AttackConfig, ConfigError, EvalConfig, MethodConfig, ModelConfig, TrainConfig,
                            validate)
 from memray.flops import attention_flops, matmul_params, mean_context, mfu, peak_tflops, train_flops_per_token
+from memray.scoring import TokenStats
 from memray.train import TokenDataset, fit
 
 SECTIONS = ("scoring", "training", "sweep", "reference_cache")
 
-#: Attacks both scorers compute on the target model (`ref` needs a second model: its cost
-#: is the reference-cache section's subject).
-SCORED_ATTACKS = ("loss", "zlib", "mink", "mink++")
+def scored_attacks() -> tuple[str, ...]:
+    """Attacks both scorers compute from the target model's statistics alone: every
+    registered one but those reading a reference model (`needs_reference`: its cost is the
+    reference-cache section's subject) or reference models trained like the target."""
+    return tuple(name for name in attacks.ATTACKS
+                 if not attacks.ATTACKS[name].needs_reference and not attacks.ATTACKS[name].needs_reference_models)
 #: The low-memory scorer setting on a GPU: fewer samples per pass, narrower vocabulary tiles.
 LEAN_BATCH, LEAN_VOCAB_CHUNK = 4, 1024
 #: Score agreement required between the two scorers where both run in float32 (CPU).
@@ -200,35 +203,31 @@ def naive_scores(model: nn.Module, token_ids: list[list[int]], texts: list[str],
     """Attack scores as existing MIA tools compute them: for each attack, one forward pass per
     sample (no batching), the full float32 logits, log-softmax over the whole vocabulary.
 
-    The same score definitions as `memray.attacks` (higher = more likely a member). Takes
-    the target model, token ids, the texts (zlib) and the attacks (not `ref`); returns
-    label -> float64 array, one score per sample.
+    The statistics each attack reads are computed that way, once per attack (as tools that
+    run each attack on its own do), and handed to the registered attack (`memray.attacks`),
+    so the two scorers differ only in how the statistics are computed. Takes the target
+    model, token ids, the texts (zlib) and the attacks (`scored_attacks`); returns label ->
+    float64 array, one score per sample.
     """
     device = next(model.parameters()).device
     model.eval()
     scores: dict[str, np.ndarray] = {}
     with torch.no_grad():
         for config in attack_configs:
+            spec = attacks.ATTACKS[config.name]
             values = []
             for ids, text in zip(token_ids, texts):
                 input_ids = torch.tensor([ids], device=device)
                 output = model(input_ids=input_ids, labels=input_ids)
                 log_probs = torch.log_softmax(output.logits[0, :-1].float(), dim=-1)
                 token_log_probs = log_probs.gather(1, input_ids[0, 1:, None])[:, 0]
-                if config.name == "loss":
-                    values.append(-output.loss.item())
-                elif config.name == "zlib":
-                    values.append(-output.loss.item() / len(zlib.compress(text.encode("utf-8"))))
-                elif config.name == "mink":
-                    values.append(attacks.lowest_mean(token_log_probs.double().cpu().numpy(), config.k))
-                elif config.name == "mink++":
+                stats = TokenStats(token_log_probs.cpu().numpy())
+                if spec.needs_vocab_stats:
                     probs = log_probs.exp()
                     mu = (probs * log_probs).sum(-1)
                     sigma = (probs * (log_probs - mu[:, None]) ** 2).sum(-1).sqrt()
-                    standardized = (token_log_probs - mu) / sigma.clamp_min(1e-6)
-                    values.append(attacks.lowest_mean(standardized.double().cpu().numpy(), config.k))
-                else:
-                    raise ValueError(f"the naive scorer has no attack {config.name!r}")
+                    stats.mu, stats.sigma = mu.cpu().numpy(), sigma.cpu().numpy()
+                values.append(spec.score(config, stats, text, None))
             scores[config.label] = np.array(values, dtype=np.float64)
     return scores
 
@@ -267,7 +266,7 @@ def bench_scoring(model: nn.Module, config: PretrainedConfig, device: torch.devi
     """Scoring section: the naive scorer and memray's at the trial defaults for this device
     (and, on a GPU, at a low-memory setting), interleaved `repeats` times."""
     texts = [stand_in_text(ids) for ids in token_ids]
-    attack_configs = [AttackConfig(name=name) for name in SCORED_ATTACKS]
+    attack_configs = [AttackConfig(name=name) for name in scored_attacks()]
     defaults = EvalConfig()
     settings = {"memray": (defaults.batch_on(device.type), defaults.vocab_chunk)}
     if device.type == "cuda":  # on a CPU the defaults are the lean setting already
@@ -318,7 +317,7 @@ def bench_scoring(model: nn.Module, config: PretrainedConfig, device: torch.devi
     # on a GPU memray's forward runs under bf16 autocast: the scores differ by bf16 rounding
     tolerance = AGREEMENT_ATOL if device.type == "cpu" else None
     return {
-        "samples": len(token_ids), "tokens": tokens, "repeats": repeats, "attacks": list(SCORED_ATTACKS),
+        "samples": len(token_ids), "tokens": tokens, "repeats": repeats, "attacks": list(scored_attacks()),
         "rows": rows, "max_score_difference": differences,
         "scores_agree": None if tolerance is None else max(differences.values()) <= tolerance,
         "agreement_atol": tolerance, "gpu": gpu, "peak_tflops": peak,
@@ -422,7 +421,7 @@ def bench_training(config: PretrainedConfig, device: torch.device, token_ids: li
                 row.update(seconds_per_epoch=round(elapsed, 4), tokens_per_s=round(rate, 1),
                            peak_mem_mb=_megabytes(memory.peak))
                 if peak is not None:
-                    flops = train_flops_per_token(method_name, n_matmul, info.trainable_params, n_head, config, context)
+                    flops = train_flops_per_token(methods.METHODS[method_name].flop_class, n_matmul, info.trainable_params, n_head, config, context)
                     row["mfu"] = round(mfu(rate, flops, device), 4)
             except torch.OutOfMemoryError:
                 row["error"] = "out of memory"
@@ -453,7 +452,7 @@ def _sweep_trial_base(quick: bool) -> dict[str, Any]:
         "model": {"name": "tiny-gpt2", "pretrained": False},
         "data": {"dataset": "pydoc", "max_length": 64, "members": size, "nonmembers": size, "validation": size},
         "train": {"epochs": 1, "batch_size": 8, "checkpoints": False},
-        "attacks": ["loss", "zlib"],
+        "attacks": ["loss"],
     }
 
 

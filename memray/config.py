@@ -28,7 +28,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from memray.attacks import ATTACK_RULES
 from memray.attacks import ATTACKS as ATTACK_REGISTRY
 from memray.gguf_bases import PACKAGED as GGUF_ALIASES, is_gguf
-from memray.methods import METHODS as METHOD_REGISTRY
+from memray.methods import METHODS as METHOD_REGISTRY, default_method
 from memray.reference_attacks import MIN_REFERENCES, reference_seed
 from memray.schema import ConfigError, Schema
 
@@ -199,9 +199,10 @@ class DataConfig(Schema):
         return dataset
 
     @model_validator(mode="after")
-    def _local_needs_path(self) -> "DataConfig":
-        if self.dataset == "local" and not self.path:
-            raise ValueError("dataset 'local' needs data.path (a .jsonl, .txt or .csv file)")
+    def _dataset_fields(self) -> "DataConfig":
+        from memray.data import check_fields
+
+        check_fields(self)  # the dataset-specific keys its registry entry reads and requires
         return self
 
 
@@ -309,7 +310,7 @@ class AttackConfig(Schema):
     @property
     def labels(self) -> list[str]:
         """The labels of the metrics the attack fills: one per reference scorer of an attack
-        scored from reference models (`lira`, `lira-offline`), else its label."""
+        scored from reference models (label suffixes of its registry entry), else its label."""
         scorers = ATTACK_REGISTRY[self.name].reference_scorers
         return [self.label + suffix for suffix in scorers] if scorers else [self.label]
 
@@ -412,7 +413,7 @@ class TrialConfig(Schema):
     output_dir: str = "runs"  # the trial folder is created below it
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
-    method: MethodConfig = Field(default_factory=lambda: METHOD_REGISTRY["full"].config())
+    method: MethodConfig = Field(default_factory=lambda: METHOD_REGISTRY[default_method()].config())
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     attacks: list[AttackConfig] = Field(default_factory=_default_attacks)
@@ -424,7 +425,8 @@ class TrialConfig(Schema):
     def _one_reference_count(cls, attacks: list[AttackConfig]) -> list[AttackConfig]:
         counts = {a.references for a in attacks if a.references is not None}
         if len(counts) > 1:
-            raise ValueError(f"lira and rmia share their reference models: give them the same references, "
+            sharing = " and ".join(name for name in ATTACK_REGISTRY if ATTACK_REGISTRY[name].needs_reference_models)
+            raise ValueError(f"{sharing} share their reference models: give them the same references, "
                              f"not {', '.join(map(str, sorted(counts)))}")
         count = counts.pop() if counts else DEFAULT_REFERENCES  # one that gives none takes the other's
         for attack in attacks:
@@ -457,7 +459,7 @@ class TrialConfig(Schema):
     @classmethod
     def _method_default_name(cls, method: Any) -> Any:
         if isinstance(method, dict) and "name" not in method:
-            return {"name": "full", **method}  # the default method, as when `method` is absent
+            return {"name": default_method(), **method}  # the default method, as when `method` is absent
         return method
 
     @field_validator("attacks", mode="before")

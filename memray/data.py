@@ -67,6 +67,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from memray.corpus import pydoc_texts, pydoc_topics
+from memray.registry import Registry
 from memray.schema import ConfigError
 
 if TYPE_CHECKING:  # config derives its dataset names from this module's registry
@@ -165,6 +166,14 @@ def spare_samples(data: DataConfig, seed: int, tokenizer: Any, count: int, sourc
 # ---------------------------------------------------------------------------------------
 
 
+#: Keys of the `data:` section only some datasets read (the rest apply to every dataset);
+#: a dataset's registry entry names those it reads (`DatasetSpec.fields`), and a config
+#: that sets one its dataset does not read is refused (`check_fields`).
+DATASET_FIELDS = ("path", "revision", "text_field")
+#: What a hub dataset reads: a local copy in the repository's layout, and the commit.
+HUB_FIELDS = ("path", "revision")
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     """One dataset memray knows by name (`data.dataset`)."""
@@ -174,22 +183,50 @@ class DatasetSpec:
     pool: Callable[[DataConfig, Any, str], "_Pool"]  # (data config, tokenizer, source) -> candidates
     hub: HubSource | None = None  # where a hub dataset lies (download, data.path layout)
     blocks: bool = False  # cut into max_length-token blocks: a shorter max_length makes more samples
+    fields: tuple[str, ...] = ()  # of DATASET_FIELDS, those it reads
+    required: tuple[str, ...] = ()  # of `fields`, those a config must set (a local file's path)
+    planned_members: int = 1000  # members when data.members is unset and `members` is None, for planning
 
 
 #: Every dataset by name; `config.dataset_names()` (the names `data.dataset` accepts) is derived from it.
-REGISTRY: dict[str, DatasetSpec] = {}
+REGISTRY: Registry[DatasetSpec] = Registry("dataset")
 
 
-def register(name: str, *, members: int | None, hub: HubSource | None = None,
-             blocks: bool = False) -> Callable[[Callable[..., "_Pool"]], Callable[..., "_Pool"]]:
+def register(name: str, *, members: int | None, hub: HubSource | None = None, blocks: bool = False,
+             fields: tuple[str, ...] | None = None,
+             required: tuple[str, ...] = ()) -> Callable[[Callable[..., "_Pool"]], Callable[..., "_Pool"]]:
     """Decorator: register a pool function (data config, tokenizer, source) -> candidate
-    samples as dataset `name`. A name registered twice is an error."""
+    samples as dataset `name`, with the `data:` keys of DATASET_FIELDS it reads (default: a
+    hub dataset's HUB_FIELDS, none for others). A name registered twice is an error."""
+    read = tuple(fields) if fields is not None else (HUB_FIELDS if hub else ())
+    unknown = sorted((set(read) | set(required)) - set(DATASET_FIELDS))
+    if unknown or set(required) - set(read):
+        raise ValueError(f"dataset {name!r}: fields must be of {', '.join(DATASET_FIELDS)} and required ones read")
+
     def add(pool: Callable[..., _Pool]) -> Callable[..., _Pool]:
-        if name in REGISTRY:
-            raise ValueError(f"dataset {name!r} is registered twice")
-        REGISTRY[name] = DatasetSpec(name, members, pool, hub, blocks)
+        REGISTRY.add(name, DatasetSpec(name, members, pool, hub, blocks, read, tuple(required)))
         return pool
     return add
+
+
+def check_fields(data: DataConfig) -> None:
+    """ValueError naming the key if `data` sets a dataset-specific key its dataset does not
+    read, or leaves out one it requires (`DatasetSpec.fields` / `required`)."""
+    spec = REGISTRY[data.dataset]
+    for key in DATASET_FIELDS:
+        default = type(data).model_fields[key].default
+        if key not in spec.fields and getattr(data, key) != default:
+            readers = [name for name in REGISTRY if key in REGISTRY[name].fields]
+            raise ValueError(f"dataset {data.dataset!r} does not read {key} (datasets that do: {', '.join(readers)})")
+        if key in spec.required and getattr(data, key) == default:
+            raise ValueError(f"dataset {data.dataset!r} needs data.{key}")
+
+
+def planned_members(data: DataConfig) -> int:
+    """Members a trial trains on, for planning before any data loads: data.members, else the
+    dataset's default (a local file's depends on its size: `DatasetSpec.planned_members`)."""
+    spec = REGISTRY[data.dataset]
+    return data.members or spec.members or spec.planned_members
 
 
 # ---------------------------------------------------------------------------------------
@@ -466,7 +503,7 @@ def _synthetic_pool(data: DataConfig, tokenizer: Any, source: str) -> _Pool:
 # ---------------------------------------------------------------------------------------
 
 
-@register("local", members=None)
+@register("local", members=None, fields=("path", "text_field"), required=("path",))
 def _local_pool(data: DataConfig, tokenizer: Any, source: str) -> _Pool:
     path = Path(data.path).expanduser()
     if not path.is_file():
@@ -788,7 +825,7 @@ def download(name: str, directory: str, revision: str | None = None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m memray.data download NAME DIR [--revision REV]`: a hub dataset for offline use."""
-    hub_names = sorted(name for name, spec in REGISTRY.items() if spec.hub)
+    hub_names = sorted(name for name in REGISTRY if REGISTRY[name].hub)
     parser = argparse.ArgumentParser(prog="python -m memray.data",
                                      description="Download a hub dataset for offline use (then set data.path: DIR).")
     commands = parser.add_subparsers(dest="command", required=True)

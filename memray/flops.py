@@ -1,9 +1,10 @@
 """Model FLOPs per token and the GPUs' peak rates: model-FLOPs utilization (MFU).
 
 MFU counts 2N FLOPs per token for a forward pass, N the parameters used in matrix products
-(embedding tables excluded, the output layer included): 6N for full fine-tuning, 4N plus
-2 x trainable for methods that back-propagate through a frozen body (LoRA, prefix,
-prompt, P-tuning), 2N plus 2 x output layer for head-only; attention adds
+(embedding tables excluded, the output layer included); a training pass by the method's
+FLOP class (`memray.methods.FLOP_CLASSES`): 6N when every weight is trained, 4N plus
+2 x trainable for methods that back-propagate through a frozen body (adapters, soft
+prompts), 2N plus 2 x output layer when only the output layer is trained; attention adds
 12 x layers x hidden x context per token when trained (4 x ... forward only), context
 being the token-weighted mean sample length (PaLM's convention, causal masking not
 discounted). Peak rates are dense bf16 from the vendors' datasheets (`PEAK_BF16_TFLOPS`).
@@ -41,14 +42,17 @@ def attention_flops(config: PretrainedConfig, context: float, trained: bool) -> 
     return 3 * forward if trained else forward
 
 
-def train_flops_per_token(method: str, n_matmul: int, n_trainable: int, n_head: int, config: PretrainedConfig,
+def train_flops_per_token(flop_class: str, n_matmul: int, n_trainable: int, n_head: int, config: PretrainedConfig,
                           context: float) -> float:
-    """Model FLOPs per trained token (see the module docstring)."""
-    if method == "full":
+    """Model FLOPs per trained token (see the module docstring) of a method of `flop_class`
+    (its registry entry's, one of `memray.methods.FLOP_CLASSES`)."""
+    if flop_class == "all-weights":
         return 6 * n_matmul + attention_flops(config, context, trained=True)
-    if method == "head":
+    if flop_class == "output-layer":
         return 2 * n_matmul + 2 * n_head + attention_flops(config, context, trained=False)
-    return 4 * n_matmul + 2 * n_trainable + attention_flops(config, context, trained=True)
+    if flop_class == "frozen-body":
+        return 4 * n_matmul + 2 * n_trainable + attention_flops(config, context, trained=True)
+    raise ValueError(f"unknown FLOP class {flop_class!r}")
 
 
 def mean_context(token_ids: list[list[int]]) -> float:

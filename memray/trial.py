@@ -228,8 +228,9 @@ class TrialRun:
             if self.zero.stage == 3:
                 self.replica = EvalReplica(self.model, self.lead)
         self.tokens_per_epoch = sum(len(ids) for ids in self.train_ids)
-        self.flops_per_token = flops.train_flops_per_token(config.method.name, n_matmul, self.info.trainable_params,
-                                                           n_head, self.model.config, flops.mean_context(self.train_ids))
+        self.flops_per_token = flops.train_flops_per_token(methods.METHODS[config.method.name].flop_class, n_matmul,
+                                                           self.info.trainable_params, n_head, self.model.config,
+                                                           flops.mean_context(self.train_ids))
         self.workers = distributed.world_size if distributed is not None else 1
         self.epoch_started = time.perf_counter()
         self.measured: EpochMeasurement | None = None  # the epoch after_training_epoch measured, not yet recorded

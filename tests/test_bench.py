@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from memray import bench, cli, flops
+from memray import bench, cli, flops, methods
 from memray.config import AttackConfig
 
 
@@ -40,9 +40,11 @@ def test_flops_per_token_follow_the_stated_convention():
     config = bench.bench_model_config("gpt2")
     n, layers, hidden = 85_000_000, 12, 768
     attention = 4 * layers * hidden * 256
-    assert bench.train_flops_per_token("full", n, n, 1, config, 256) == 6 * n + 3 * attention
-    assert bench.train_flops_per_token("lora", n, 1000, 1, config, 256) == 4 * n + 2000 + 3 * attention
-    assert bench.train_flops_per_token("head", n, 1, 500, config, 256) == 2 * n + 1000 + attention
+    assert bench.train_flops_per_token("all-weights", n, n, 1, config, 256) == 6 * n + 3 * attention
+    assert bench.train_flops_per_token("frozen-body", n, 1000, 1, config, 256) == 4 * n + 2000 + 3 * attention
+    assert bench.train_flops_per_token("output-layer", n, 1, 500, config, 256) == 2 * n + 1000 + attention
+    # every registered method names one of the classes the count knows
+    assert {methods.METHODS[name].flop_class for name in methods.METHODS} <= set(methods.FLOP_CLASSES)
     # a sample of length 2L weighs twice in the token-weighted context
     assert bench.mean_context([[0] * 10, [0] * 30]) == (100 + 900) / 40
 

@@ -236,19 +236,44 @@ def test_local_missing_file(tokenizer, tmp_path):
 # ---------------------------------------------------------------------------------------
 
 
-def test_registry_names_are_the_datasets_the_config_accepts():
-    from memray.config import dataset_names
+#: The hub datasets of the registry: each has a replica case below (`HUB_CASES`).
+HUB_NAMES = [name for name in data_module.REGISTRY if data_module.REGISTRY[name].hub]
 
-    assert set(dataset_names()) == {"wikitext2", "webnlg", "xsum", "local", "pydoc", "synthetic"}
-    assert {name for name, spec in data_module.REGISTRY.items() if spec.hub} == {"wikitext2", "webnlg", "xsum"}
-    with pytest.raises(ConfigError, match="data.dataset: 'wikitext103' is not one of"):
-        from memray.config import validate_trial
-        validate_trial({"data": {"dataset": "wikitext103"}}, "t.yaml")
+
+def test_registry_names_are_the_datasets_the_config_accepts():
+    from memray.config import dataset_names, validate_trial
+
+    assert dataset_names() == tuple(sorted(data_module.REGISTRY, key=lambda n: data_module.REGISTRY[n].hub is None))
+    assert dataset_names()[:len(HUB_NAMES)] == tuple(HUB_NAMES)  # hub datasets first
+    with pytest.raises(ConfigError, match="data.dataset: 'no-such-dataset' is not one of"):
+        validate_trial({"data": {"dataset": "no-such-dataset"}}, "t.yaml")
 
 
 def test_a_dataset_registered_twice_is_an_error():
-    with pytest.raises(ValueError, match="'xsum' is registered twice"):
-        data_module.register("xsum", members=1)(lambda data, tokenizer, source: None)
+    name = data_module.REGISTRY.names()[0]
+    with pytest.raises(ValueError, match=f"dataset '{name}' is already registered"):
+        data_module.register(name, members=1)(lambda data, tokenizer, source: None)
+
+
+def test_a_key_the_dataset_does_not_read_is_refused():
+    from memray.config import validate_trial
+
+    plain = next(n for n in data_module.REGISTRY if not data_module.REGISTRY[n].fields)
+    for key in data_module.DATASET_FIELDS:
+        readers = [n for n in data_module.REGISTRY if key in data_module.REGISTRY[n].fields]
+        with pytest.raises(ConfigError, match=f"data: dataset '{plain}' does not read {key} "
+                                              rf"\(datasets that do: {', '.join(readers)}\)"):
+            validate_trial({"data": {"dataset": plain, key: "x"}}, "t.yaml")
+
+
+def test_planning_takes_the_datasets_default_members():
+    from memray.config import DataConfig as Data
+
+    for name in data_module.REGISTRY:
+        spec = data_module.REGISTRY[name]
+        fields = {key: "x.jsonl" for key in spec.required}
+        assert data_module.planned_members(Data(dataset=name, **fields)) == (spec.members or spec.planned_members)
+        assert data_module.planned_members(Data(dataset=name, members=7, **fields)) == 7
 
 
 # ---------------------------------------------------------------------------------------
@@ -405,7 +430,7 @@ def expected_texts(name, split):
     return texts
 
 
-@pytest.mark.parametrize("name", ["wikitext2", "webnlg", "xsum"])
+@pytest.mark.parametrize("name", HUB_NAMES)
 def test_hub_datasets_load_their_pinned_files(tokenizer, online, hub, name):
     hub.requests.clear()
     split = load_split(DataConfig(dataset=name, **SIZES[name]), 0, tokenizer)
@@ -449,7 +474,7 @@ def run_download(env, name, directory):
                           env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("name", ["wikitext2", "webnlg", "xsum"])
+@pytest.mark.parametrize("name", HUB_NAMES)
 def test_download_writes_the_hub_layout_that_data_path_loads(tokenizer, hub, online, tmp_path, name):
     hub_split = load_split(DataConfig(dataset=name, **SIZES[name]), 0, tokenizer)
     result = run_download(hub_env(hub, tmp_path / "fresh"), name, tmp_path / "copy")
@@ -477,7 +502,14 @@ HAND_COPIES = {"wikitext2": lambda: wikitext_files(WIKITEXT_PINNED_TEXT), "webnl
                "xsum": xsum_export}
 
 
-@pytest.mark.parametrize("name", ["wikitext2", "webnlg", "xsum"])
+def test_every_hub_dataset_of_the_registry_has_a_replica_case():
+    """A hub dataset registered later needs its repository's replica here: its commit,
+    sizes, a hand-made copy of its layout, and what its texts look like."""
+    for name in HUB_NAMES:
+        assert name in EXPECTED_COMMIT and name in SIZES and name in HAND_COPIES, f"no replica case for {name}"
+
+
+@pytest.mark.parametrize("name", HUB_NAMES)
 def test_data_path_accepts_a_folder_in_the_hub_layout(tokenizer, tmp_path, name):
     root = write_layout(tmp_path / "copy", HAND_COPIES[name]())
     split = load_split(DataConfig(dataset=name, path=str(root), **SIZES[name]), 0, tokenizer)
@@ -518,7 +550,7 @@ def test_train_files_that_are_not_parquet(tokenizer, tmp_path):
         load_split(DataConfig(dataset="wikitext2", path=str(root)), 0, tokenizer)
 
 
-@pytest.mark.parametrize("name", ["wikitext2", "webnlg", "xsum"])
+@pytest.mark.parametrize("name", HUB_NAMES)
 def test_trials_on_a_downloaded_copy_run_to_the_end(hub, tmp_path, name):
     from memray.config import validate_trial
     from memray.trial import run_trial
@@ -537,7 +569,7 @@ def test_trials_on_a_downloaded_copy_run_to_the_end(hub, tmp_path, name):
     assert result["data_origin"]["revision"] == EXPECTED_COMMIT[name] and len(result["split_hash"]) == 64
 
 
-@pytest.mark.parametrize("name", ["wikitext2", "webnlg", "xsum"])
+@pytest.mark.parametrize("name", HUB_NAMES)
 def test_offline_without_a_copy_says_how_to_download(tokenizer, offline_empty_cache, name):
     with pytest.raises(ConfigError) as caught:
         load_split(DataConfig(dataset=name), 0, tokenizer, "trial.yaml")

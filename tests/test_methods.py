@@ -9,6 +9,7 @@ from pydantic import TypeAdapter
 
 from memray import methods, models
 from memray.config import ConfigError, MethodConfig, ModelConfig, TrialConfig, validate
+from memray.distributed import ModelShape
 
 METHOD = TypeAdapter(MethodConfig)
 
@@ -92,6 +93,10 @@ def test_method_contract(name, fields):
     assert info.peft == spec.peft and info.lr == spec.default_lr > 0
     assert info.virtual_tokens == VIRTUAL_POSITIONS.get(config.name, 0)
     assert 1 <= spec.train_pass_cost <= 3 and info.trained
+    # the planning estimate (no weights loaded) is of the order of the real count; GQA
+    # models get fewer prefix keys and values than the estimate's one per hidden unit
+    estimate = spec.estimate_trainable(ModelShape.from_config(models.tiny_config(name)), config)
+    assert info.trainable_params / 2.5 <= estimate <= info.trainable_params * 2.5
     if spec.peft:
         assert changed(base_before, wrapped) == set()  # the frozen body did not move, not even the embeddings
         assert info.trainable_params < info.total_params / 10

@@ -2,8 +2,11 @@
 
 Each method is one module of this package holding its config section (a `MethodSchema`
 subclass: the keys a user writes under `method:`), the function that applies it, and one
-`register(MethodSpec(...))` line with its default learning rate, planning cost and family
-(`METHOD_FAMILIES`: parameter-based or prompt-based, as the studies group them). Every
+`register(MethodSpec(...))` line with everything memray needs to know of it by name: its
+default learning rate, planning cost, family (`METHOD_FAMILIES`: parameter-based or
+prompt-based, as the studies group them), FLOP class (`FLOP_CLASSES`), an estimate of its
+trained parameters from the model's shape, whether it trains on several workers, and its
+report label (`MethodSchema.label`). Nothing outside the unit names the method. Every
 module here whose name does not start with `_` is imported below, so a new method is a new
 file: the trial schema (`memray.config`), the sweep's planning, `memray bench` and the CLI
 take their lists from `METHODS`. PEFT does the work where it can.
@@ -30,7 +33,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
 
 from pydantic import Field
 
@@ -48,16 +51,53 @@ class MethodSchema(Schema):
 
     lr: float | None = Field(None, gt=0)  # None: the method's default learning rate
 
+    #: Keys of this section that the method's report label (`label`) already shows, so the
+    #: report does not repeat them beside it.
+    label_keys: ClassVar[tuple[str, ...]] = ()
+    #: (category key, numeric key) the report compares the method's variants by in a table
+    #: and figure of their own (LoRA: placement and rank), with their title; None: no such table.
+    report_axes: ClassVar[tuple[str, str] | None] = None
+    report_title: ClassVar[str] = ""
+
     def slug(self) -> str:
         """The method's part of a trial's folder name: its name, plus main knobs where a
         method has them."""
         return self.name  # type: ignore[attr-defined]
+
+    def label(self) -> str:
+        """The method as tables and legends name it (`lora (attn, r8)`); default: its name."""
+        return self.name  # type: ignore[attr-defined]
+
+    def report_point(self) -> tuple[str, float] | None:
+        """(category, number) of this variant on `report_axes`, or None where it is not
+        compared there (a LoRA with custom target modules has no placement)."""
+        return None
+
+
+class Shape(Protocol):
+    """What a planning estimate knows of a model (`memray.distributed.ModelShape`)."""
+
+    params: int
+    hidden: int
+    layers: int
+    vocab: int
 
 
 #: f(model, method config, source) -> (model to train, what is trained in words, virtual tokens)
 Apply = Callable[["PreTrainedModel", Any, str], "tuple[torch.nn.Module, str, int]"]
 #: f(model skeleton on the meta device, method config, source): raise ConfigError if it does not fit
 Check = Callable[["torch.nn.Module", Any, str], None]
+#: f(model shape, method config) -> about how many parameters the method trains (planning:
+#: GPU memory and FLOPs before any model loads; `apply` counts the real number)
+EstimateTrainable = Callable[[Shape, Any], float]
+
+#: How a trained token's FLOPs are counted (`memray.flops.train_flops_per_token`), by where
+#: the backward pass goes: each method's registry entry names its class.
+FLOP_CLASSES = {
+    "all-weights": "every weight gets a gradient: 6N per token",
+    "output-layer": "the backward stops at the output layer: 2N, plus 2x the output layer",
+    "frozen-body": "activation gradients through a frozen body: 4N, plus 2x the trained parameters",
+}
 
 
 @dataclass(frozen=True)
@@ -74,25 +114,56 @@ class MethodSpec:
     train_pass_cost: float
     peft: bool  # True: checkpoints hold adapter weights only
     family: str  # one of METHOD_FAMILIES: the report colours and groups methods by it
+    flop_class: str  # one of FLOP_CLASSES
+    estimate_trainable: EstimateTrainable  # trained parameters, from the model's shape
     check: Check | None = None  # pre-flight on the model's skeleton; None: fits every causal LM
+    # trains under DeepSpeed ZeRO on several workers (a resource rule's `workers` > 1)
+    multi_worker: bool = False
 
 
 METHODS: Registry[MethodSpec] = Registry("method")
+#: The method of a trial whose config has no `method` section (its unit says so: `default=True`).
+DEFAULT_METHOD: list[str] = []
 #: The families of methods the studies compare (Hou et al. 2025): "parameter" methods change
 #: or add weights inside the model (full, head, LoRA, (IA)^3), "prompt" methods train
 #: inputs prepended to every sequence (prefix, prompt and P-tuning), the model untouched.
 METHOD_FAMILIES = {"parameter": "parameter-based", "prompt": "prompt-based"}
 
 
-def register(spec: MethodSpec) -> MethodSpec:
-    """Add a method; ValueError if its name is taken, its schema's `name` differs or its
-    family is not one of METHOD_FAMILIES."""
+def register(spec: MethodSpec, default: bool = False) -> MethodSpec:
+    """Add a method (`default`: the method of a config without a `method` section); ValueError
+    if its name is taken, its schema's `name` differs, its family or FLOP class is unknown,
+    or a second method claims to be the default."""
     declared = spec.config.model_fields["name"].default
     if declared != spec.name:
         raise ValueError(f"method {spec.name!r}: its config's name defaults to {declared!r}")
     if spec.family not in METHOD_FAMILIES:
         raise ValueError(f"method {spec.name!r}: family {spec.family!r} is not one of {', '.join(METHOD_FAMILIES)}")
-    return METHODS.add(spec.name, spec)
+    if spec.flop_class not in FLOP_CLASSES:
+        raise ValueError(f"method {spec.name!r}: FLOP class {spec.flop_class!r} is not one of {', '.join(FLOP_CLASSES)}")
+    if default and DEFAULT_METHOD:
+        raise ValueError(f"method {spec.name!r}: {DEFAULT_METHOD[0]!r} is already the default method")
+    METHODS.add(spec.name, spec)
+    if default:
+        DEFAULT_METHOD.append(spec.name)
+    return spec
+
+
+def default_method() -> str:
+    """The name of the method a config without a `method` section gets."""
+    return DEFAULT_METHOD[0]
+
+
+def method_label(method: dict[str, Any]) -> str:
+    """The report's label of a method section as result.json holds it (`lora (attn, r8)`);
+    its name where the method is no longer registered or the section no longer validates."""
+    name = str(method.get("name", "?"))
+    if name not in METHODS:
+        return name
+    try:
+        return METHODS[name].config.model_validate(method).label()
+    except ValueError:
+        return name
 
 
 @dataclass
@@ -154,5 +225,5 @@ def _import_units() -> None:
 
 _import_units()
 
-__all__ = ["METHODS", "METHOD_FAMILIES", "ConfigError", "MethodInfo", "MethodSchema", "MethodSpec", "apply_method",
-           "check_method", "default_lr", "register"]
+__all__ = ["FLOP_CLASSES", "METHODS", "METHOD_FAMILIES", "ConfigError", "MethodInfo", "MethodSchema", "MethodSpec",
+           "Shape", "apply_method", "check_method", "default_lr", "default_method", "method_label", "register"]

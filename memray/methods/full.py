@@ -24,4 +24,8 @@ def apply(model: "PreTrainedModel", method: FullMethod, source: str) -> "tuple[t
 
 # 5e-5: full fine-tuning moves every pretrained weight, so it takes the usual small step
 # for fine-tuning; a training pass costs 3 forward passes (activation and weight gradients).
-register(MethodSpec("full", FullMethod, apply, default_lr=5e-5, train_pass_cost=3.0, peft=False, family="parameter"))
+# The only method that trains on several workers (DeepSpeed ZeRO shards what every weight
+# needs: its gradient and optimizer states); the default of a config without a method.
+register(MethodSpec("full", FullMethod, apply, default_lr=5e-5, train_pass_cost=3.0, peft=False, family="parameter",
+                    flop_class="all-weights", estimate_trainable=lambda shape, method: shape.params, multi_worker=True),
+         default=True)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
-from memray.methods import MethodSchema, MethodSpec, register
+from memray.methods import MethodSchema, MethodSpec, Shape, register
 from memray.methods._modules import BLOCK_MODULES, family, layers_text, peft_model, require_matches
 from memray.schema import ConfigError
 
@@ -33,8 +33,19 @@ class LoraMethod(MethodSchema):
     # direction and the magnitude is trained too (closer to full fine-tuning at LoRA's size)
     dora: bool = False
 
+    label_keys = ("rank", "placement", "target_modules", "dora")
+    report_axes = ("placement", "rank")
+    report_title = "LoRA placement and rank"
+
     def slug(self) -> str:
         return f"lora_r{self.rank}-{self.placement}{'-dora' if self.dora else ''}"
+
+    def label(self) -> str:
+        placement = "custom" if self.target_modules else self.placement
+        return f"{'dora' if self.dora else 'lora'} ({placement}, r{self.rank})"
+
+    def report_point(self) -> tuple[str, float] | None:
+        return None if self.target_modules else (self.placement, self.rank)
 
 
 def targets(model: "torch.nn.Module", method: LoraMethod, source: str = "config") -> list[str]:
@@ -74,4 +85,13 @@ def apply(model: "PreTrainedModel", method: LoraMethod, source: str) -> "tuple[t
 
 # 2e-4: B starts at zero and the update is scaled by alpha/r; the rate Hu et al. 2021 used
 # for GPT-2. The frozen body still needs activation gradients, not weight gradients.
-register(MethodSpec("lora", LoraMethod, apply, default_lr=2e-4, train_pass_cost=2.5, peft=True, family="parameter", check=check))
+def estimate_trainable(shape: Shape, method: LoraMethod) -> float:
+    """r x (fan-in + fan-out) per adapted matrix: per layer four h x h attention matrices
+    (8rh) and MLP matrices of about 5h fan-in + fan-out each, three of them as in Llama
+    (15rh); custom targets counted as the attention ones."""
+    per_layer = {"attn": 8, "mlp": 15, "both": 23}[method.placement]
+    return float(per_layer * method.rank * shape.hidden * shape.layers)
+
+
+register(MethodSpec("lora", LoraMethod, apply, default_lr=2e-4, train_pass_cost=2.5, peft=True, family="parameter",
+                    flop_class="frozen-body", estimate_trainable=estimate_trainable, check=check))

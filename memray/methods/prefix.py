@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
-from memray.methods import MethodSchema, MethodSpec, register
+from memray.methods import MethodSchema, MethodSpec, Shape, register
 from memray.methods._modules import peft_model
 
 if TYPE_CHECKING:
@@ -34,4 +34,15 @@ def apply(model: "PreTrainedModel", method: PrefixMethod, source: str) -> "tuple
 # 1e-3: a few thousand fresh parameters that must travel far from their init; lower than
 # PEFT's soft-prompt guides (up to 3e-2) because a trial runs many epochs and the raw prefix
 # without its MLP is known to be unstable (Li & Liang 2021).
-register(MethodSpec("prefix", PrefixMethod, apply, default_lr=1e-3, train_pass_cost=2.5, peft=True, family="prompt"))
+def estimate_trainable(shape: Shape, method: PrefixMethod) -> float:
+    """A key and a value per layer and virtual token; with the projection, PEFT's MLP
+    (h -> h -> 2 x layers x h) from a virtual-token embedding instead. Keys and values
+    counted at the hidden size: a model with fewer key-value heads (grouped-query
+    attention) trains proportionally fewer."""
+    if method.projection:
+        return float(method.virtual_tokens * shape.hidden + shape.hidden ** 2 + 2 * shape.layers * shape.hidden ** 2)
+    return float(2 * method.virtual_tokens * shape.layers * shape.hidden)
+
+
+register(MethodSpec("prefix", PrefixMethod, apply, default_lr=1e-3, train_pass_cost=2.5, peft=True, family="prompt",
+                    flop_class="frozen-body", estimate_trainable=estimate_trainable))

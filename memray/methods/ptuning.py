@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
-from memray.methods import MethodSchema, MethodSpec, register
+from memray.methods import MethodSchema, MethodSpec, Shape, register
 from memray.methods._modules import peft_model
 
 if TYPE_CHECKING:
@@ -34,4 +34,13 @@ def apply(model: "PreTrainedModel", method: PtuningMethod, source: str) -> "tupl
 
 
 # 1e-3: like prefix tuning, fresh parameters behind an encoder that smooths their updates.
-register(MethodSpec("ptuning", PtuningMethod, apply, default_lr=1e-3, train_pass_cost=2.5, peft=True, family="prompt"))
+def estimate_trainable(shape: Shape, method: PtuningMethod) -> float:
+    """The virtual-token embeddings and PEFT's encoder: an MLP h -> e -> e -> h, or a
+    two-layer bidirectional LSTM (e each way) and an MLP head 2e -> 2e -> h (e = encoder_hidden)."""
+    h, e = shape.hidden, method.encoder_hidden or shape.hidden
+    encoder = h * e + e * e + e * h if method.encoder == "mlp" else 8 * e * (h + e) + 24 * e * e + 4 * e * e + 2 * e * h
+    return float(method.virtual_tokens * h + encoder)
+
+
+register(MethodSpec("ptuning", PtuningMethod, apply, default_lr=1e-3, train_pass_cost=2.5, peft=True, family="prompt",
+                    flop_class="frozen-body", estimate_trainable=estimate_trainable))

@@ -8,10 +8,11 @@ report.html        the same in one self-contained page to open and share (figure
                      tables sortable, notes and findings at the top; no server, no network)
 report.json        every number: per trial, per epoch, per attack, per group of seeds
 tables/<name>.md   the tables as Markdown, and as CSV (full precision) beside them:
-tables/<name>.csv    trials, attacks, seeds, method_by_model_<dataset>, findings, lora,
+tables/<name>.csv    trials, attacks, seeds, method_by_model_<dataset>, findings, lora (a
+                     method's own axes: `report_axes` of its config section),
                      extraction, duplication, counterfactual, unfinished
 figures/<name>.png auc_vs_epoch_<dataset>, auc_vs_model_size_<dataset>, ppl_vs_auc,
-                     lora_placement_rank, roc_<dataset>_<model>, duplication_<dataset>,
+                     lora_placement_rank (`report_axes`), roc_<dataset>_<model>, duplication_<dataset>,
                      counterfactual_<dataset>, findings
 ```
 and logs the same figures and tables to a W&B run (job type "report", in the sweep's
@@ -83,11 +84,12 @@ from memray.report.loading import (
 )
 from memray.report.tables import (
     attacks_table,
+    axes_methods,
+    axes_table,
     counterfactual_table,
     duplication_table,
     epoch_zero_note,
     extraction_table,
-    lora_table,
     method_by_model_tables,
     seeds_table,
     sort_key,
@@ -159,8 +161,8 @@ def build_report(sweep_dir: Path, out_dir: Path | None = None, *, wandb: bool = 
     if findings is not None:
         tables["findings"] = findings
     counterfactual = {t.name: frame for t in trials if (frame := counterfactual_samples(t, sweep_dir)) is not None}
-    for table in (lora_table(groups, labels), extraction_table(trials), duplication_table(trials),
-                  counterfactual_table(trials, counterfactual)):
+    for table in (*(axes_table(groups, labels, method) for method in axes_methods()), extraction_table(trials),
+                  duplication_table(trials), counterfactual_table(trials, counterfactual)):
         if table is not None:
             tables[table.name] = table
     tables["trials"] = trials_table(trials, labels)

@@ -14,6 +14,7 @@ intervals as light bands under the lines.
 from __future__ import annotations
 
 import math
+import typing
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from matplotlib.ticker import LogFormatter, NullLocator
 
 from memray.methods import METHOD_FAMILIES, METHODS
 from memray.report.loading import COUNTERFACTUAL, Group, Trial, is_finite
-from memray.report.tables import duplicate_metrics, ordered_variants, params_text, slug
+from memray.report.tables import axes_groups, axes_methods, duplicate_metrics, ordered_variants, params_text, slug
 
 FIGURE_DPI = 110
 CHANCE_AUC = 0.5
@@ -323,14 +324,24 @@ def plot_ppl_vs_auc(trials: list[Trial], labels: list[str], models: list[str], s
     return _save(figure, path)
 
 
-def plot_lora(groups: list[Group], labels: list[str], path: Path) -> Path | None:
-    lora = [g for g in groups if g.method == "lora" and g.finished
-            and not g.trials[0].config.get("method", {}).get("target_modules")]
+def axes_figure_stem(method: str) -> str:
+    """File stem of a method's `report_axes` figure: `lora_placement_rank`."""
+    return "_".join([method, *METHODS[method].config.report_axes])  # type: ignore[misc]
+
+
+def plot_axes(groups: list[Group], labels: list[str], method: str, path: Path) -> Path | None:
+    """Bars of the method's variants on its `report_axes` (LoRA: a bar per placement at each
+    rank), from chance, a panel per dataset, model and attack."""
+    schema = METHODS[method].config
+    category, number = schema.report_axes  # type: ignore[misc]
+    points = {id(g): point for g, point in axes_groups(groups, method) if g.finished}
+    lora = [g for g in groups if id(g) in points]
     if not lora:
         return None
     panels = sorted({(g.dataset, g.model) for g in lora})
-    placements = [p for p in ("attn", "mlp", "both") if any(g.trials[0].config["method"]["placement"] == p for g in lora)]
-    ranks = sorted({g.trials[0].config["method"]["rank"] for g in lora})
+    declared = list(typing.get_args(schema.model_fields[category].annotation)) or sorted({p[0] for p in points.values()})
+    placements = [p for p in declared if any(points[id(g)][0] == p for g in lora)]
+    ranks = sorted({points[id(g)][1] for g in lora})
     colors = _colors(placements)
     width = 0.8 / len(placements)
     cells = [(dataset, model, label) for dataset, model in panels for label in labels]
@@ -343,8 +354,7 @@ def plot_lora(groups: list[Group], labels: list[str], path: Path) -> Path | None
             x, heights, errors = [], [], []
             for position, rank in enumerate(ranks):
                 match = [g for g in lora if (g.dataset, g.model) == (dataset, model)
-                         and g.trials[0].config["method"]["placement"] == placement
-                         and g.trials[0].config["method"]["rank"] == rank]
+                         and points[id(g)] == (placement, rank)]
                 # several groups of one placement and rank (another axis varies): their mean
                 values = [g.stat(f"mia/{label}/auc") for g in match]
                 values = [v for v in values if is_finite(v[0])]
@@ -354,17 +364,17 @@ def plot_lora(groups: list[Group], labels: list[str], path: Path) -> Path | None
                     errors.append(np.nan_to_num(values[0][1]) if len(values) == 1 else 0.0)
             if x:
                 ax.bar(x, heights, width=width, bottom=CHANCE_AUC, yerr=errors, capsize=2,
-                       color=colors[placement], label=f"LoRA on {placement}")
+                       color=colors[placement], label=f"{category} {placement}")
                 tops += [CHANCE_AUC + h + e for h, e in zip(heights, errors)]
                 tops += [CHANCE_AUC + h - e for h, e in zip(heights, errors)]
         span = max(tops) - min(tops) or 0.1
         ax.set_ylim(min(tops) - 0.1 * span, max(tops) + 0.1 * span)
-        ax.set_xticks(range(len(ranks)), [str(r) for r in ranks])
+        ax.set_xticks(range(len(ranks)), [f"{r:g}" for r in ranks])
         ax.axhline(CHANCE_AUC, color="grey", linewidth=1)
         ax.set_title(f"{dataset}, {model}, {_attack_title(label)}", fontsize="medium")
         ax.grid(alpha=0.3, axis="y")
-    _label_outer(axes, len(cells), "LoRA rank", "membership AUC-ROC, final epoch")
-    return _finish_grid(figure, axes, len(cells), "LoRA placement and rank (bars from chance = 0.5; mean ± std over "
+    _label_outer(axes, len(cells), number, "membership AUC-ROC, final epoch")
+    return _finish_grid(figure, axes, len(cells), f"{schema.report_title} (bars from chance = 0.5; mean ± std over "
                         "seeds)", path)
 
 
@@ -633,7 +643,9 @@ def make_figures(trials: list[Trial], groups: list[Group], labels: list[str], si
         if any(is_finite(t.final.get("val/ppl")) for t in recorded):
             add("ppl_vs_auc", "Validation perplexity vs AUC, one point per trial",
                 plot_ppl_vs_auc(recorded, labels, models, styles, file("ppl_vs_auc")))
-        add("lora_placement_rank", "LoRA placement and rank", plot_lora(groups, labels, file("lora_placement_rank")))
+        for method in axes_methods():
+            stem = axes_figure_stem(method)
+            add(stem, METHODS[method].config.report_title, plot_axes(groups, labels, method, file(stem)))
         for dataset in datasets:
             for model in models:
                 stem = f"roc_{slug(dataset)}_{slug(model)}"

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from memray import methods
 from memray.config import APPROX_PARAMS, Cell, ConfigError, SimilarityThresholds, SweepConfig, load_sweep
 from memray.metrics import TPR_AT_FPR, bootstrap_aucs, percentile_interval, roc_points
 from memray.references import sweep_cells
@@ -233,13 +234,9 @@ def _is_cell_folder(trial: Trial, name: str, axes: dict[str, Any]) -> bool:
 
 
 def method_label(config: dict[str, Any]) -> str:
-    """`lora (attn, r8)`, `prefix`, ... from a resolved trial config."""
-    method = config.get("method", {})
-    name = method.get("name", "?")
-    if name == "lora":
-        placement = "custom" if method.get("target_modules") else method.get("placement")
-        return f"lora ({placement}, r{method.get('rank')})"
-    return str(name)
+    """The method's label (`lora (attn, r8)`, `prefix`: its unit's `MethodSchema.label`)
+    from a resolved trial config."""
+    return methods.method_label(config.get("method", {}))
 
 
 def _value_text(key: str, value: Any) -> str:
@@ -255,7 +252,8 @@ def _value_text(key: str, value: Any) -> str:
 def label_variants(trials: list[Trial]) -> None:
     """Set each trial's `variant`: its method label, plus the config keys that tell apart
     trials of that label which share a model and dataset (e.g. a duplication axis)."""
-    covered = {"method.name", "method.rank", "method.placement", "method.target_modules", *OWN_COLUMNS}
+    covered = {"method.name", *OWN_COLUMNS,
+               *(f"method.{key}" for name in methods.METHODS for key in methods.METHODS[name].config.label_keys)}
     flats = [{k: v for k, v in _flatten(t.config).items() if k not in covered} for t in trials]
     by_cell: dict[tuple[str, str, str], list[int]] = defaultdict(list)
     for index, trial in enumerate(trials):

@@ -18,7 +18,7 @@ import pandas as pd
 from memray.config import SweepConfig, resolve_wandb_mode
 from memray.results import STATE_FILE
 from memray.report.loading import Group, STATUSES, Trial, read_sweep_file
-from memray.report.tables import Table
+from memray.report.tables import Table, axes_methods
 from memray.report.figures import FigureFile
 
 
@@ -117,7 +117,7 @@ def markdown(name: str, sweep_dir: Path, out_dir: Path, trials: list[Trial], tab
     lines.extend(["## Figures", ""])
     for figure in figures.values():
         lines.extend([f"![{figure.caption}]({figure.path.relative_to(out_dir).as_posix()})", ""])
-    for key in ("lora", "extraction", "duplication", "counterfactual", "trials", "attacks"):
+    for key in (*axes_methods(), "extraction", "duplication", "counterfactual", "trials", "attacks"):
         if key in tables:
             add_table(tables[key])
     return "\n".join(lines)

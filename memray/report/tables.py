@@ -16,6 +16,7 @@ import pandas as pd
 from scipy import stats
 
 from memray.config import METHODS
+from memray.methods import METHODS as METHOD_REGISTRY
 from memray.report.loading import BOOTSTRAP_RESAMPLES, COUNTERFACTUAL, Group, Trial, is_finite
 
 
@@ -248,28 +249,51 @@ def method_by_model_tables(groups: list[Group], labels: list[str], sizes: dict[s
     return tables
 
 
-def lora_table(groups: list[Group], labels: list[str]) -> Table | None:
-    rows, text = [], []
+def axes_groups(groups: list[Group], method: str) -> list[tuple[Group, tuple[str, float]]]:
+    """The groups of `method` with their point on its `report_axes` (its unit's
+    `MethodSchema.report_point`), those compared there only."""
+    schema = METHOD_REGISTRY[method].config
+    chosen = []
     for g in groups:
-        method = g.trials[0].config.get("method", {})
-        if g.method != "lora" or method.get("target_modules"):
+        if g.method != method:
             continue
+        try:
+            point = schema.model_validate(g.trials[0].config.get("method", {})).report_point()
+        except ValueError:  # a section an older memray wrote, no longer valid: not compared
+            point = None
+        if point is not None:
+            chosen.append((g, point))
+    return chosen
+
+
+def axes_methods() -> list[str]:
+    """Registered methods that compare their variants on axes of their own (`report_axes`)."""
+    return [name for name in METHOD_REGISTRY if METHOD_REGISTRY[name].config.report_axes is not None]
+
+
+def axes_table(groups: list[Group], labels: list[str], method: str) -> Table | None:
+    """The method's variants by its `report_axes` (LoRA: placement and rank), a row per
+    variant and attack; table name: the method's name."""
+    schema = METHOD_REGISTRY[method].config
+    category, number = schema.report_axes  # type: ignore[misc]
+    rows, text = [], []
+    for g, (kind, value) in axes_groups(groups, method):
         for label in labels:
             auc, std, n = g.stat(f"mia/{label}/auc")
             ppl, ppl_std, _ = g.stat("val/ppl")
             rows.append({"dataset": g.dataset, "model": g.model, "method": g.variant,
-                         "placement": method.get("placement"), "rank": method.get("rank"), "attack": label,
+                         category: kind, number: value, "attack": label,
                          "auc mean": auc, "auc std": std, "finished": n, "final val ppl mean": ppl,
                          "final val ppl std": ppl_std})
     if not rows:
         return None
-    data = pd.DataFrame(rows).sort_values(["dataset", "model", "attack", "placement", "rank"], kind="stable")
+    data = pd.DataFrame(rows).sort_values(["dataset", "model", "attack", category, number], kind="stable")
     for row in data.to_dict("records"):
         text.append({"dataset": row["dataset"], "model": row["model"], "method": row["method"],
-                     "placement": row["placement"], "rank": str(row["rank"]), "attack": row["attack"],
+                     category: row[category], number: str(row[number]), "attack": row["attack"],
                      "AUC": _pm(row["auc mean"], row["auc std"]),
                      "val PPL": _pm(row["final val ppl mean"], row["final val ppl std"], 2)})
-    return Table("lora", "LoRA placement and rank", data.reset_index(drop=True), pd.DataFrame(text),
+    return Table(method, schema.report_title, data.reset_index(drop=True), pd.DataFrame(text),
                  "Final epoch, mean ± std over seeds of finished trials.")
 
 

@@ -27,6 +27,7 @@ from memray.config import (
     parse_override,
 )
 from memray.attacks import ATTACKS
+from memray.data import planned_members
 from memray.gguf_bases import is_gguf
 from memray.methods import METHODS
 
@@ -56,7 +57,7 @@ def default_resources(config: TrialConfig, has_gpus: bool) -> ResourceRule:
     gradients and AdamW states for every weight), a whole GPU from ~1B parameters on."""
     if not has_gpus:
         return ResourceRule(cpus=1)  # one thread per trial: N trials on N cores beat one trial on N
-    params, full = approx_params(config), config.method.name == "full"
+    params, full = approx_params(config), METHODS[config.method.name].flop_class == "all-weights"
     if params <= 200e6:
         gpus = 0.5 if full else 0.25  # e.g. four GPT-2 124M LoRA trials per GPU
     elif params <= 800e6:
@@ -111,10 +112,11 @@ def check_rules(rules: list[ResourceRule], cells: list[Cell], source: str) -> No
     for cell in cells:
         index, rule = next(((i, r) for i, r in enumerate(rules) if rule_matches(r, cell.config)), (None, None))
         workers = rule.workers if rule else 1
-        if workers > 1 and cell.config.method.name != "full":
+        if workers > 1 and not METHODS[cell.config.method.name].multi_worker:
+            able = ", ".join(name for name in METHODS if METHODS[name].multi_worker)
             raise ConfigError(source, f"resources.{index}.workers",
-                              f"grid cell {cell.index} uses method {cell.config.method.name}: multi-worker trials "
-                              "(DeepSpeed ZeRO) fine-tune all weights; match only method.name: full")
+                              f"grid cell {cell.index} uses method {cell.config.method.name}, which does not train on "
+                              f"several workers (DeepSpeed ZeRO); match only method.name: {able}")
 
 
 @dataclass(frozen=True)
@@ -163,10 +165,10 @@ def memory_estimate(config: TrialConfig, rule: ResourceRule, shape: Any) -> Any:
     """GPU memory per worker of a trial under `rule` (memray.distributed.estimate_memory):
     ZeRO by train.deepspeed (or its default for the size) when the rule has workers > 1;
     bf16 where the trial has GPUs and train.precision allows it. PEFT methods train few
-    weights: the output layer for `head`, about 1% of the weights for the others (rough)."""
+    weights: as many as the method's registry entry estimates from the model's shape."""
     from memray.distributed import estimate_memory, resolve_zero
 
-    trainable = {"full": shape.params, "head": shape.vocab * shape.hidden}.get(config.method.name, 0.01 * shape.params)
+    trainable = METHODS[config.method.name].estimate_trainable(shape, config.method)
     on_gpu = rule.gpus_per_worker > 0 if rule.workers > 1 else rule.gpus > 0
     bf16 = on_gpu and config.train.precision != "fp32"
     stage, zero = 0, None
@@ -223,7 +225,7 @@ def trial_cost(config: TrialConfig) -> float:
     non-members and the validation set once each (epoch 0 included). A reference model of
     lira / rmia is a trial of its own (its half of the audit pool, about the target's
     members, and the whole pool scored every epoch: about a target's cost)."""
-    members = config.data.members or 1000  # None: the dataset's default, of this order
+    members = planned_members(config.data)
     train_tokens = members * config.data.max_length * config.train.epochs
     if config.data.duplicates:
         train_tokens *= 1 + config.data.duplicates.fraction * (max(config.data.duplicates.copies) - 1)
@@ -255,16 +257,16 @@ def trial_flops(config: TrialConfig, shape: Any, hf_config: Any) -> float:
     from memray.flops import attention_flops, train_flops_per_token
 
     data, epochs = config.data, config.train.epochs
-    members = data.members or 1000  # None: the dataset's default, of this order
+    members = planned_members(data)
     nonmembers = data.nonmembers or members
     copies = 1.0
     if data.duplicates:
         copies += data.duplicates.fraction * (sum(data.duplicates.copies) / len(data.duplicates.copies) - 1)
     head = shape.vocab * shape.hidden
-    trainable = {"full": shape.params, "head": head}.get(config.method.name, 0.01 * shape.params)
+    spec = METHODS[config.method.name]
     context = float(data.max_length)
     train = members * copies * data.max_length * epochs * train_flops_per_token(
-        config.method.name, shape.params, trainable, head, hf_config, context)
+        spec.flop_class, shape.params, spec.estimate_trainable(shape, config.method), head, hf_config, context)
     forward = 2 * shape.params + attention_flops(hf_config, context, trained=False)
     cap = config.eval.max_scored or max(members, nonmembers)
     scored = (min(members, cap) + min(nonmembers, cap) + data.validation) * data.max_length * (epochs + 1)

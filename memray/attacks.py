@@ -43,6 +43,9 @@ class AttackSpec:
     # not from one sample's statistics (`score` is then never called): label suffix -> its
     # scorer, e.g. {"": online, "-offline": offline}, one metric label `<name><suffix>` each
     reference_scorers: Mapping[str, ReferenceScorer] = field(default_factory=dict)
+    # run by a trial whose config has no `attacks` list; an attack registered later is not
+    # (existing configs keep their trial ids, and `memray resume` does not re-run them)
+    default: bool = False
 
     @property
     def needs_reference_models(self) -> bool:
@@ -53,16 +56,21 @@ ATTACKS: Registry[AttackSpec] = Registry("attack")
 
 
 def attack(name: str, default_k: float | None = None, needs_reference: bool = False,
-           needs_vocab_stats: bool = False,
-           reference_scorers: Mapping[str, ReferenceScorer] | None = None) -> Callable[[AttackFn], AttackFn]:
+           needs_vocab_stats: bool = False, reference_scorers: Mapping[str, ReferenceScorer] | None = None,
+           default: bool = False) -> Callable[[AttackFn], AttackFn]:
     """Register an attack under the name the config uses; ValueError if the name is taken."""
 
     def register(function: AttackFn) -> AttackFn:
         ATTACKS.add(name, AttackSpec(name, function, default_k, needs_reference, needs_vocab_stats,
-                                     dict(reference_scorers or {})))
+                                     dict(reference_scorers or {}), default))
         return function
 
     return register
+
+
+def default_attacks() -> tuple[str, ...]:
+    """The attacks of a config without an `attacks` list (`AttackSpec.default`)."""
+    return tuple(name for name in ATTACKS if ATTACKS[name].default)
 
 
 def attack_scores(
@@ -114,7 +122,7 @@ def lowest_mean(values: np.ndarray, k: float) -> float:
     return float(np.mean(np.sort(values.astype(np.float64))[:count]))
 
 
-@attack("loss")
+@attack("loss", default=True)
 def loss_score(config: AttackConfig, target: TokenStats, text: str, reference: TokenStats | None) -> float:
     """LOSS: the negative mean token loss; members are fitted better.
 
@@ -124,7 +132,7 @@ def loss_score(config: AttackConfig, target: TokenStats, text: str, reference: T
     return -target.loss
 
 
-@attack("ref", needs_reference=True)
+@attack("ref", needs_reference=True, default=True)
 def reference_score(config: AttackConfig, target: TokenStats, text: str, reference: TokenStats | None) -> float:
     """Ref: how much lower the target's loss is than the reference model's (the base model
     before fine-tuning), which removes how easy the text is in itself.
@@ -141,7 +149,7 @@ def reference_score(config: AttackConfig, target: TokenStats, text: str, referen
     return reference.loss - target.loss
 
 
-@attack("zlib")
+@attack("zlib", default=True)
 def zlib_score(config: AttackConfig, target: TokenStats, text: str, reference: TokenStats | None) -> float:
     """Zlib: the model's log-perplexity over the text's zlib entropy (compressed length in
     bytes), negated; a member has a low loss for how compressible it is. `text` is the text
@@ -153,7 +161,7 @@ def zlib_score(config: AttackConfig, target: TokenStats, text: str, reference: T
     return -target.loss / len(zlib.compress(text.encode("utf-8")))
 
 
-@attack("mink", default_k=0.2)  # Shi et al. 2024 report k=20% as a robust default
+@attack("mink", default_k=0.2, default=True)  # Shi et al. 2024 report k=20% as a robust default
 def min_k_score(config: AttackConfig, target: TokenStats, text: str, reference: TokenStats | None) -> float:
     """Min-K% Prob: the mean log-probability of the k fraction of least likely tokens; a
     non-member has more outlier tokens with very low probability.
@@ -164,7 +172,7 @@ def min_k_score(config: AttackConfig, target: TokenStats, text: str, reference: 
     return lowest_mean(target.logprobs, config.k)
 
 
-@attack("mink++", default_k=0.2, needs_vocab_stats=True)
+@attack("mink++", default_k=0.2, needs_vocab_stats=True, default=True)
 def min_k_plus_plus_score(config: AttackConfig, target: TokenStats, text: str, reference: TokenStats | None) -> float:
     """Min-K%++: each token's log-probability standardized by the mean and standard
     deviation of the log-probability over the vocabulary at that position, then the mean

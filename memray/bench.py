@@ -446,11 +446,11 @@ def bench_training(config: PretrainedConfig, device: torch.device, token_ids: li
 
 
 def _sweep_trial_base(quick: bool) -> dict[str, Any]:
-    """One tiny trial: built-in GPT-2 with random weights, pydoc data, one epoch."""
+    """One tiny trial: built-in GPT-2 with random weights, the default dataset, one epoch."""
     size = 16 if quick else 32
     return {
         "model": {"name": "tiny-gpt2", "pretrained": False},
-        "data": {"dataset": "pydoc", "max_length": 64, "members": size, "nonmembers": size, "validation": size},
+        "data": {"max_length": 64, "members": size, "nonmembers": size, "validation": size},
         "train": {"epochs": 1, "batch_size": 8, "checkpoints": False},
         "attacks": ["loss"],
     }

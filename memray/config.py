@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from memray.attacks import ATTACK_RULES
+from memray.attacks import ATTACK_RULES, default_attacks
 from memray.attacks import ATTACKS as ATTACK_REGISTRY
 from memray.gguf_bases import PACKAGED as GGUF_ALIASES, is_gguf
 from memray.methods import METHODS as METHOD_REGISTRY, default_method
@@ -58,6 +58,13 @@ UNKNOWN_PARAMS = 7e9  # a hub id or local path of unknown size: assume large (a 
 BUILTIN_MODELS: tuple[str, ...] = ("tiny-gpt2", "tiny-llama")
 
 
+def default_dataset() -> str:
+    """The dataset of a config without `data.dataset` (its registry entry says `default=True`)."""
+    from memray.data import DEFAULT_DATASET
+
+    return DEFAULT_DATASET[0]
+
+
 def dataset_names() -> tuple[str, ...]:
     """The names `data.dataset` accepts: those of the `data` module's registry, the hub
     datasets first (imported here when first needed, since `data` imports this module)."""
@@ -68,10 +75,10 @@ def dataset_names() -> tuple[str, ...]:
 
 #: Membership-inference attacks, from the `attacks` registry (registration order).
 ATTACKS: tuple[str, ...] = ATTACK_REGISTRY.names()
-#: Attacks of a trial whose config has no `attacks` list. Frozen by name: an attack
-#: registered later is run only where a config lists it, so existing configs keep their
-#: trial ids (and `memray resume` does not re-run finished trials).
-DEFAULT_ATTACKS: tuple[str, ...] = ("loss", "ref", "zlib", "mink", "mink++")
+#: Attacks of a trial whose config has no `attacks` list (those registered with
+#: `default=True`): an attack registered later is run only where a config lists it, so
+#: existing configs keep their trial ids (and `memray resume` does not re-run finished trials).
+DEFAULT_ATTACKS: tuple[str, ...] = default_attacks()
 
 #: Fine-tuning methods, from the `methods` registry (one module of memray/methods each).
 METHODS: tuple[str, ...] = METHOD_REGISTRY.names()
@@ -179,7 +186,7 @@ class CanaryConfig(Schema):
 
 
 class DataConfig(Schema):
-    dataset: str = "pydoc"
+    dataset: str = Field(default_factory=lambda: default_dataset())  # the registry's default (`register(default=True)`)
     path: str | None = None  # local file (jsonl / txt / csv) or a local copy of a hub dataset
     revision: str | None = None  # hub datasets: commit or branch; None: the one memray pins
     text_field: str = "text"  # column holding the text, for local jsonl / csv
@@ -379,8 +386,8 @@ def _default_attacks() -> list[AttackConfig]:
 #: leaves one at its default has the id (and folder) it had before the key existed.
 ADDED_LATER: dict[tuple[str, str], Any] = {
     ("train", "group_by_length"): True, ("train", "compile"): False, ("train", "chunked_loss"): "auto",
-    ("train", "deepspeed"): None, ("data", "revision"): None, ("method", "dora"): False,
-}
+    ("train", "deepspeed"): None, ("data", "revision"): None,
+}  # a method's own keys added later: its config section's `added_later`
 #: Keys whose default changed: (new default, old default). A trial that leaves one unset
 #: keeps the id it had under the old default (these keys do not change what is measured).
 CHANGED_DEFAULTS: dict[tuple[str, str], tuple[Any, Any]] = {
@@ -495,7 +502,9 @@ class TrialConfig(Schema):
         for attack in payload["attacks"]:
             if attack.get("references") is None:
                 del attack["references"]  # attacks other than lira / rmia: ids as before the key existed
-        for (section, key), default in ADDED_LATER.items():
+        added = [*ADDED_LATER.items(), *((("method", key), default) for key, default
+                                         in METHOD_REGISTRY[self.method.name].config.added_later.items())]
+        for (section, key), default in added:
             if key in payload[section] and payload[section][key] == default:
                 del payload[section][key]  # trials that leave it at its default keep their ids (and folders)
         for (section, key), (default, before) in CHANGED_DEFAULTS.items():

@@ -190,21 +190,28 @@ class DatasetSpec:
 
 #: Every dataset by name; `config.dataset_names()` (the names `data.dataset` accepts) is derived from it.
 REGISTRY: Registry[DatasetSpec] = Registry("dataset")
+#: The dataset of a config without `data.dataset` (registered with `default=True`).
+DEFAULT_DATASET: list[str] = []
 
 
 def register(name: str, *, members: int | None, hub: HubSource | None = None, blocks: bool = False,
-             fields: tuple[str, ...] | None = None,
-             required: tuple[str, ...] = ()) -> Callable[[Callable[..., "_Pool"]], Callable[..., "_Pool"]]:
+             fields: tuple[str, ...] | None = None, required: tuple[str, ...] = (),
+             default: bool = False) -> Callable[[Callable[..., "_Pool"]], Callable[..., "_Pool"]]:
     """Decorator: register a pool function (data config, tokenizer, source) -> candidate
     samples as dataset `name`, with the `data:` keys of DATASET_FIELDS it reads (default: a
-    hub dataset's HUB_FIELDS, none for others). A name registered twice is an error."""
+    hub dataset's HUB_FIELDS, none for others); `default`: the dataset of a config that names
+    none. A name registered twice, or a second default, is an error."""
     read = tuple(fields) if fields is not None else (HUB_FIELDS if hub else ())
     unknown = sorted((set(read) | set(required)) - set(DATASET_FIELDS))
     if unknown or set(required) - set(read):
         raise ValueError(f"dataset {name!r}: fields must be of {', '.join(DATASET_FIELDS)} and required ones read")
 
     def add(pool: Callable[..., _Pool]) -> Callable[..., _Pool]:
+        if default and DEFAULT_DATASET:
+            raise ValueError(f"dataset {name!r}: {DEFAULT_DATASET[0]!r} is already the default dataset")
         REGISTRY.add(name, DatasetSpec(name, members, pool, hub, blocks, read, tuple(required)))
+        if default:
+            DEFAULT_DATASET.append(name)
         return pool
     return add
 
@@ -434,7 +441,7 @@ def _pydoc_pool(max_length: int, tokenizer: Any) -> _Pool:
                  len(samples), samples.__getitem__)
 
 
-@register("pydoc", members=150, blocks=True)  # ~350 unseen 128-token blocks (4k-vocab tokenizer)
+@register("pydoc", members=150, blocks=True, default=True)  # ~350 unseen 128-token blocks (4k-vocab tokenizer)
 def _pydoc_dataset(data: DataConfig, tokenizer: Any, source: str) -> _Pool:
     return _pydoc_pool(data.max_length, tokenizer)
 

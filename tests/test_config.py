@@ -154,3 +154,19 @@ def test_every_shipped_sweep_validates_and_expands(path):
     sweep, cells = load_sweep(path)
     assert cells and sweep.name
     assert len({c.config.trial_id() for c in cells}) == len(cells), "two grid cells are the same trial"
+
+
+#: The demo's trial folders as memray has named them since its trial ids last changed:
+#: a schema change that moves them would make `memray resume` re-run finished trials.
+DEMO_TRIALS = ["000-tiny-gpt2_full_pydoc_s0_1069249a", "001-tiny-gpt2_head_pydoc_s0_5bc61907",
+               "002-tiny-gpt2_lora_r8-attn_pydoc_s0_b4853a5e", "003-tiny-gpt2_lora_r8-both_pydoc_s0_6f2da30a",
+               "004-tiny-gpt2_lora_r8-attn-dora_pydoc_s0_c8b216de", "005-tiny-gpt2_ia3_pydoc_s0_c9c0b033",
+               "006-tiny-gpt2_prefix_pydoc_s0_0fe38b5a", "007-tiny-gpt2_prompt_pydoc_s0_a93f2838",
+               "008-tiny-gpt2_ptuning_pydoc_s0_3396d2e6"]
+
+
+def test_the_demos_trial_ids_stay_as_they_are():
+    from memray.results import trial_names
+
+    _, cells = load_sweep(Path(__file__).resolve().parent.parent / "sweeps" / "demo.yaml")
+    assert list(trial_names(cells).values()) == DEMO_TRIALS

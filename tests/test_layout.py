@@ -4,6 +4,7 @@ memray's modules import each other without a cycle, and models need no dataset c
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "memray"
@@ -103,3 +104,68 @@ def test_every_test_that_starts_ray_carries_the_ray_marker():
             if uses_ray and not marked:
                 unmarked.append(f"{path.name}::{node.name}")
     assert unmarked == []
+
+
+# ---------------------------------------------------------------------------------------
+# Each extension is one unit: its name is written in its own module(s) only
+# ---------------------------------------------------------------------------------------
+
+#: Registered names that are ordinary words (a loss, a reference, a full or local thing):
+#: they may occur anywhere. Every other registered name is distinctive.
+ORDINARY_NAMES = {"loss", "ref", "full", "head", "local"}
+
+
+def _file(function: object) -> Path:
+    return Path(sys.modules[function.__module__].__file__).resolve()  # type: ignore[attr-defined]
+
+
+def unit_files() -> dict[str, set[Path]]:
+    """Each registered method, attack and dataset -> the modules that make it: its config
+    section and `apply` (methods), its scorers (attacks), its pool (datasets). A method
+    option with a name of its own (DoRA, LoRA's) belongs to its method's unit."""
+    from memray import attacks, data, methods
+
+    units: dict[str, set[Path]] = {}
+    for name in methods.METHODS:
+        spec = methods.METHODS[name]
+        units.setdefault(name, set()).update({_file(spec.config), _file(spec.apply)})
+        for option in spec.config.model_fields:  # an option named like a unit of its own: dora
+            if option in DISTINCTIVE_OPTIONS:
+                units.setdefault(option, set()).update(units[name])
+    for name in attacks.ATTACKS:
+        spec = attacks.ATTACKS[name]
+        units.setdefault(name, set()).update({_file(spec.score), *map(_file, spec.reference_scorers.values())})
+    for name in data.REGISTRY:
+        units.setdefault(name, set()).add(_file(data.REGISTRY[name].pool))
+    return {name: files for name, files in units.items() if name not in ORDINARY_NAMES}
+
+
+#: Method options that are methods in their own right in the literature (DoRA).
+DISTINCTIVE_OPTIONS = {"dora"}
+
+
+def distinctive_literals(source: str, names: set[str]) -> list[tuple[int, str]]:
+    """(line, name) of every string literal in `source` that is one of `names` (a whole
+    literal, or a whole constant part of an f-string)."""
+    return [(node.lineno, node.value) for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names]
+
+
+def test_the_literal_scan_finds_a_name_written_outside_its_unit():
+    assert distinctive_literals('if method == "lora":\n    x = f"{a}"\n', {"lora"}) == [(1, "lora")]
+    assert distinctive_literals('"""Text about lora."""\nname = "lorax"\n', {"lora"}) == []
+
+
+def test_a_distinctive_name_is_written_in_its_own_unit_only():
+    """No module but a method's, attack's or dataset's own names it as a string: what
+    depends on which unit it is lives in the unit's registry entry (a unit's module may
+    import another's names where a finding is about that unit)."""
+    units = unit_files()
+    assert {"lora", "dora", "ia3", "prefix", "prompt", "ptuning", "mink", "mink++", "zlib", "lira", "rmia",
+            "wikitext2", "webnlg", "xsum"} <= set(units)
+    outside = []
+    for name, path in MODULES.items():
+        for line, literal in distinctive_literals(path.read_text(), set(units)):
+            if path.resolve() not in units[literal]:
+                outside.append(f"{path.relative_to(PACKAGE.parent)}:{line}: {literal!r}")
+    assert outside == []

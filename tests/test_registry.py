@@ -4,6 +4,7 @@ cannot be registered twice, and a new attack changes no existing trial's id."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import pytest
 
@@ -42,17 +43,21 @@ def test_a_name_cannot_be_registered_twice():
 def test_a_spec_whose_schema_has_another_name_is_refused():
     spec = methods.METHODS["lora"]
     with pytest.raises(ValueError, match="method 'lora2': its config's name defaults to 'lora'"):
-        methods.register(methods.MethodSpec("lora2", spec.config, spec.apply, 1e-3, 2.5, True, "parameter"))
+        methods.register(dataclasses.replace(spec, name="lora2"))
     assert "lora2" not in methods.METHODS
 
 
 def test_every_method_has_a_family_and_an_unknown_family_is_refused():
     families = {name: methods.METHODS[name].family for name in methods.METHODS}
     assert set(families.values()) == set(methods.METHOD_FAMILIES)  # both families are represented
-    assert families["lora"] == "parameter" and families["prefix"] == "prompt"
+    assert families["lora"] == "parameter-based" and families["prefix"] == "prompt-based"
     spec = methods.METHODS["lora"]
-    with pytest.raises(ValueError, match="method 'lora': family 'adapter' is not one of parameter, prompt"):
-        methods.register(methods.MethodSpec("lora", spec.config, spec.apply, 1e-3, 2.5, True, "adapter"))
+    with pytest.raises(ValueError, match="method 'lora': family 'adapter' is not one of parameter-based, prompt-based"):
+        methods.register(dataclasses.replace(spec, family="adapter"))
+    with pytest.raises(ValueError, match="method 'lora': FLOP class 'cheap' is not one of all-weights, output-layer"):
+        methods.register(dataclasses.replace(spec, flop_class="cheap"))
+    with pytest.raises(ValueError, match="method 'lora': 'full' is already the default method"):
+        methods.register(spec, default=True)
     assert methods.METHODS["lora"] is spec
 
 

@@ -58,6 +58,9 @@ class MethodSchema(Schema):
     #: and figure of their own (LoRA: placement and rank), with their title; None: no such table.
     report_axes: ClassVar[tuple[str, str] | None] = None
     report_title: ClassVar[str] = ""
+    #: Keys added to the section after trials were run with it, and their defaults: a trial
+    #: that leaves one at its default keeps the id (and folder) it had before the key existed.
+    added_later: ClassVar[dict[str, Any]] = {}
 
     def slug(self) -> str:
         """The method's part of a trial's folder name: its name, plus main knobs where a
@@ -124,10 +127,10 @@ class MethodSpec:
 METHODS: Registry[MethodSpec] = Registry("method")
 #: The method of a trial whose config has no `method` section (its unit says so: `default=True`).
 DEFAULT_METHOD: list[str] = []
-#: The families of methods the studies compare (Hou et al. 2025): "parameter" methods change
-#: or add weights inside the model (full, head, LoRA, (IA)^3), "prompt" methods train
+#: The families of methods the studies compare (Hou et al. 2025), key -> title: parameter-based methods change
+#: or add weights inside the model (full, head, LoRA, (IA)^3), prompt-based methods train
 #: inputs prepended to every sequence (prefix, prompt and P-tuning), the model untouched.
-METHOD_FAMILIES = {"parameter": "parameter-based", "prompt": "prompt-based"}
+METHOD_FAMILIES = {"parameter-based": "parameter-based", "prompt-based": "prompt-based"}
 
 
 def register(spec: MethodSpec, default: bool = False) -> MethodSpec:

@@ -26,6 +26,6 @@ def apply(model: "PreTrainedModel", method: FullMethod, source: str) -> "tuple[t
 # for fine-tuning; a training pass costs 3 forward passes (activation and weight gradients).
 # The only method that trains on several workers (DeepSpeed ZeRO shards what every weight
 # needs: its gradient and optimizer states); the default of a config without a method.
-register(MethodSpec("full", FullMethod, apply, default_lr=5e-5, train_pass_cost=3.0, peft=False, family="parameter",
+register(MethodSpec("full", FullMethod, apply, default_lr=5e-5, train_pass_cost=3.0, peft=False, family="parameter-based",
                     flop_class="all-weights", estimate_trainable=lambda shape, method: shape.params, multi_worker=True),
          default=True)

@@ -50,6 +50,6 @@ def apply(model: "PreTrainedModel", method: HeadMethod, source: str) -> "tuple[t
 
 # 1e-4: one pretrained matrix, which can take a larger step than full fine-tuning. The
 # backward pass stops at the output layer: about half a forward pass more.
-register(MethodSpec("head", HeadMethod, apply, default_lr=1e-4, train_pass_cost=1.5, peft=False, family="parameter",
+register(MethodSpec("head", HeadMethod, apply, default_lr=1e-4, train_pass_cost=1.5, peft=False, family="parameter-based",
                     flop_class="output-layer", estimate_trainable=lambda shape, method: shape.vocab * shape.hidden,
                     check=check))

@@ -34,6 +34,7 @@ class LoraMethod(MethodSchema):
     dora: bool = False
 
     label_keys = ("rank", "placement", "target_modules", "dora")
+    added_later = {"dora": False}
     report_axes = ("placement", "rank")
     report_title = "LoRA placement and rank"
 
@@ -93,5 +94,5 @@ def estimate_trainable(shape: Shape, method: LoraMethod) -> float:
     return float(per_layer * method.rank * shape.hidden * shape.layers)
 
 
-register(MethodSpec("lora", LoraMethod, apply, default_lr=2e-4, train_pass_cost=2.5, peft=True, family="parameter",
+register(MethodSpec("lora", LoraMethod, apply, default_lr=2e-4, train_pass_cost=2.5, peft=True, family="parameter-based",
                     flop_class="frozen-body", estimate_trainable=estimate_trainable, check=check))

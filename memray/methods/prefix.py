@@ -44,5 +44,5 @@ def estimate_trainable(shape: Shape, method: PrefixMethod) -> float:
     return float(2 * method.virtual_tokens * shape.layers * shape.hidden)
 
 
-register(MethodSpec("prefix", PrefixMethod, apply, default_lr=1e-3, train_pass_cost=2.5, peft=True, family="prompt",
+register(MethodSpec("prefix", PrefixMethod, apply, default_lr=1e-3, train_pass_cost=2.5, peft=True, family="prompt-based",
                     flop_class="frozen-body", estimate_trainable=estimate_trainable))

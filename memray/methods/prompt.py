@@ -53,6 +53,6 @@ def apply(model: "PreTrainedModel", method: PromptMethod, source: str) -> "tuple
 
 
 # 3e-3: fresh embeddings that must travel far from their init (PEFT's guides use up to 3e-2).
-register(MethodSpec("prompt", PromptMethod, apply, default_lr=3e-3, train_pass_cost=2.5, peft=True, family="prompt",
+register(MethodSpec("prompt", PromptMethod, apply, default_lr=3e-3, train_pass_cost=2.5, peft=True, family="prompt-based",
                     flop_class="frozen-body",
                     estimate_trainable=lambda shape, method: float(method.virtual_tokens * shape.hidden)))

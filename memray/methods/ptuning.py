@@ -42,5 +42,5 @@ def estimate_trainable(shape: Shape, method: PtuningMethod) -> float:
     return float(method.virtual_tokens * h + encoder)
 
 
-register(MethodSpec("ptuning", PtuningMethod, apply, default_lr=1e-3, train_pass_cost=2.5, peft=True, family="prompt",
+register(MethodSpec("ptuning", PtuningMethod, apply, default_lr=1e-3, train_pass_cost=2.5, peft=True, family="prompt-based",
                     flop_class="frozen-body", estimate_trainable=estimate_trainable))

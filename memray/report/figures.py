@@ -50,10 +50,10 @@ MARKERS = "osD^vP*Xh<>p"
 #: handed out: parameter-based methods in blues, greens and purples, prompt-based ones in
 #: oranges, reds and browns; a method no family claims (no longer registered) is grey.
 FAMILY_COLORS = {
-    "parameter": ["#08519c", "#31a354", "#756bb1", "#6baed6", "#006d2c", "#9e9ac8", "#17becf", "#74c476"],
-    "prompt": ["#e6550d", "#a50f15", "#fd8d3c", "#c51b7d", "#8c510a", "#ef3b2c"],
+    "parameter-based": ["#08519c", "#31a354", "#756bb1", "#6baed6", "#006d2c", "#9e9ac8", "#17becf", "#74c476"],
+    "prompt-based": ["#e6550d", "#a50f15", "#fd8d3c", "#c51b7d", "#8c510a", "#ef3b2c"],
 }
-FAMILY_LINESTYLES = {"parameter": "-", "prompt": "--"}
+FAMILY_LINESTYLES = {"parameter-based": "-", "prompt-based": "--"}
 OTHER_FAMILY = "other"
 
 

@@ -77,22 +77,22 @@ def _mean_weights(trials: list[Trial], epoch: int, side: int) -> list[Entry]:
 
 
 def _families(replicate: list[Trial], epoch: int) -> list[Entry] | None:
-    parameter = [t for t in replicate if family(t) == "parameter"]
-    prompt = [t for t in replicate if family(t) == "prompt"]
+    parameter = [t for t in replicate if family(t) == "parameter-based"]
+    prompt = [t for t in replicate if family(t) == "prompt-based"]
     if not parameter or not prompt:
         return None
     return _mean_weights(parameter, epoch, 0) + _mean_weights(prompt, epoch, 1)
 
 
 def _parameter_rises(replicate: list[Trial], epoch: int) -> list[Entry] | None:
-    parameter = [t for t in replicate if family(t) == "parameter"]
+    parameter = [t for t in replicate if family(t) == "parameter-based"]
     if not parameter or epoch < 2:
         return None
     return _mean_weights(parameter, epoch, 0) + _mean_weights(parameter, 1, 1)
 
 
 def _prompt_at_chance(replicate: list[Trial], epoch: int) -> list[Entry] | None:
-    prompt = [t for t in replicate if family(t) == "prompt"]
+    prompt = [t for t in replicate if family(t) == "prompt-based"]
     return _mean_weights(prompt, epoch, 0) if prompt else None
 
 

@@ -37,7 +37,6 @@ MFU: `memray.flops` (the model FLOPs per token and the GPUs' peak rates; trials 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import functools
@@ -707,10 +706,3 @@ def bench_command(model: str = "tiny-gpt2", device: str | None = None, out: Path
         Path(out).write_text(json.dumps(record, indent=2) + "\n")
         print(f"\nwritten: {out}")
     return 0
-
-
-def command(args: argparse.Namespace) -> int:
-    """Run `memray bench` from the arguments `memray.cli` parsed."""
-    return bench_command(args.model, args.device, args.out or None, args.quick,
-                         [m for m in args.methods.split(",") if m], [s for s in args.sections.split(",") if s],
-                         args.compile)

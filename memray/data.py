@@ -44,13 +44,12 @@ Samples:
 - synthetic: 5,000 fictional people, each with unique facts (name, birth, job, e-mail,
   phone), generated without randomness so that every machine sees the same records.
 
-Run `python -m memray.data download NAME DIR` on a machine with network to download a hub
+Run `memray download NAME DIR` on a machine with network to download a hub
 dataset for offline use (`data.path: DIR`).
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import functools
@@ -58,7 +57,6 @@ import hashlib
 import itertools
 import json
 import logging
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -631,7 +629,7 @@ def _hub_train(data: DataConfig, hub: HubSource, source: str) -> tuple[Any, dict
             raise ConfigError(
                 source, "data.dataset",
                 f"{data.dataset}: could not load {hub.repo} at {revision} from the Hugging Face hub or "
-                f"its cache ({_reason(err)}); {_download_hint(data.dataset)}") from None
+                f"its cache ({failure_reason(err)}); {_download_hint(data.dataset)}") from None
         files = _train_files(root, hub)
         if not files:
             raise ConfigError(source, "data.revision" if data.revision else "data.dataset",
@@ -642,7 +640,7 @@ def _hub_train(data: DataConfig, hub: HubSource, source: str) -> tuple[Any, dict
         train = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
     except Exception as err:  # corrupt or foreign files: one clear message, not a traceback
         raise ConfigError(source, where, f"{files[0].parent}: could not read the {data.dataset} "
-                                         f"train files as Parquet ({_reason(err)})") from None
+                                         f"train files as Parquet ({failure_reason(err)})") from None
     missing = [c for c in hub.columns if c not in train.column_names]
     if missing:
         raise ConfigError(source, where,
@@ -705,16 +703,16 @@ def _local_revision(root: Path, files: list[Path]) -> str | None:
 def _layout_message(name: str, hub: HubSource, path: Path) -> str:
     where = "a folder" if path.is_dir() else "not a folder" if path.exists() else "no such folder"
     return (f"{path} ({where}) is not a copy of {name}: expected the layout of {hub.repo} at {hub.revision}, "
-            f"{hub.layout} under it, as `python -m memray.data download {name} DIR` or a hub download "
+            f"{hub.layout} under it, as `memray download {name} DIR` or a hub download "
             f"of the repository leaves it")
 
 
 def _download_hint(name: str) -> str:
-    return (f"on a machine with network run `python -m memray.data download {name} DIR`, "
+    return (f"on a machine with network run `memray download {name} DIR`, "
             f"copy DIR here and set data.path: DIR")
 
 
-def _reason(err: BaseException) -> str:
+def failure_reason(err: BaseException) -> str:
     lines = str(err).strip().splitlines()
     first = lines[0] if lines else ""
     return f"{type(err).__name__}: {first[:200]}"
@@ -828,28 +826,3 @@ def download(name: str, directory: str, revision: str | None = None) -> str:
     if not files:
         raise FileNotFoundError(f"{hub.repo} at {revision or hub.revision} holds no {hub.layout}")
     return _local_revision(root, files) or "unknown"
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m memray.data download NAME DIR [--revision REV]`: a hub dataset for offline use."""
-    hub_names = sorted(name for name in REGISTRY if REGISTRY[name].hub)
-    parser = argparse.ArgumentParser(prog="python -m memray.data",
-                                     description="Download a hub dataset for offline use (then set data.path: DIR).")
-    commands = parser.add_subparsers(dest="command", required=True)
-    command = commands.add_parser("download", help="download a hub dataset's files into DIR, in the hub's layout")
-    command.add_argument("name", choices=hub_names)
-    command.add_argument("directory", metavar="DIR")
-    command.add_argument("--revision", default=None, help="commit or branch (default: the one memray pins)")
-    args = parser.parse_args(argv)
-    try:
-        commit = download(args.name, args.directory, args.revision)
-    except Exception as err:  # report, do not dump the hub stack's traceback
-        print(f"could not download {args.name}: {_reason(err)}", file=sys.stderr)
-        return 1
-    hub = REGISTRY[args.name].hub
-    print(f"saved {args.name} ({hub.repo} at {commit}) to {args.directory}; set data.path: {args.directory}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

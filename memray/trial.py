@@ -37,6 +37,7 @@ from transformers import set_seed
 from memray import attacks, data, extraction, flops, methods, metrics, models, reference_attacks, scoring
 from memray.config import ConfigError, ReferenceConfig, TrialConfig
 from memray.distributed import DEEPSPEED_FILE, Distributed, EvalReplica, deepspeed_config, resolve_zero
+from memray.metric_keys import auc_labels, mia_key, parse_mia_key
 from memray.results import CHECKPOINTS_DIR, TrialRecord, atomic_write_text, ending_state, write_scores, write_table
 from memray.train import EpochEnd, fit, saved_checkpoints, use_bf16
 
@@ -427,7 +428,7 @@ def _duplicate_aucs(label: str, scores: np.ndarray, is_member: np.ndarray, copie
         chosen = scores[is_member & (copies == level)]
         values = np.concatenate([chosen, nonmember_scores])
         labels = np.concatenate([np.ones(len(chosen), bool), np.zeros(len(nonmember_scores), bool)])
-        out[f"mia/{label}/auc@dup{level}"] = metrics.roc_auc(values, labels)
+        out[mia_key(label, f"auc@dup{level}")] = metrics.roc_auc(values, labels)
     return out
 
 
@@ -440,11 +441,12 @@ def _peak_memory_gb() -> float:
 def epoch_line(epoch_metrics: dict[str, float], config: TrialConfig) -> str:
     """One epoch in one line: epoch, training loss, validation perplexity, each attack's AUC."""
     parts = []
-    for key in (*TABLE_COLUMNS, *(f"mia/{a.label}/auc" for a in config.attacks)):
+    for key in (*TABLE_COLUMNS, *(mia_key(a.label) for a in config.attacks)):
         value = epoch_metrics.get(key)
         if value is None or (isinstance(value, float) and math.isnan(value)):
             continue
-        name = key.removeprefix("mia/").removesuffix("/auc") + (" auc" if key.startswith("mia/") else "")
+        parsed = parse_mia_key(key)
+        name = f"{parsed[0]} auc" if parsed else key
         parts.append(f"{name} {value:.4g}" if key != "epoch" else f"epoch {int(value)}")
     return " | ".join(parts)
 
@@ -456,8 +458,8 @@ def summary_table(trial_dir: Path) -> str:
 
     result = read_result(trial_dir) or {}
     rows = result.get("epochs", [])
-    attack_labels = [key.split("/")[1] for key in (rows[-1] if rows else {}) if key.startswith("mia/") and key.endswith("/auc")]
-    columns = ["epoch", "train/loss", "val/loss", "val/ppl", *(f"mia/{label}/auc" for label in attack_labels)]
+    attack_labels = auc_labels(rows[-1] if rows else {})
+    columns = ["epoch", "train/loss", "val/loss", "val/ppl", *(mia_key(label) for label in attack_labels)]
     header = ["epoch", "train loss", "val loss", "val ppl", *(f"{label} AUC" for label in attack_labels)]
     lines = [header]
     for row in rows:

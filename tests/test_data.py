@@ -470,7 +470,7 @@ def test_offline_a_cached_commit_is_used(tokenizer, online, monkeypatch):
 def run_download(env, name, directory):
     import os
 
-    return subprocess.run([sys.executable, "-m", "memray.data", "download", name, str(directory)],
+    return subprocess.run([sys.executable, "-m", "memray.cli", "download", name, str(directory)],
                           env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
 
 
@@ -574,7 +574,7 @@ def test_offline_without_a_copy_says_how_to_download(tokenizer, offline_empty_ca
     with pytest.raises(ConfigError) as caught:
         load_split(DataConfig(dataset=name), 0, tokenizer, "trial.yaml")
     assert caught.value.field == "data.dataset"
-    assert f"python -m memray.data download {name} DIR" in str(caught.value)
+    assert f"memray download {name} DIR" in str(caught.value)
     assert "data.path: DIR" in str(caught.value)
     assert "\n" not in str(caught.value)
 

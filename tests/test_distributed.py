@@ -359,7 +359,7 @@ def test_mixed_sweep_on_3_cpus_survives_a_worker_killed_at_epoch_2(ray_3_cpus, t
 
 def test_zero_throughput_benchmark_runs_a_tiny_shape_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
-    subprocess.run([sys.executable, "-m", "memray.distributed", "--bench", "--model-shape", "tiny", "--stage", "3",
+    subprocess.run([sys.executable, "-m", "memray.cli", "bench-zero", "--model-shape", "tiny", "--stage", "3",
                     "--steps", "3", "--warmup", "1", "--batch", "2", "--length", "64", "--out", str(out)],
                    check=True, cwd=REPO, capture_output=True, timeout=300,
                    env={**os.environ, "PYTHONPATH": str(REPO)})

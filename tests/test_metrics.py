@@ -177,3 +177,12 @@ def test_bad_inputs_are_clear_errors():
         tpr_at_fpr([0.1, float("nan")], [True, False], 0.01)
     with pytest.raises(ValueError, match="same length"):
         roc_auc([0.1, 0.2, 0.3], [True, False])
+
+
+def test_metric_keys_are_built_and_read_one_way():
+    from memray.metric_keys import auc_labels, is_auc_key, mia_key, parse_mia_key
+
+    assert mia_key("mink@0.1") == "mia/mink@0.1/auc" and mia_key("loss", "tpr@1%fpr_lo") == "mia/loss/tpr@1%fpr_lo"
+    assert parse_mia_key("mia/lira-offline/tpr@0.1%fpr") == ("lira-offline", "tpr@0.1%fpr")
+    assert parse_mia_key("val/ppl") is None and not is_auc_key("mia/loss/auc_lo") and is_auc_key("mia/loss/auc")
+    assert auc_labels(["epoch", "mia/loss/auc", "mia/loss/auc_lo", "mia/zlib/auc", "val/ppl"]) == ["loss", "zlib"]

@@ -28,6 +28,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import LogFormatter, NullLocator
 
 from memray.methods import METHOD_FAMILIES, METHODS
+from memray.metric_keys import is_auc_key, is_mia_key, mia_key
 from memray.report.loading import COUNTERFACTUAL, Group, Trial, is_finite
 from memray.report.tables import axes_groups, axes_methods, duplicate_metrics, ordered_variants, params_text, slug
 
@@ -235,13 +236,13 @@ def plot_auc_vs_epoch(trials: list[Trial], dataset: str, labels: list[str], size
         bands = []
         for variant, style in styles.items():
             group = [t for t in chosen if t.model == model and t.variant == variant]
-            epochs, means, stds = _by_epoch(group, f"mia/{label}/auc")
+            epochs, means, stds = _by_epoch(group, mia_key(label))
             if not len(epochs):
                 continue
             ax.plot(epochs, means, label=variant, zorder=3, **style.line())
             if len(group) == 1:  # one seed: its own 95% interval per epoch
-                _, lows, _ = _by_epoch(group, f"mia/{label}/auc_lo")
-                _, highs, _ = _by_epoch(group, f"mia/{label}/auc_hi")
+                _, lows, _ = _by_epoch(group, mia_key(label, "auc_lo"))
+                _, highs, _ = _by_epoch(group, mia_key(label, "auc_hi"))
                 if len(lows) == len(highs) == len(epochs):
                     bands.append((epochs, lows, highs, style))
             elif any(stds):
@@ -269,7 +270,7 @@ def plot_auc_vs_model_size(groups: list[Group], dataset: str, labels: list[str],
     for col, label in enumerate(labels):
         ax = axes[col // cols][col % cols]
         for variant, style in styles.items():
-            points = sorted(((sizes[g.model]["params"], *g.stat(f"mia/{label}/auc")[:2]) for g in chosen
+            points = sorted(((sizes[g.model]["params"], *g.stat(mia_key(label))[:2]) for g in chosen
                              if g.variant == variant and is_finite(sizes[g.model]["params"])), key=lambda p: p[0])
             points = [p for p in points if is_finite(p[1])]
             if not points:
@@ -303,7 +304,7 @@ def plot_ppl_vs_auc(trials: list[Trial], labels: list[str], models: list[str], s
     for index, (dataset, label) in enumerate(panels):
         ax = axes[index // cols][index % cols]
         for t in chosen:
-            auc = t.final.get(f"mia/{label}/auc")
+            auc = t.final.get(mia_key(label))
             if t.dataset != dataset or not is_finite(auc):
                 continue
             color = styles[t.variant].color
@@ -356,7 +357,7 @@ def plot_axes(groups: list[Group], labels: list[str], method: str, path: Path) -
                 match = [g for g in lora if (g.dataset, g.model) == (dataset, model)
                          and points[id(g)] == (placement, rank)]
                 # several groups of one placement and rank (another axis varies): their mean
-                values = [g.stat(f"mia/{label}/auc") for g in match]
+                values = [g.stat(mia_key(label)) for g in match]
                 values = [v for v in values if is_finite(v[0])]
                 if values:
                     x.append(position + (slot - (len(placements) - 1) / 2) * width)
@@ -446,7 +447,7 @@ def _duplication_panels(trials: list[Trial]) -> list[str]:
     for key in keys:
         extraction_rate = key == "extract/exact" or (key.startswith("extract/") and "@" in key
                                                      and not key.startswith("extract/nonmember/"))
-        if extraction_rate or (key.startswith("mia/") and key.endswith("/auc")) or key == "canary/exposure":
+        if extraction_rate or is_auc_key(key) or key == "canary/exposure":
             wanted.append(key)
     return sorted(wanted, key=lambda k: (not k.startswith("extract/"), k != "extract/exact", k))
 
@@ -480,7 +481,7 @@ def plot_duplication(trials: list[Trial], dataset: str, styles: dict[str, Method
                         else variant, **line)
         ax.set_xscale("log", base=2)
         _ticks_at(ax.xaxis, levels, [str(c) for c in levels])
-        if key.startswith("mia/"):
+        if is_mia_key(key):
             ax.axhline(CHANCE_AUC, color="grey", linestyle=":", linewidth=1)
             ylabel = "membership AUC-ROC vs all non-members"
         elif key == "canary/exposure":
@@ -500,7 +501,7 @@ def _duplicate_title(key: str) -> str:
     if key.startswith("extract/"):
         name, _, threshold = key.removeprefix("extract/").partition("@")
         return f"{name} >= {threshold}"
-    if key.startswith("mia/"):
+    if is_mia_key(key):
         return _attack_title(key.split("/")[1])
     return key
 

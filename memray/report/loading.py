@@ -20,6 +20,7 @@ import pandas as pd
 
 from memray import methods
 from memray.config import APPROX_PARAMS, Cell, ConfigError, SimilarityThresholds, SweepConfig, load_sweep
+from memray.metric_keys import auc_labels, mia_prefix
 from memray.metrics import TPR_AT_FPR, bootstrap_aucs, percentile_interval, roc_points
 from memray.references import sweep_cells
 from memray.results import (COUNTERFACTUAL_COLUMN, DRIVER_FILE, RESULT_FILE, SWEEP_FILE, config_key, driver_alive, scores_path,
@@ -115,7 +116,7 @@ class Trial:
 
     def attack_labels(self) -> list[str]:
         """Attacks in the order the trial reports them."""
-        return [key.split("/")[1] for key in self.final if key.startswith("mia/") and key.endswith("/auc")]
+        return auc_labels(self.final)
 
     def group_key(self) -> str:
         """Identity of the trial up to its seed (`memray.results.config_key`, the same as
@@ -305,7 +306,7 @@ def attack_results(trial: Trial, sweep_dir: Path, resamples: int) -> dict[str, A
         scores = pd.read_parquet(path)
     results = {}
     for label in trial.attack_labels():
-        key = f"mia/{label}/"
+        key = mia_prefix(label)
         result = AttackResult(label, final[key + "auc"], final.get(key + "tpr@1%fpr", math.nan),
                               final.get(key + "tpr@0.1%fpr", math.nan), best.get(key + "auc", math.nan),
                               best.get(key + "tpr@1%fpr", math.nan), best.get(key + "tpr@0.1%fpr", math.nan))

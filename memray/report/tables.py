@@ -17,6 +17,7 @@ from scipy import stats
 
 from memray.config import METHODS
 from memray.methods import METHODS as METHOD_REGISTRY
+from memray.metric_keys import is_auc_key, mia_key
 from memray.report.loading import BOOTSTRAP_RESAMPLES, COUNTERFACTUAL, Group, Trial, is_finite
 
 
@@ -56,9 +57,9 @@ def unresolved_notes(trials: list[Trial]) -> list[str]:
 def epoch_zero_note(trials: list[Trial]) -> str | None:
     """How many epoch-0 AUCs (before fine-tuning, where members and non-members are alike to
     the model) hold 0.5 in their interval, i.e. are marked as chance."""
-    bounds = [(row[f"mia/{label}/auc_lo"], row[f"mia/{label}/auc_hi"])
+    bounds = [(row[mia_key(label, "auc_lo")], row[mia_key(label, "auc_hi")])
               for t in trials for row in t.epochs[:1] if int(row["epoch"]) == 0
-              for label in t.attack_labels() if is_finite(row.get(f"mia/{label}/auc_lo"))]
+              for label in t.attack_labels() if is_finite(row.get(mia_key(label, "auc_lo")))]
     if not bounds:
         return None
     chance = sum(low <= 0.5 <= high for low, high in bounds)
@@ -137,13 +138,13 @@ def trials_table(trials: list[Trial], labels: list[str]) -> Table:
                "status": t.status, "epochs done": int(final["epoch"]) if final else None,
                "epochs planned": t.planned_epochs, "final val ppl": final.get("val/ppl"),
                "best val ppl": best.get("val/ppl"), "best epoch": best.get("epoch"),
-               **{f"{label} auc": final.get(f"mia/{label}/auc") for label in labels}, "note": _note(t)}
+               **{f"{label} auc": final.get(mia_key(label)) for label in labels}, "note": _note(t)}
         rows.append(row)
         text.append({"trial": t.name, "dataset": t.dataset, "model": t.model, "method": t.variant,
                      "seed": str(t.seed), "status": t.status, "epochs": _epochs_text(t),
                      "val PPL (final)": _num(final.get("val/ppl"), 2),
                      "val PPL (best)": _num(best.get("val/ppl"), 2) + (f" @{int(best['epoch'])}" if best else ""),
-                     **{f"{label} AUC": _num(final.get(f"mia/{label}/auc")) + _chance_mark(t, label) for label in labels},
+                     **{f"{label} AUC": _num(final.get(mia_key(label))) + _chance_mark(t, label) for label in labels},
                      "note": _note(t)})
     return Table("trials", "Trials: final and best-epoch validation perplexity, final AUC per attack",
                  pd.DataFrame(rows), pd.DataFrame(text),
@@ -193,9 +194,9 @@ def seeds_table(groups: list[Group], labels: list[str], sizes: dict[str, dict[st
         ppl, ppl_std, _ = g.stat("val/ppl")
         best_ppl, best_std, _ = g.stat("val/ppl", best=True)
         for label in labels:
-            auc, auc_std, n = g.stat(f"mia/{label}/auc")
-            tpr1, tpr1_std, _ = g.stat(f"mia/{label}/tpr@1%fpr")
-            tpr01, tpr01_std, _ = g.stat(f"mia/{label}/tpr@0.1%fpr")
+            auc, auc_std, n = g.stat(mia_key(label))
+            tpr1, tpr1_std, _ = g.stat(mia_key(label, "tpr@1%fpr"))
+            tpr01, tpr01_std, _ = g.stat(mia_key(label, "tpr@0.1%fpr"))
             ci = g.auc_interval(label)
             rows.append({"dataset": g.dataset, "model": g.model, "params": sizes[g.model]["params"],
                          "method": g.variant, "config key": g.config_key, "finished": len(g.finished),
@@ -227,7 +228,7 @@ def method_by_model_tables(groups: list[Group], labels: list[str], sizes: dict[s
         chosen = [g for g in groups if g.dataset == dataset]
         models = sorted({g.model for g in chosen}, key=lambda m: (sizes[m]["params"] or math.inf, m))
         variants = ordered_variants(chosen)
-        metrics = ["val/ppl", *(f"mia/{label}/auc" for label in labels)]
+        metrics = ["val/ppl", *(mia_key(label) for label in labels)]
         if any("extract/exact" in g.metric_keys() for g in chosen):
             metrics.append("extract/exact")
         rows, text = [], []
@@ -279,7 +280,7 @@ def axes_table(groups: list[Group], labels: list[str], method: str) -> Table | N
     rows, text = [], []
     for g, (kind, value) in axes_groups(groups, method):
         for label in labels:
-            auc, std, n = g.stat(f"mia/{label}/auc")
+            auc, std, n = g.stat(mia_key(label))
             ppl, ppl_std, _ = g.stat("val/ppl")
             rows.append({"dataset": g.dataset, "model": g.model, "method": g.variant,
                          category: kind, number: value, "attack": label,
@@ -428,7 +429,7 @@ def _metric_title(metric: str) -> str:
         return "val PPL"
     if metric == "extract/exact":
         return "exact extraction"
-    if metric.startswith("mia/") and metric.endswith("/auc"):
+    if is_auc_key(metric):
         return f"{metric.split('/')[1]} AUC"
     return metric
 

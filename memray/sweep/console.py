@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, TextIO
 
 from memray.config import TrialConfig
+from memray.metric_keys import is_auc_key, mia_key
 
 #: A trial's states as the screen shows them: memray's (`memray.results`), and `pending`
 #: for a trial that has not started; the order of the summary's counts.
@@ -76,7 +77,7 @@ class TrialRow:
         self.epoch = int(metrics["epoch"])
         self.val_ppl = metrics.get("val/ppl")
         if self.headline is not None:
-            self.auc = metrics.get(f"mia/{self.headline}/auc")
+            self.auc = metrics.get(mia_key(self.headline))
 
     def elapsed(self, now: float) -> float | None:
         if self.started is None:
@@ -225,8 +226,8 @@ def epoch_text(row: TrialRow, metrics: Mapping[str, Any]) -> str:
     for key, name, digits in (("train/loss", "train loss", 4), ("val/ppl", "val ppl", 2)):
         if metrics.get(key) is not None:
             parts.append(f"{name} {_number(metrics[key], digits)}")
-    aucs = [key for key in metrics if key.startswith("mia/") and key.endswith("/auc")]
+    aucs = [key for key in metrics if is_auc_key(key)]
     if row.headline:
-        aucs.sort(key=lambda key: key != f"mia/{row.headline}/auc")
+        aucs.sort(key=lambda key: key != mia_key(row.headline))
     parts += [f"{key.split('/')[1]} AUC {_number(metrics[key], 3)}" for key in aucs]
     return " | ".join(parts)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from memray import results
+from memray.metric_keys import mia_key
 from memray.results import DRIVER_FILE, RESULT_FILE, TRIALS_DIR, trial_names
 from memray.sweep.planning import axes_text
 from memray.sweep.storage import SweepFolder, open_sweep
@@ -68,7 +69,7 @@ def sweep_status(sweep_dir: str | Path) -> str:
         result = results[cell.index]
         state, epoch, last = _state(result, cell, alive, counts)
         rows.append([names[cell.index], axes_text(cell.axes) or "(base)", state, epoch,
-                     _number(last.get("val/ppl"), 2), *(_number(last.get(f"mia/{label}/auc"), 3) for label in labels)])
+                     _number(last.get("val/ppl"), 2), *(_number(last.get(mia_key(label)), 3) for label in labels)])
         waiting += state == "success" and cell.config.reference_models() > 0 and not result.get("reference_models")
         if result.get("reason"):
             reasons.append(f"  {names[cell.index]}: {result['reason']}")

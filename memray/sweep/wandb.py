@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from memray.config import Cell
+from memray.metric_keys import auc_labels, mia_key
 from memray.results import NOT_CONFIGURATION, config_key
 
 #: How long an attempt waits for an earlier attempt's W&B process to close the run's files
@@ -376,12 +377,12 @@ class WandbTrial:
         from memray.results import read_scores, scores_path
 
         epoch = int(final["epoch"])
-        labels = [key.split("/")[1] for key in final if key.startswith("mia/") and key.endswith("/auc")]
+        labels = auc_labels(final)
         # each number with its 95% interval beside it (None where the trial left it out)
         columns = [name + end for name in ("auc", *(suffix for suffix, _ in TPR_AT_FPR)) for end in ("", "_lo", "_hi")]
         table = wandb.Table(columns=["attack", *columns])
         for label in labels:
-            table.add_data(label, *(final.get(f"mia/{label}/{column}") for column in columns))
+            table.add_data(label, *(final.get(mia_key(label, column)) for column in columns))
         logged: dict[str, Any] = {"mia/auc_table": table}
         if scores_path(trial_dir, epoch).is_file():
             scores = read_scores(trial_dir, epoch)

@@ -20,7 +20,7 @@ import numpy as np
 
 from memray import reference_attacks
 from memray.reference_attacks import ReferenceScorer
-from memray.registry import Registry
+from memray.registry import Registry, load_entry_points
 
 if TYPE_CHECKING:
     from memray.config import AttackConfig
@@ -201,3 +201,6 @@ attack("lira", reference_scorers={"": reference_attacks.lira_score,
                                   "-offline": reference_attacks.lira_offline_score})(_from_reference_models)
 attack("rmia", reference_scorers={"": reference_attacks.rmia_score,
                                   "-offline": reference_attacks.rmia_offline_score})(_from_reference_models)
+
+# units of installed packages (`memray.attacks` entry points), after memray's own
+load_entry_points("memray.attacks")

@@ -65,7 +65,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from memray.corpus import pydoc_texts, pydoc_topics
-from memray.registry import Registry
+from memray.registry import Registry, load_entry_points
 from memray.schema import ConfigError
 
 if TYPE_CHECKING:  # config derives its dataset names from this module's registry
@@ -136,7 +136,7 @@ def load_split(data: DataConfig, seed: int, tokenizer: Any, source: str = "confi
 
 
 def _walk(data: DataConfig, seed: int, tokenizer: Any, source: str,
-          beyond: int) -> tuple[_Pool, int, int, np.random.Generator, list[tuple[str, str]]]:
+          beyond: int) -> tuple[Pool, int, int, np.random.Generator, list[tuple[str, str]]]:
     """The seeded walk of `load_split`: (pool, members, non-members, the generator as the
     walk leaves it, the samples drawn), drawing `beyond` more after the validation samples."""
     split_seed = data.split_seed if data.split_seed is not None else seed
@@ -178,7 +178,7 @@ class DatasetSpec:
 
     name: str
     members: int | None  # data.members when not set; None: from the pool's size (local files)
-    pool: Callable[[DataConfig, Any, str], "_Pool"]  # (data config, tokenizer, source) -> candidates
+    pool: Callable[[DataConfig, Any, str], "Pool"]  # (data config, tokenizer, source) -> candidates
     hub: HubSource | None = None  # where a hub dataset lies (download, data.path layout)
     blocks: bool = False  # cut into max_length-token blocks: a shorter max_length makes more samples
     fields: tuple[str, ...] = ()  # of DATASET_FIELDS, those it reads
@@ -194,7 +194,7 @@ DEFAULT_DATASET: list[str] = []
 
 def register(name: str, *, members: int | None, hub: HubSource | None = None, blocks: bool = False,
              fields: tuple[str, ...] | None = None, required: tuple[str, ...] = (),
-             default: bool = False) -> Callable[[Callable[..., "_Pool"]], Callable[..., "_Pool"]]:
+             default: bool = False) -> Callable[[Callable[..., "Pool"]], Callable[..., "Pool"]]:
     """Decorator: register a pool function (data config, tokenizer, source) -> candidate
     samples as dataset `name`, with the `data:` keys of DATASET_FIELDS it reads (default: a
     hub dataset's HUB_FIELDS, none for others); `default`: the dataset of a config that names
@@ -204,7 +204,7 @@ def register(name: str, *, members: int | None, hub: HubSource | None = None, bl
     if unknown or set(required) - set(read):
         raise ValueError(f"dataset {name!r}: fields must be of {', '.join(DATASET_FIELDS)} and required ones read")
 
-    def add(pool: Callable[..., _Pool]) -> Callable[..., _Pool]:
+    def add(pool: Callable[..., Pool]) -> Callable[..., Pool]:
         if default and DEFAULT_DATASET:
             raise ValueError(f"dataset {name!r}: {DEFAULT_DATASET[0]!r} is already the default dataset")
         REGISTRY.add(name, DatasetSpec(name, members, pool, hub, blocks, read, tuple(required)))
@@ -240,8 +240,10 @@ def planned_members(data: DataConfig) -> int:
 
 
 @dataclass(frozen=True)
-class _Pool:
-    """Candidate samples of a dataset, read on demand (hub datasets can be large)."""
+class Pool:
+    """Candidate samples of a dataset, read on demand (hub datasets can be large): what a
+    dataset's pool function returns. memray shuffles the indices by seed and reads samples
+    in that order until it has the members, non-members and validation samples it needs."""
 
     label: str  # for messages, e.g. "wikitext2 (train split, 128-token blocks)"
     size: int
@@ -249,7 +251,7 @@ class _Pool:
     origin: dict[str, str | None] | None = None  # hub datasets: repo, commit, local path
 
 
-def _draw(pool: _Pool, order: np.ndarray, wanted: int) -> list[tuple[str, str]]:
+def _draw(pool: Pool, order: np.ndarray, wanted: int) -> list[tuple[str, str]]:
     """Walk `order`, keep non-blank texts not seen before, stop after `wanted`."""
     drawn: list[tuple[str, str]] = []
     seen: set[str] = set()
@@ -351,7 +353,7 @@ def reference_split(split: Split, pool: list[Sample], in_half: Sequence[bool], t
     return ReferenceData(_split(inside + top_up, outside, split.validation, split.origin), len(inside), composition)
 
 
-def _default_members(data: DataConfig, pool: _Pool) -> int:
+def _default_members(data: DataConfig, pool: Pool) -> int:
     default = REGISTRY[data.dataset].members
     if default is not None:
         return default
@@ -424,7 +426,7 @@ def _seen_in_pretraining(text: str) -> bool:
     return any(tuple(words[i:i + n]) in runs for i in range(len(words) - n + 1))
 
 
-def _pydoc_pool(max_length: int, tokenizer: Any) -> _Pool:
+def _pydoc_pool(max_length: int, tokenizer: Any) -> Pool:
     # Some topics repeat paragraphs of others (about a fifth of the finetune blocks share a
     # 13-word run with the pretrain part); those blocks are left out, so that no member or
     # non-member was seen in pretraining.
@@ -435,12 +437,12 @@ def _pydoc_pool(max_length: int, tokenizer: Any) -> _Pool:
             text = _decode(tokenizer, block)
             if not _seen_in_pretraining(text):
                 samples.append((f"pydoc/{key}/{number:03d}", text))
-    return _Pool(f"pydoc (finetune part, {max_length}-token blocks not seen in pretraining)",
+    return Pool(f"pydoc (finetune part, {max_length}-token blocks not seen in pretraining)",
                  len(samples), samples.__getitem__)
 
 
 @register("pydoc", members=150, blocks=True, default=True)  # ~350 unseen 128-token blocks (4k-vocab tokenizer)
-def _pydoc_dataset(data: DataConfig, tokenizer: Any, source: str) -> _Pool:
+def _pydoc_dataset(data: DataConfig, tokenizer: Any, source: str) -> Pool:
     return _pydoc_pool(data.max_length, tokenizer)
 
 
@@ -498,9 +500,9 @@ def synthetic_texts() -> list[str]:
 
 
 @register("synthetic", members=200)
-def _synthetic_pool(data: DataConfig, tokenizer: Any, source: str) -> _Pool:
+def _synthetic_pool(data: DataConfig, tokenizer: Any, source: str) -> Pool:
     texts = synthetic_texts()
-    return _Pool("synthetic", len(texts), lambda i: (f"synthetic/{i:05d}", texts[i]))
+    return Pool("synthetic", len(texts), lambda i: (f"synthetic/{i:05d}", texts[i]))
 
 
 # ---------------------------------------------------------------------------------------
@@ -509,7 +511,7 @@ def _synthetic_pool(data: DataConfig, tokenizer: Any, source: str) -> _Pool:
 
 
 @register("local", members=None, fields=("path", "text_field"), required=("path",))
-def _local_pool(data: DataConfig, tokenizer: Any, source: str) -> _Pool:
+def _local_pool(data: DataConfig, tokenizer: Any, source: str) -> Pool:
     path = Path(data.path).expanduser()
     if not path.is_file():
         raise ConfigError(source, "data.path", f"{path}: no such file")
@@ -529,7 +531,7 @@ def _local_pool(data: DataConfig, tokenizer: Any, source: str) -> _Pool:
             usable.append((f"local/{path.stem}/{number:05d}", text))
     if not usable:
         raise ConfigError(source, "data.path", f"{path}: holds no non-empty texts")
-    return _Pool(f"{path}", len(usable), usable.__getitem__)
+    return Pool(f"{path}", len(usable), usable.__getitem__)
 
 
 def _read_txt(path: Path, text_field: str, source: str) -> list[tuple[int, str]]:
@@ -768,12 +770,12 @@ def render_xsum(article: dict[str, Any], tokenizer: Any, max_length: int) -> str
 
 
 @register("wikitext2", members=1000, hub=WIKITEXT2, blocks=True)
-def _wikitext_pool(data: DataConfig, tokenizer: Any, source: str) -> _Pool:
+def _wikitext_pool(data: DataConfig, tokenizer: Any, source: str) -> Pool:
     train, origin = _hub_train(data, WIKITEXT2, source)
     lines = "".join(train["text"]).splitlines(keepends=True)
     token_ids = list(itertools.chain.from_iterable(_encode_lines(tokenizer, lines)))
     blocks = _token_blocks(token_ids, block_tokens(tokenizer, data.max_length))
-    return _Pool(f"wikitext2 (train split, {data.max_length}-token blocks)", len(blocks),
+    return Pool(f"wikitext2 (train split, {data.max_length}-token blocks)", len(blocks),
                  lambda i: (f"wikitext2/train/{i:05d}", _decode(tokenizer, blocks[i])), origin)
 
 
@@ -795,10 +797,10 @@ def _encode_lines(tokenizer: Any, lines: list[str]) -> list[list[int]]:
     return [ids[len(newline):] for ids in encoded]
 
 
-def _rows_pool(name: str, hub: HubSource, render: Callable[[dict[str, Any]], str]) -> Callable[..., _Pool]:
-    def pool(data: DataConfig, tokenizer: Any, source: str) -> _Pool:
+def _rows_pool(name: str, hub: HubSource, render: Callable[[dict[str, Any]], str]) -> Callable[..., Pool]:
+    def pool(data: DataConfig, tokenizer: Any, source: str) -> Pool:
         train, origin = _hub_train(data, hub, source)
-        return _Pool(f"{name} (train split)", len(train),
+        return Pool(f"{name} (train split)", len(train),
                      lambda i: (f"{name}/train/{i:06d}", render(train[i], tokenizer, data.max_length)), origin)
     return pool
 
@@ -826,3 +828,7 @@ def download(name: str, directory: str, revision: str | None = None) -> str:
     if not files:
         raise FileNotFoundError(f"{hub.repo} at {revision or hub.revision} holds no {hub.layout}")
     return _local_revision(root, files) or "unknown"
+
+
+# units of installed packages (`memray.datasets` entry points), after memray's own
+load_entry_points("memray.datasets")

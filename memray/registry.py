@@ -4,6 +4,7 @@ shows (the config schema, defaults, the CLI's choices) is derived from one place
 
 from __future__ import annotations
 
+from importlib.metadata import entry_points
 from typing import Generic, Iterator, TypeVar
 
 Entry = TypeVar("Entry")
@@ -45,3 +46,26 @@ class Registry(Generic[Entry]):
 
     def values(self) -> list[Entry]:
         return list(self._entries.values())
+
+
+def load_entry_points(group: str) -> list[str]:
+    """Import every module an installed package names under the entry-point `group`
+    (`memray.methods`, `memray.attacks`, `memray.datasets`): each such unit registers
+    itself when imported, like memray's own. Returns the modules imported, by entry name.
+
+    A package declares one in its pyproject.toml:
+        [project.entry-points."memray.methods"]
+        vera = "my_package.vera"
+    Ray workers import memray too, so the unit is registered in every process of a sweep
+    where the package is installed (on a cluster: every node, e.g. by the runtime env).
+    """
+    loaded = []
+    for point in sorted(entry_points(group=group), key=lambda p: p.name):
+        try:
+            point.load()
+        except Exception as err:
+            package = point.dist.name if point.dist is not None else "an installed package"
+            raise ImportError(f"memray: the {group} unit {point.name!r} ({point.value}) of {package} failed to "
+                              f"import: {type(err).__name__}: {err}") from err
+        loaded.append(point.value)
+    return loaded

@@ -13,9 +13,16 @@ import yaml
 
 from memray import cli, sweep
 from memray.config import GPU_TYPES, ConfigError, ResourceRule, load_sweep
+from memray.references import sweep_cells
 
 REPO = Path(__file__).resolve().parent.parent
-STUDIES = {"hou2025": 90, "wang2025": 90, "lora-placement": 126}
+#: The GPU studies: the sweep files whose resource rules bind trials to GPU types.
+STUDIES = sorted(path.stem for path in (REPO / "sweeps").glob("*.yaml")
+                 if any(rule.gpu_type for rule in load_sweep(path)[0].resources))
+
+
+def test_the_gpu_studies_are_found():
+    assert {"hou2025", "wang2025"} <= set(STUDIES)
 
 
 def _cluster_gpu_types() -> dict[str, float]:
@@ -28,17 +35,17 @@ def _cluster_gpu_types() -> dict[str, float]:
 @pytest.mark.parametrize("study", STUDIES)
 def test_study_trials_fit_the_gpu_types_of_the_shipped_cluster(study, monkeypatch):
     monkeypatch.setattr(sweep.ray_tune, "local_capacity", lambda num_cpus: {"CPU": 8.0, "GPU": 1.0})
-    text = sweep.dry_run_text(REPO / "sweeps" / f"{study}.yaml")
+    path = REPO / "sweeps" / f"{study}.yaml"
+    plan = sweep.dry_run_plan(path)
     types = _cluster_gpu_types()
-    trial_lines = [line for line in text.splitlines() if re.match(r"  \d{3}-", line)]
-    assert len(trial_lines) == STUDIES[study]
-    bound = [re.search(r" on (\w+) \[resources\.\d+\]", line) for line in trial_lines]
-    assert all(match and match.group(1) in types for match in bound)  # no trial left to "any GPU"
-    assert not any("DOES NOT FIT" in line for line in trial_lines)
+    assert len(plan.trials) == len(sweep_cells(load_sweep(path)[1]))  # every trial, references included
+    assert all(t.gpu_type in types and t.source.startswith("resources.") for t in plan.trials)  # none left to "any GPU"
+    assert all(t.fits for t in plan.trials)
+    assert {g.gpu_type for g in plan.gpu_types} <= set(types)
+    assert sum(g.trials for g in plan.gpu_types) == len(plan.trials)  # trials per GPU type
+    assert all(g.gpu_hours > 0 and g.unfit == 0 for g in plan.gpu_types)
+    text = sweep.render_plan(plan)
     assert "0 trials do not fit their GPUs" in text
-    rows = {line.split()[0]: line.split() for line in text.splitlines() if line.startswith(tuple(f"  {t} " for t in types))}
-    assert sum(int(row[4]) for row in rows.values()) == STUDIES[study]  # trials per GPU type
-    assert all(float(row[5]) > 0 for row in rows.values())  # GPU-hours
     assert "GPU-hours: the FLOP count at 25% of the GPU's dense bf16 peak" in text
 
 

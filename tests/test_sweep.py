@@ -44,29 +44,33 @@ def test_every_sweep_file_validates_and_expands(path):
 def test_dry_run_of_a_study_sweep_needs_no_download_and_shows_the_whole_plan(monkeypatch):
     # offline, and none of the study models in the cache: the published shapes stand in
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    text = sweep.dry_run_text(REPO / "sweeps" / "hou2025.yaml", num_cpus=2)
-    lines = text.splitlines()
-    assert lines[0] == "90 trials"
-    trials = [line for line in lines if line.startswith("  ") and "mem ~" in line]  # not the per-GPU-type table
-    assert len(trials) == 90 and all("mem ~" in line for line in trials)
-    assert "llama-2-7b" in trials[0]  # the longest trials start first
-    seven_b = float(trials[0].split("mem ~")[1].split(" GB")[0])
-    small = float(next(t for t in trials if "model.name=gpt2 " in t).split("mem ~")[1].split(" GB")[0])
-    assert seven_b > 5 * small
+    path = REPO / "sweeps" / "hou2025.yaml"
+    plan = sweep.dry_run_plan(path, num_cpus=2)
+    count = len(load_sweep(path)[1])
+    assert len(plan.trials) == count and all(t.memory_gb > 0 for t in plan.trials)
+    assert "llama-2-7b" in plan.trials[0].axes  # the longest trials start first
+    small = next(t for t in plan.trials if "model.name=gpt2 " in t.axes)
+    assert plan.trials[0].memory_gb > 5 * small.memory_gb
     # a laptop without GPUs cannot run it: said, not raised (the plan is still shown)
-    assert any(line.startswith("warning: 90 trial(s) need more than any node") for line in lines)
-    assert "models gpt2, gpt2-large, gpt2-medium, gpt2-xl, llama-2-7b, llama-3.2-1b: their published shapes" in text
+    assert any(w.startswith(f"{count} trial(s) need more than any node") for w in plan.warnings)
+    models = sorted({c.config.model.name for c in load_sweep(path)[1]})
+    assert f"models {', '.join(models)}: their published shapes" in plan.notes[0]
+    text = sweep.render_plan(plan)
+    assert text.splitlines()[0] == f"{count} trials" and f"warning: {count} trial(s) need more than any node" in text
+    assert all(f"  {t.name}  {t.axes}  {t.resources}  mem {t.memory}" in text for t in plan.trials)
 
 
 def test_dry_run_lists_demo_cells_longest_first_with_resources():
-    text = sweep.dry_run_text(REPO / "sweeps" / "demo.yaml", ["train.epochs=2"], num_cpus=2)
-    lines = text.splitlines()
-    assert lines[0] == "9 trials"
-    trial_lines = [line for line in lines[2:] if "mem ~" in line]  # the per-GPU-type table follows them
-    assert len(trial_lines) == 9
+    path = REPO / "sweeps" / "demo.yaml"
+    plan = sweep.dry_run_plan(path, ["train.epochs=2"], num_cpus=2)
+    cells = load_sweep(path)[1]
+    assert sorted(t.index for t in plan.trials) == [c.index for c in cells]
     # full fine-tuning costs most per token, head-only least
-    assert "method=full(" in trial_lines[0] and "method=head(" in trial_lines[-1]
-    assert all("cpus=1 gpus=0 [default]" in line for line in trial_lines)  # no GPU here
+    costs = {c.index: sweep.trial_cost(c.config) for c in cells}
+    assert [t.index for t in plan.trials] == sorted(costs, key=lambda i: -costs[i])
+    assert cells[plan.trials[0].index].config.method.name == "full"
+    assert cells[plan.trials[-1].index].config.method.name == "head"
+    assert all(t.resources == "cpus=1 gpus=0 [default]" and t.gpu_type == "CPU" for t in plan.trials)  # no GPU here
 
 
 # ---------------------------------------------------------------------------------------
@@ -324,9 +328,10 @@ def test_demo_grid_reports_every_epoch_to_tune_results_and_wandb(local_ray, tmp_
     printed = captured.out
     # not a terminal: a line per trial and epoch, one per state change, the sweep's first and last
     lines = (captured.err + captured.out).splitlines()
-    assert len(lines) <= 2 + 9 * ((2 + 1) + 2), "\n".join(lines)
     _, cells = load_sweep(folder / "sweep.yaml")
-    assert len(cells) == 9 and all(c.config.train.epochs == 2 for c in cells)
+    assert len(cells) == len(load_sweep(REPO / "sweeps" / "demo.yaml")[1])  # the grid as shipped
+    assert all(c.config.train.epochs == 2 for c in cells)
+    assert len(lines) <= 2 + len(cells) * ((2 + 1) + 2), "\n".join(lines)
     names = trial_names(cells)
     runs = {run["config"]["cell"]: run for run in wandb_runs(folder / "wandb")}
     assert sorted(runs) == sorted(names)  # one W&B run per trial, no strays
@@ -357,17 +362,17 @@ def test_demo_grid_reports_every_epoch_to_tune_results_and_wandb(local_ray, tmp_
         # at the end: the per-attack AUC table and the ROC curves of the last epoch
         auc_table = _wandb_table(run["dir"], "mia/auc_table")
         assert {row[0]: row[1] for row in auc_table["data"]} == pytest.approx(
-            {label: epochs[-1][f"mia/{label}/auc"] for label in ("loss", "ref", "zlib", "mink", "mink++")})
+            {a.label: epochs[-1][f"mia/{a.label}/auc"] for a in cell.config.attacks})
         roc = _wandb_table(run["dir"], "mia/roc_table")
         assert roc["columns"] == ["step", "lineKey", "lineVal"]  # W&B's line-series layout: fpr, attack, tpr
-        assert {row[1] for row in roc["data"]} == {"loss", "ref", "zlib", "mink", "mink++"}
+        assert {row[1] for row in roc["data"]} == {a.label for a in cell.config.attacks}
         assert all(0 <= row[0] <= 1 and 0 <= row[2] <= 1 for row in roc["data"])
         assert cell.config.method.name in printed and names[cell.index] in printed
         assert [line.split(" | ")[0] for line in lines if line.startswith(f"[memray] {names[cell.index]}: epoch")] \
             == [f"[memray] {names[cell.index]}: epoch {epoch}/2" for epoch in range(3)]
-    assert "9 success" in printed and f"wandb sync {folder / 'wandb'}" in printed
+    assert f"{len(cells)} success" in printed and f"wandb sync {folder / 'wandb'}" in printed
     status = sweep.sweep_status(folder)
-    assert status.count(" success ") == 9 and status.count("2/2") == 9
+    assert status.count(" success ") == len(cells) and status.count("2/2") == len(cells)
 
 
 def _wandb_table(run_dir: Path, key: str) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
 
 from pydantic import Field
 
-from memray.registry import Registry
+from memray.registry import Registry, load_entry_points
 from memray.schema import ConfigError, Schema
 
 if TYPE_CHECKING:
@@ -220,10 +220,12 @@ def check_method(model_config: "PretrainedConfig | PreTrainedModel", method: Met
 
 
 def _import_units() -> None:
-    """Import every method module of this package (each registers itself), in name order."""
+    """Import every method module of this package (each registers itself), in name order,
+    then those installed packages name as `memray.methods` entry points."""
     for unit in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if not unit.name.startswith("_"):
             importlib.import_module(f"{__name__}.{unit.name}")
+    load_entry_points("memray.methods")
 
 
 _import_units()

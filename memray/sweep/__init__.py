@@ -32,10 +32,10 @@ from memray.sweep.planning import (
     trial_cost,
     trial_resources,
 )
-from memray.sweep.ray_tune import dry_run_text, resume_sweep, run_sweep
+from memray.sweep.ray_tune import DryRunPlan, dry_run_plan, dry_run_text, render_plan, resume_sweep, run_sweep
 from memray.sweep.status import sweep_status
 from memray.sweep.wandb import wandb_run_id
 
-__all__ = ["EPOCH_HOOK_ENV", "TrialResources", "check_rules", "dry_run_text", "gpu_budget_gb", "gpu_hours", "max_concurrent_trials", "plan_sweep",
-           "resolve_wandb_mode", "resume_sweep", "run_sweep", "schedule_order", "sweep_status", "trial_cost",
+__all__ = ["EPOCH_HOOK_ENV", "DryRunPlan", "TrialResources", "check_rules", "dry_run_plan", "dry_run_text",
+           "gpu_budget_gb", "gpu_hours", "max_concurrent_trials", "plan_sweep", "render_plan", "resolve_wandb_mode", "resume_sweep", "run_sweep", "schedule_order", "sweep_status", "trial_cost",
            "trial_names", "trial_resources", "wandb_run_id"]

@@ -115,8 +115,9 @@ def check_rules(rules: list[ResourceRule], cells: list[Cell], source: str) -> No
         if workers > 1 and not METHODS[cell.config.method.name].multi_worker:
             able = ", ".join(name for name in METHODS if METHODS[name].multi_worker)
             raise ConfigError(source, f"resources.{index}.workers",
-                              f"grid cell {cell.index} uses method {cell.config.method.name}, which does not train on "
-                              f"several workers (DeepSpeed ZeRO); match only method.name: {able}")
+                              f"grid cell {cell.index} uses method {cell.config.method.name}: multi-worker trials "
+                              f"(DeepSpeed ZeRO) need a method that trains on several workers; match only "
+                              f"method.name: {able}")
 
 
 @dataclass(frozen=True)

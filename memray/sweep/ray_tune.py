@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -430,11 +431,61 @@ def _where_lines(folder: SweepFolder, context: SweepContext) -> list[str]:
     return lines
 
 
-def dry_run_text(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] | None = None,
-                 address: str | None = None, num_cpus: int | None = None) -> str:
-    """Validate the whole sweep and describe it: "N trials", then one line per trial (in
-    the order they will start) with its axes and resources. Without `address` the
-    resources are those of a local Ray on this machine; with one, of that cluster."""
+@dataclass(frozen=True)
+class PlannedTrial:
+    """One trial of a dry run's plan, in the order trials start."""
+
+    index: int  # grid cell
+    name: str  # trial folder
+    axes: str  # what sets it apart in the grid, "(base)" for none
+    resources: str  # what it asks Ray for and which rule gave it (`TrialResources.describe`)
+    source: str  # "resources.<i>" (the rule that matched) or "default"
+    memory: str  # GPU memory per worker, with its parts (`MemoryEstimate.describe`)
+    memory_gb: float
+    budget_gb: float | None  # the GPU memory its share has; None: no GPU
+    gpu_type: str  # the rule's GPU type, "any GPU" or "CPU"
+    flops: float  # model FLOPs of the whole trial (`trial_flops`)
+
+    @property
+    def fits(self) -> bool:
+        return self.budget_gb is None or self.memory_gb <= self.budget_gb
+
+
+@dataclass(frozen=True)
+class GpuTypePlan:
+    """The plan's trials of one GPU type (a node type of the cluster), or of the CPU."""
+
+    gpu_type: str
+    gpu: str  # the GPU and its memory, "-" where not a known type
+    trials: int
+    gpu_hours: float | None  # at PLAN_MFU of its dense bf16 peak; None where not a known type
+    flops: float
+    memory_gb: tuple[float, float]  # the least and most one of its trials needs
+    unfit: int
+
+
+@dataclass(frozen=True)
+class DryRunPlan:
+    """What `memray run --dry-run` found: every trial, in order, with its resources and
+    memory; per GPU type, the trials, GPU-hours and memory; and the warnings. Tests read
+    this; `render_plan` prints it."""
+
+    sweep: str
+    references: int  # of the trials, reference models of lira / rmia
+    capacity: str  # the Ray it was planned for
+    max_concurrent: int | None
+    trials: list[PlannedTrial]
+    gpu_types: list[GpuTypePlan]
+    warnings: list[str]
+    notes: list[str]
+
+
+def dry_run_plan(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] | None = None,
+                 address: str | None = None, num_cpus: int | None = None) -> DryRunPlan:
+    """Validate the whole sweep and plan it: each trial (in the order they will start) with
+    its axes and resources. Without `address` the resources are those of a local Ray on
+    this machine; with one, of that cluster. ConfigError where a resource rule sends a
+    trial to a GPU it cannot fit."""
     sweep, cells, _ = load_checked(path, overrides, published=True)
     if address is None:
         capacity = local_capacity(num_cpus)
@@ -450,75 +501,84 @@ def dry_run_text(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] 
         warnings.simplefilter("always")
         plan = plan_sweep(sweep, cells, str(path), capacity, nodes, strict=False)
     names = trial_names(cells)
-    cap = plan.max_concurrent or "no cap (every trial reserves all it uses)"
-    references = sum(cell.config.reference is not None for cell in cells)
-    lines = [f"{len(cells)} trials" + (f" ({references} of them reference models of lira / rmia, shared by the "
-                                       f"targets that need the same)" if references else ""),
-             f"sweep folder: <storage>/{sweep.name}   Ray: {capacity_text(capacity)}; "
-             f"concurrent trials: {cap}; longest first"]
     infos: dict[str, Any] = {}
-    too_big, misplaced, groups = [], [], {}
+    trials: list[PlannedTrial] = []
     for index in plan.order:
         cell, resources = plan.cells[index], plan.resources[index]
-        axes = axes_text(cell.axes) or "(base)"
         shape, hf_config = model_info(cell.config, infos)
         estimate = memory_estimate(cell.config, resources.rule, shape)
-        budget = gpu_budget_gb(resources.rule)
-        fits = budget is None or estimate.total <= budget
-        lines.append(f"  {names[index]}  {axes}  {resources.describe()}  mem {estimate.describe()}"
-                     + ("" if fits else f"  DOES NOT FIT {budget:g} GB"))
-        if not fits:
-            (too_big if resources.source == "default" else misplaced).append((index, axes, resources, estimate, budget))
         rule = resources.rule
-        kind = rule.gpu_type or ("any GPU" if rule.gpus or rule.gpus_per_worker else "CPU")
-        group = groups.setdefault(kind, {"trials": 0, "flops": 0.0, "memory": [], "unfit": 0})
-        group["trials"] += 1
-        group["flops"] += trial_flops(cell.config, shape, hf_config)
-        group["memory"].append(estimate.total)
-        group["unfit"] += not fits
+        trials.append(PlannedTrial(index, names[index], axes_text(cell.axes) or "(base)", resources.describe(),
+                                   resources.source, estimate.describe(), estimate.total, gpu_budget_gb(rule),
+                                   rule.gpu_type or ("any GPU" if rule.gpus or rule.gpus_per_worker else "CPU"),
+                                   trial_flops(cell.config, shape, hf_config)))
+    misplaced = [t for t in trials if not t.fits and t.source != "default"]
     if misplaced:
-        index, axes, resources, estimate, budget = misplaced[0]
-        rule = resources.rule
+        first = misplaced[0]
+        rule = plan.resources[first.index].rule
         gpu = f"{rule.gpu_type} ({rule.gpu_memory:g} GB)" if rule.gpu_type else f"{rule.gpu_memory:g} GB GPU"
         more = f"; {len(misplaced) - 1} more trial(s) do not fit their rule's GPUs" if len(misplaced) > 1 else ""
-        raise ConfigError(str(path), resources.source,
-                          f"sends grid cell {index} ({axes}) to a {gpu}, {resources.describe().split(' [')[0]}: "
-                          f"it needs ~{estimate.total:.1f} GB per GPU, its share has {budget:g} GB (a larger "
+        raise ConfigError(str(path), first.source,
+                          f"sends grid cell {first.index} ({first.axes}) to a {gpu}, {first.resources.split(' [')[0]}: "
+                          f"it needs ~{first.memory_gb:.1f} GB per GPU, its share has {first.budget_gb:g} GB (a larger "
                           f"share or GPU type, more workers, or a smaller batch){more}")
-    lines += _gpu_type_table(groups)
+    warned = []
+    too_big = [t for t in trials if not t.fits]
     if too_big:
-        lines.append(f"warning: {len(too_big)} trial(s) will not fit on their GPUs "
-                     f"({', '.join(names[t[0]] for t in too_big)}): "
-                     "more workers, ZeRO stage 3, offload (train.deepspeed) or a smaller batch")
+        warned.append(f"{len(too_big)} trial(s) will not fit on their GPUs ({', '.join(t.name for t in too_big)}): "
+                      "more workers, ZeRO stage 3, offload (train.deepspeed) or a smaller batch")
     if unplaceable:
         where = "this machine's local Ray" if address is None else "this cluster"
-        lines.append(f"warning: {len(unplaceable)} trial(s) need more than any node of {where} has "
-                     f"(`memray run` {'refuses to start' if address is None else 'waits for an autoscaler'}); "
-                     f"first: {unplaceable[0].message}")
+        warned.append(f"{len(unplaceable)} trial(s) need more than any node of {where} has "
+                      f"(`memray run` {'refuses to start' if address is None else 'waits for an autoscaler'}); "
+                      f"first: {unplaceable[0].message}")
     aliases = sorted({c.config.model.name for c in cells if c.config.model.name in MODEL_ALIASES})
-    if aliases:
-        lines.append(f"models {', '.join(aliases)}: their published shapes; `memray run` checks that they load "
-                     "(local cache, or the hub)")
-    return "\n".join(lines)
+    notes = [f"models {', '.join(aliases)}: their published shapes; `memray run` checks that they load "
+             "(local cache, or the hub)"] if aliases else []
+    return DryRunPlan(sweep.name, sum(cell.config.reference is not None for cell in cells), capacity_text(capacity),
+                      plan.max_concurrent, trials, _gpu_types(trials), warned, notes)
 
 
-def _gpu_type_table(groups: dict[str, dict[str, Any]]) -> list[str]:
-    """The dry run's summary: per GPU type (a node type of the cluster), its trials, their
-    GPU-hours, the memory one trial needs, and how many do not fit."""
+def _gpu_types(trials: list[PlannedTrial]) -> list[GpuTypePlan]:
     from memray.config import GPU_TYPES
 
-    header = ["GPU type", "GPU", "trials", "GPU-hours", "PFLOP", "memory per trial", "do not fit"]
     rows = []
-    for kind, group in sorted(groups.items()):
-        gpu = f"{GPU_TYPES[kind][0]} {GPU_TYPES[kind][1]:g} GB" if kind in GPU_TYPES else "-"
-        hours = f"{gpu_hours(group['flops'], kind):.1f}" if kind in GPU_TYPES else "-"
-        memory = f"{min(group['memory']):.1f}-{max(group['memory']):.1f} GB" if kind != "CPU" else "-"
-        rows.append([kind, gpu, str(group["trials"]), hours, f"{group['flops'] / 1e15:.0f}", memory,
-                     str(group["unfit"])])
-    unfit = sum(group["unfit"] for group in groups.values())
-    return [f"per GPU type (GPU-hours: the FLOP count at {PLAN_MFU:.0%} of the GPU's dense bf16 peak):",
-            *("  " + line for line in text_table(header, rows).splitlines()),
-            f"{unfit} trial{'s do' if unfit != 1 else ' does'} not fit their GPUs"]
+    for kind in sorted({t.gpu_type for t in trials}):
+        mine = [t for t in trials if t.gpu_type == kind]
+        flops = sum(t.flops for t in mine)
+        rows.append(GpuTypePlan(kind, f"{GPU_TYPES[kind][0]} {GPU_TYPES[kind][1]:g} GB" if kind in GPU_TYPES else "-",
+                                len(mine), gpu_hours(flops, kind) if kind in GPU_TYPES else None, flops,
+                                (min(t.memory_gb for t in mine), max(t.memory_gb for t in mine)),
+                                sum(not t.fits for t in mine)))
+    return rows
+
+
+def render_plan(plan: DryRunPlan) -> str:
+    """The dry run as `memray run --dry-run` prints it: "N trials", a line per trial, the
+    per-GPU-type table, then warnings and notes."""
+    cap = plan.max_concurrent or "no cap (every trial reserves all it uses)"
+    lines = [f"{len(plan.trials)} trials" + (f" ({plan.references} of them reference models of lira / rmia, shared "
+                                             "by the targets that need the same)" if plan.references else ""),
+             f"sweep folder: <storage>/{plan.sweep}   Ray: {plan.capacity}; concurrent trials: {cap}; longest first"]
+    for t in plan.trials:
+        lines.append(f"  {t.name}  {t.axes}  {t.resources}  mem {t.memory}"
+                     + ("" if t.fits else f"  DOES NOT FIT {t.budget_gb:g} GB"))
+    header = ["GPU type", "GPU", "trials", "GPU-hours", "PFLOP", "memory per trial", "do not fit"]
+    rows = [[g.gpu_type, g.gpu, str(g.trials), "-" if g.gpu_hours is None else f"{g.gpu_hours:.1f}",
+             f"{g.flops / 1e15:.0f}", f"{g.memory_gb[0]:.1f}-{g.memory_gb[1]:.1f} GB" if g.gpu_type != "CPU" else "-",
+             str(g.unfit)] for g in plan.gpu_types]
+    unfit = sum(g.unfit for g in plan.gpu_types)
+    lines += [f"per GPU type (GPU-hours: the FLOP count at {PLAN_MFU:.0%} of the GPU's dense bf16 peak):",
+              *("  " + line for line in text_table(header, rows).splitlines()),
+              f"{unfit} trial{'s do' if unfit != 1 else ' does'} not fit their GPUs"]
+    lines += [f"warning: {warning}" for warning in plan.warnings]
+    return "\n".join(lines + plan.notes)
+
+
+def dry_run_text(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] | None = None,
+                 address: str | None = None, num_cpus: int | None = None) -> str:
+    """The dry run's text (`render_plan` of `dry_run_plan`)."""
+    return render_plan(dry_run_plan(path, overrides, address, num_cpus))
 
 
 @contextlib.contextmanager

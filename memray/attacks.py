@@ -4,7 +4,7 @@ Every attack returns a score where higher means "more likely a member" (members 
 positive class of the AUC). Attacks read only precomputed `TokenStats`, so they cost no
 model call. Each one is a function registered with `@attack(name, ...)`, which also says
 what it needs (a reference model's statistics, the vocabulary statistics) and whether it
-takes a `k`; the config schema (`memray.config.AttackConfig`) and the trial take their
+takes a `k`; its config entry (`AttackConfig`, assembled into the trial schema by `memray.config`) and the trial take their
 names and needs from `ATTACKS`, with no special case per attack. This module imports no
 torch, so the config can be validated before anything heavy loads.
 """
@@ -17,13 +17,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
+from pydantic import Field, field_validator, model_validator
 
 from memray import reference_attacks
 from memray.reference_attacks import ReferenceScorer
+from memray.reference_attacks import MIN_REFERENCES
 from memray.registry import Registry, load_entry_points
+from memray.schema import Schema
 
 if TYPE_CHECKING:
-    from memray.config import AttackConfig
     from memray.scoring import TokenStats
 
 #: (attack config, target statistics, text, reference statistics or None) -> score
@@ -53,6 +55,55 @@ class AttackSpec:
 
 
 ATTACKS: Registry[AttackSpec] = Registry("attack")
+
+
+class AttackConfig(Schema):
+    name: str  # a registered attack (memray.attacks.ATTACKS)
+    k: float | None = Field(None, gt=0, le=1)  # mink / mink++: share of lowest-scoring tokens
+    references: int | None = None  # lira / rmia: reference models trained on halves of the audit pool (even, >= 4)
+
+    @field_validator("name")
+    @classmethod
+    def _known_attack(cls, name: str) -> str:
+        if name not in ATTACKS:
+            raise ValueError(f"{name!r} is not one of {', '.join(ATTACKS)}")
+        return name
+
+    @field_validator("references")
+    @classmethod
+    def _enough_references(cls, references: int | None) -> int | None:
+        if references is not None and (references < MIN_REFERENCES or references % 2):
+            raise ValueError(f"lira and rmia need an even number of at least {MIN_REFERENCES} reference models "
+                             f"(each audit sample in exactly half: two in and two out), not {references}")
+        return references
+
+    @model_validator(mode="after")
+    def _k(self) -> "AttackConfig":
+        default_k = ATTACKS[self.name].default_k
+        if self.k is not None and default_k is None:
+            takes_k = [name for name in ATTACKS if ATTACKS[name].default_k is not None]
+            raise ValueError(f"k is only used by {' and '.join(takes_k)}, not {self.name}")
+        if self.k is None and default_k is not None:
+            self.k = default_k
+        calibrated = ATTACKS[self.name].needs_reference_models
+        if self.references is not None and not calibrated:
+            takes = [name for name in ATTACKS if ATTACKS[name].needs_reference_models]
+            raise ValueError(f"references is only used by {' and '.join(takes)}, not {self.name}")
+        return self
+
+    @property
+    def label(self) -> str:
+        """Name used in metric keys: `mink`, or `mink@0.1` when k is not the attack's default."""
+        if self.k is None or self.k == ATTACKS[self.name].default_k:
+            return self.name
+        return f"{self.name}@{self.k:g}"
+
+    @property
+    def labels(self) -> list[str]:
+        """The labels of the metrics the attack fills: one per reference scorer of an attack
+        scored from reference models (label suffixes of its registry entry), else its label."""
+        scorers = ATTACKS[self.name].reference_scorers
+        return [self.label + suffix for suffix in scorers] if scorers else [self.label]
 
 
 def attack(name: str, default_k: float | None = None, needs_reference: bool = False,

@@ -72,8 +72,8 @@ from transformers import (
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from memray import attacks, methods, models, scoring
-from memray.config import (BUILTIN_MODELS, AttackConfig, ConfigError, EvalConfig, MethodConfig, ModelConfig, TrainConfig,
-                           validate)
+from memray.config import BUILTIN_MODELS, AttackConfig, ConfigError, EvalConfig, MethodConfig, ModelConfig, TrainConfig
+from memray.files import validate
 from memray.flops import attention_flops, matmul_params, mean_context, mfu, peak_tflops, train_flops_per_token
 from memray.scoring import TokenStats
 from memray.train import TokenDataset, fit
@@ -464,7 +464,7 @@ def bench_sweep(trials: int, quick: bool) -> dict[str, Any]:
     import yaml
 
     from memray import sweep, trial
-    from memray.config import load_sweep
+    from memray.files import load_sweep
 
     cpus = os.cpu_count() or 1
     sweep_file = {"name": "bench-overhead", "base": _sweep_trial_base(quick), "grid": {"seed": list(range(trials))},

@@ -18,7 +18,7 @@ from memray.config import ConfigError
 
 
 def _trial(args: argparse.Namespace) -> int:
-    from memray.config import load_trial
+    from memray.files import load_trial
 
     notes: list[str] = []
     config = load_trial(args.file, args.overrides, cell=args.cell, notes=notes)

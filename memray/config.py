@@ -1,77 +1,37 @@
-"""Typed configuration: the trial schema, YAML loading, `key=value` overrides, grid expansion.
+"""The trial and sweep schemas, assembled from the units' own sections.
 
-Everything a user writes passes through here and is validated whole before any model is
-loaded. Precedence (lowest first): typed defaults, the YAML file, the grid cell, then
-command-line `key=value` overrides. Every error is a `ConfigError` whose message names the
-file and the dotted field, e.g. ``sweeps/x.yaml: method.placement: 'mlpp' is not one of
-attn, mlp, both``; the CLI turns it into exit code 2.
+A unit owns its config section: each method its `method:` schema (memray.methods), the
+attacks their `attacks:` entries (`memray.attacks.AttackConfig`), the datasets the
+`data:` section (`memray.data.DataConfig`), the model catalogue the `model:` section
+(`memray.catalogue.ModelConfig`). This module sits above them and puts the trial schema
+together (the `method` union from the method registry), with the sections no unit owns
+(train, eval, extraction, the reference-model section, resources, W&B), trial ids that stay
+stable as keys and attacks are added, and the W&B mode. Reading the files a user writes
+(YAML, `key=value` overrides, grid cells) is `memray.files`; every error is a
+`ConfigError` naming the file and the dotted field.
 """
 
 from __future__ import annotations
 
-import copy
-import difflib
 import hashlib
-import itertools
 import json
 import netrc
 import os
 import re
-import string
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, Union
 from urllib.parse import urlparse
 
-import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from memray.attacks import ATTACK_RULES, default_attacks
+from memray.attacks import ATTACK_RULES, AttackConfig, default_attacks
 from memray.attacks import ATTACKS as ATTACK_REGISTRY
-from memray.gguf_bases import PACKAGED as GGUF_ALIASES, is_gguf
+from memray.catalogue import (APPROX_PARAMS, BUILTIN_MODELS, GPU_TYPES, MODEL_ALIASES, UNKNOWN_PARAMS,
+                              ModelConfig)
+from memray.data import CanaryConfig, DataConfig, DuplicatesConfig, dataset_names, default_dataset
 from memray.methods import METHODS as METHOD_REGISTRY, default_method
 from memray.reference_attacks import MIN_REFERENCES, reference_seed
 from memray.schema import ConfigError, Schema
-
-# ---------------------------------------------------------------------------------------
-# Names other modules implement. They live here so that a bad name is caught while the
-# config is validated, before anything heavy is imported.
-# ---------------------------------------------------------------------------------------
-
-#: Study models: alias -> Hugging Face hub id.
-MODEL_ALIASES: dict[str, str] = {
-    "gpt2": "openai-community/gpt2",
-    "gpt2-medium": "openai-community/gpt2-medium",
-    "gpt2-large": "openai-community/gpt2-large",
-    "gpt2-xl": "openai-community/gpt2-xl",
-    "llama-3.2-1b": "meta-llama/Llama-3.2-1B",
-    "llama-2-7b": "meta-llama/Llama-2-7b-hf",
-}
-#: Approximate parameter counts: default resources, the longest-first order and the report's
-#: model sizes use them.
-APPROX_PARAMS: dict[str, float] = {
-    "tiny-gpt2": 1e6, "tiny-llama": 1e6,
-    "gpt2": 124e6, "gpt2-medium": 355e6, "gpt2-large": 774e6, "gpt2-xl": 1.56e9,
-    "llama-3.2-1b": 1.24e9, "llama-2-7b": 6.74e9,
-}
-UNKNOWN_PARAMS = 7e9  # a hub id or local path of unknown size: assume large (a whole GPU, scheduled first)
-#: Models built locally from a small config (random weights, shipped tokenizer); no network.
-BUILTIN_MODELS: tuple[str, ...] = ("tiny-gpt2", "tiny-llama")
-
-
-def default_dataset() -> str:
-    """The dataset of a config without `data.dataset` (its registry entry says `default=True`)."""
-    from memray.data import DEFAULT_DATASET
-
-    return DEFAULT_DATASET[0]
-
-
-def dataset_names() -> tuple[str, ...]:
-    """The names `data.dataset` accepts: those of the `data` module's registry, the hub
-    datasets first (imported here when first needed, since `data` imports this module)."""
-    from memray.data import REGISTRY
-
-    return tuple(sorted(REGISTRY, key=lambda name: REGISTRY[name].hub is None))
-
 
 #: Membership-inference attacks, from the `attacks` registry (registration order).
 ATTACKS: tuple[str, ...] = ATTACK_REGISTRY.names()
@@ -83,134 +43,6 @@ DEFAULT_ATTACKS: tuple[str, ...] = default_attacks()
 #: Fine-tuning methods, from the `methods` registry (one module of memray/methods each).
 METHODS: tuple[str, ...] = METHOD_REGISTRY.names()
 
-#: GPU types a resource rule may bind trials to (`gpu_type`): name -> (the GPU as CUDA names
-#: it, its memory in GB). Each is a Ray custom resource that every GPU of a node of that type
-#: carries once (launch/cluster.yaml's node types, launch/rayjob.yaml's worker groups).
-GPU_TYPES: dict[str, tuple[str, float]] = {
-    "a10g_24gb": ("A10G", 24),  # AWS g5
-    "l4_24gb": ("L4", 24),  # AWS g6, GCP g2
-    "a100_40gb": ("A100", 40),  # AWS p4d
-    "a100_80gb": ("A100", 80),  # AWS p4de
-    "h100_80gb": ("H100", 80),  # AWS p5
-}
-
-
-# ---------------------------------------------------------------------------------------
-# Sections
-# ---------------------------------------------------------------------------------------
-
-
-class ModelConfig(Schema):
-    name: str = "tiny-gpt2"  # alias, built-in, packaged GGUF alias, hub id ("org/name"), local folder or .gguf file
-    revision: str | None = None  # hub revision; part of the reference-statistics cache key
-    pretrained: bool = True  # built-ins: start from the cached tiny base trained on pydoc text
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPUs that have it
-
-    @field_validator("name")
-    @classmethod
-    def _known_model(cls, name: str) -> str:
-        if name in MODEL_ALIASES or name in BUILTIN_MODELS or is_gguf(name):
-            return name  # a .gguf path is checked (and converted) when the model is loaded
-        if "/" in name or name.startswith((".", "~")) or Path(name).expanduser().exists():
-            return name  # a hub id or a local path: checked when the model is loaded
-        choices = ", ".join([*MODEL_ALIASES, *BUILTIN_MODELS, *GGUF_ALIASES])
-        raise ValueError(
-            f"{name!r} is not a known alias ({choices}), a local path, or a hub id (org/name)"
-        )
-
-    @model_validator(mode="after")
-    def _gguf_has_no_revision(self) -> "ModelConfig":
-        if self.revision is not None and is_gguf(self.name):
-            raise ValueError(f"revision: {self.name} is a GGUF file, which has no hub revision")
-        return self
-
-
-class DuplicatesConfig(Schema):
-    fraction: float = Field(0.1, gt=0, le=1)  # share of training samples that get duplicated
-    copies: list[int] = [2, 5, 10]  # each duplicated sample appears this many times in total
-
-    @field_validator("copies")
-    @classmethod
-    def _copies(cls, copies: list[int]) -> list[int]:
-        if not copies or any(c < 2 for c in copies):
-            raise ValueError("must be a non-empty list of copy counts, each at least 2")
-        return copies
-
-
-class CanaryConfig(Schema):
-    """Secret canaries inserted into the training data; their exposure is measured each epoch
-    (Carlini et al. 2019, "The Secret Sharer", arXiv 1802.08232)."""
-
-    count: int = Field(10, gt=0)  # canaries inserted into the training data
-    repeats: list[int] = [10]  # copies of each inserted canary; a list spreads canaries over levels
-    heldout: int | None = Field(None, ge=0)  # never-inserted controls (repeats 0); None: as many as count
-    format: str = "my secret number is {secret}"  # must hold {secret} once
-    digits: int = Field(6, gt=0)  # random digits in each secret
-    separator: str = " "  # between digits: " " makes each digit its own token in most tokenizers
-    candidates: int = Field(1000, ge=2)  # population for the exposure rank; max exposure log2(this)
-
-    @field_validator("repeats", mode="before")
-    @classmethod
-    def _one_level(cls, repeats: Any) -> Any:
-        return [repeats] if isinstance(repeats, int) else repeats
-
-    @field_validator("repeats")
-    @classmethod
-    def _repeats(cls, repeats: list[int]) -> list[int]:
-        if not repeats or any(r < 1 for r in repeats):
-            raise ValueError("must be a copy count or a non-empty list of them, each at least 1 (held-out canaries: use heldout)")
-        return repeats
-
-    @field_validator("format")
-    @classmethod
-    def _format(cls, format: str) -> str:
-        try:
-            fields = [name for _, name, _, _ in string.Formatter().parse(format) if name is not None]
-        except ValueError as err:
-            raise ValueError(f"{format!r} is not a valid format string: {err}") from None
-        if fields != ["secret"]:
-            raise ValueError(f"{format!r} must contain the field {{secret}} exactly once and no other field")
-        return format
-
-    @model_validator(mode="after")
-    def _enough_secrets(self) -> "CanaryConfig":
-        if self.heldout is None:
-            self.heldout = self.count
-        needed = self.count + self.heldout + self.candidates
-        if 10**self.digits < needed:
-            raise ValueError(
-                f"digits={self.digits} gives {10**self.digits} secrets, fewer than the "
-                f"{needed} distinct ones needed (count + heldout + candidates)"
-            )
-        return self
-
-
-class DataConfig(Schema):
-    dataset: str = Field(default_factory=lambda: default_dataset())  # the registry's default (`register(default=True)`)
-    path: str | None = None  # local file (jsonl / txt / csv) or a local copy of a hub dataset
-    revision: str | None = None  # hub datasets: commit or branch; None: the one memray pins
-    text_field: str = "text"  # column holding the text, for local jsonl / csv
-    max_length: int = Field(128, ge=8)  # tokens per sample; wikitext2 is chunked into such blocks
-    members: int | None = Field(None, gt=0)  # training samples (all are members); None: dataset default
-    nonmembers: int | None = Field(None, gt=0)  # held-out samples scored; None: as many as members
-    validation: int = Field(200, gt=0)  # held-out samples for val loss / perplexity
-    split_seed: int | None = None  # None: the trial's seed
-    duplicates: DuplicatesConfig | None = None
-    canaries: CanaryConfig | None = None  # secret canaries added to the training texts
-
-    @field_validator("dataset")
-    @classmethod
-    def _known_dataset(cls, dataset: str) -> str:
-        if dataset not in dataset_names():
-            raise ValueError(f"{dataset!r} is not one of {', '.join(dataset_names())}")
-        return dataset
-
-    @model_validator(mode="after")
-    def _dataset_fields(self) -> "DataConfig":
-        from memray.data import check_fields
-
-        check_fields(self)  # the dataset-specific keys its registry entry reads and requires
-        return self
 
 
 #: The `method:` section: one schema per registered method, told apart by `name`.
@@ -271,55 +103,6 @@ DEFAULT_REFERENCES = 8
 #: targets from their per-sample files and retrains nothing, so old sweep folders resume.
 REFERENCE_RECIPE = ("its half of the audit pool (target's copies) topped up to the target's training-set size "
                     "from samples outside the pool (unscored members first), no canaries, its own seed")
-
-
-class AttackConfig(Schema):
-    name: str  # a registered attack (memray.attacks.ATTACKS)
-    k: float | None = Field(None, gt=0, le=1)  # mink / mink++: share of lowest-scoring tokens
-    references: int | None = None  # lira / rmia: reference models trained on halves of the audit pool (even, >= 4)
-
-    @field_validator("name")
-    @classmethod
-    def _known_attack(cls, name: str) -> str:
-        if name not in ATTACK_REGISTRY:
-            raise ValueError(f"{name!r} is not one of {', '.join(ATTACK_REGISTRY)}")
-        return name
-
-    @field_validator("references")
-    @classmethod
-    def _enough_references(cls, references: int | None) -> int | None:
-        if references is not None and (references < MIN_REFERENCES or references % 2):
-            raise ValueError(f"lira and rmia need an even number of at least {MIN_REFERENCES} reference models "
-                             f"(each audit sample in exactly half: two in and two out), not {references}")
-        return references
-
-    @model_validator(mode="after")
-    def _k(self) -> "AttackConfig":
-        default_k = ATTACK_REGISTRY[self.name].default_k
-        if self.k is not None and default_k is None:
-            takes_k = [name for name in ATTACK_REGISTRY if ATTACK_REGISTRY[name].default_k is not None]
-            raise ValueError(f"k is only used by {' and '.join(takes_k)}, not {self.name}")
-        if self.k is None and default_k is not None:
-            self.k = default_k
-        calibrated = ATTACK_REGISTRY[self.name].needs_reference_models
-        if self.references is not None and not calibrated:
-            takes = [name for name in ATTACK_REGISTRY if ATTACK_REGISTRY[name].needs_reference_models]
-            raise ValueError(f"references is only used by {' and '.join(takes)}, not {self.name}")
-        return self
-
-    @property
-    def label(self) -> str:
-        """Name used in metric keys: `mink`, or `mink@0.1` when k is not the attack's default."""
-        if self.k is None or self.k == ATTACK_REGISTRY[self.name].default_k:
-            return self.name
-        return f"{self.name}@{self.k:g}"
-
-    @property
-    def labels(self) -> list[str]:
-        """The labels of the metrics the attack fills: one per reference scorer of an attack
-        scored from reference models (label suffixes of its registry entry), else its label."""
-        scorers = ATTACK_REGISTRY[self.name].reference_scorers
-        return [self.label + suffix for suffix in scorers] if scorers else [self.label]
 
 
 #: Samples per scoring pass when `eval.batch_size` is left unset: a GPU needs wide batches
@@ -644,276 +427,9 @@ class SweepConfig(Schema):
         return grid
 
 
-# ---------------------------------------------------------------------------------------
-# Loading, overrides, merging
-# ---------------------------------------------------------------------------------------
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; a missing file or bad YAML is a ConfigError naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(str(path), "", "no such file")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(str(path), "", f"not valid YAML: {err}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(str(path), "", f"must be a mapping at the top level, not {type(data).__name__}")
-    return data
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """`method.rank=8` -> ("method.rank", 8); the value is read as YAML."""
-    key, sep, raw = text.partition("=")
-    key = key.strip()
-    if not sep or not key or not re.fullmatch(r"[A-Za-z_][\w+.-]*", key):
-        raise ConfigError("command line", text, "an override must look like key=value, e.g. method.rank=8")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as err:
-        raise ConfigError("command line", key, f"value is not valid YAML: {err}") from None
-    return key, value
-
-
-def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
-    """Set `a.b.c` in a nested dict. A mapping value merges into what is there; a new
-    `method.name` (or a `method` mapping with another name) starts that section afresh,
-    since the other method's knobs do not apply."""
-    *parents, leaf = key.split(".")
-    node = tree
-    for part in parents:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = {}
-            node[part] = child
-        node = child
-    current = node.get(leaf)
-    if key == "method.name" and isinstance(node, dict) and node.get("name") != value:
-        node.clear()
-        node["name"] = value
-        return
-    if isinstance(value, dict) and isinstance(current, dict):
-        if key == "method" and "name" in value and value["name"] != current.get("name"):
-            node[leaf] = copy.deepcopy(value)
-        else:
-            node[leaf] = _merge(current, value)
-    else:
-        node[leaf] = copy.deepcopy(value)
-
-
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    merged = copy.deepcopy(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
-def apply_overrides(tree: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Return a copy of `tree` with dotted-key overrides applied in order."""
-    result = copy.deepcopy(tree)
-    for key, value in overrides.items():
-        set_dotted(result, key, value)
-    return result
-
-
-# ---------------------------------------------------------------------------------------
-# Validation with readable messages
-# ---------------------------------------------------------------------------------------
-
-
-def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
-    """Field names of the schema section at `loc` (for 'unknown key' hints)."""
-    current: Any = model
-    for part in loc:
-        if not (isinstance(current, type) and issubclass(current, BaseModel)):
-            return None
-        field = current.model_fields.get(str(part))
-        if field is None:
-            # a discriminated-union branch: the loc names the method
-            if part in METHOD_REGISTRY:
-                current = METHOD_REGISTRY[part].config
-                continue
-            return None
-        current = _section_type(field.annotation)
-    if isinstance(current, type) and issubclass(current, BaseModel):
-        return list(current.model_fields)
-    return None
-
-
-def _section_type(annotation: Any) -> Any:
-    for arg in getattr(annotation, "__args__", ()) or ():
-        if isinstance(arg, type) and issubclass(arg, BaseModel):
-            return arg
-    return annotation
-
-
-def _describe(err: dict[str, Any], model: type[BaseModel]) -> tuple[str, str]:
-    """(dotted field, message) for one pydantic error."""
-    loc = list(err["loc"])
-    # drop the discriminator branch pydantic inserts: ("method", "lora", "rank")
-    clean = [p for i, p in enumerate(loc) if not (i > 0 and loc[i - 1] == "method" and p in METHOD_REGISTRY)]
-    field = ".".join(str(p) for p in clean)
-    kind = err["type"]
-    value = err.get("input")
-    ctx = err.get("ctx", {}) or {}
-    if kind == "extra_forbidden":
-        allowed = _allowed_keys(model, tuple(loc[:-1])) or []
-        hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-        text = "unknown key"
-        owners = [name for name in METHOD_REGISTRY if str(loc[-1]) in METHOD_REGISTRY[name].config.model_fields]
-        if clean[:1] == ["method"] and len(clean) == 2 and owners:
-            return field, (f"{loc[-1]} belongs to method {' / '.join(owners)} (set method.name={owners[0]}), "
-                           f"not to {loc[1] if len(loc) > 2 else 'this method'}")
-        if hint:
-            text += f" (did you mean {hint[0]!r}?)"
-        elif allowed:
-            text += f" (allowed: {', '.join(allowed)})"
-        return field, text
-    if kind == "literal_error":
-        expected = re.sub(r"'|\"", "", str(ctx.get("expected", ""))).replace(" or ", ", ")
-        return field, f"{value!r} is not one of {expected}"
-    if kind == "union_tag_invalid":
-        return field + ".name" if field else "name", f"{ctx.get('tag')!r} is not one of {', '.join(METHODS)}"
-    if kind == "union_tag_not_found":
-        return field + ".name", f"missing; one of {', '.join(METHODS)}"
-    if kind == "missing":
-        return field, "required"
-    if kind == "value_error":
-        message = str(ctx.get("error", err["msg"]))
-        return field, message
-    message = err["msg"]
-    if kind.endswith("_type") or kind.endswith("_parsing"):
-        message = f"{value!r} is not valid: {message[0].lower()}{message[1:]}"
-    elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        message = f"{value!r}: {message[0].lower()}{message[1:]}"
-    return field, message
-
-
-def validate(schema: type[Schema], raw: Any, source: str, prefix: str = "") -> Any:
-    """Validate plain data against a schema; the first error becomes a ConfigError."""
-    try:
-        return schema.model_validate(raw)
-    except ValidationError as err:
-        first = err.errors(include_url=False)[0]
-        field, message = _describe(first, schema)
-        field = f"{prefix}.{field}" if prefix and field else (prefix or field)
-        more = len(err.errors()) - 1
-        if more:
-            message += f" (and {more} more error{'s' if more > 1 else ''})"
-        raise ConfigError(source, field, message) from None
-
-
-def validate_trial(raw: dict[str, Any], source: str) -> TrialConfig:
-    """Plain data -> TrialConfig, or a ConfigError naming `source` and the field."""
-    return validate(TrialConfig, raw, source)
-
-
-# ---------------------------------------------------------------------------------------
-# Sweeps and grid cells
-# ---------------------------------------------------------------------------------------
-
-
-def is_sweep(tree: dict[str, Any]) -> bool:
-    """A sweep file has `base` or `grid` at the top; anything else is a plain trial file."""
-    return "base" in tree or "grid" in tree
-
-
-class Cell(Schema):
-    """One grid cell: its index, its axis values, and its resolved trial config."""
-
-    index: int
-    axes: dict[str, Any]
-    config: TrialConfig
-
-
-def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> tuple[SweepConfig, list[Cell]]:
-    """Load a sweep file, apply overrides to its base, and validate every grid cell."""
-    source = str(path)
-    tree = load_yaml(path)
-    if not is_sweep(tree):
-        tree = {"name": Path(path).stem, "base": tree}
-    sweep = validate(SweepConfig, tree, source)
-    base = apply_overrides(sweep.base, overrides or {})
-    return sweep, expand_grid(base, sweep.grid, source)
-
-
-def expand_grid(base: dict[str, Any], grid: dict[str, list[Any]], source: str) -> list[Cell]:
-    """Every combination of the axes applied to `base`, in file order, each validated."""
-    keys = list(grid)
-    cells: list[Cell] = []
-    for index, values in enumerate(itertools.product(*(grid[k] for k in keys))):
-        axes = dict(zip(keys, values))
-        raw = apply_overrides(base, axes)
-        where = source if not keys else f"{source} (grid cell {index}: {_axes_text(axes)})"
-        cells.append(Cell(index=index, axes=axes, config=validate_trial(raw, where)))
-    return cells
-
-
-def _axes_text(axes: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in axes.items())
-
-
-def switch_method(tree: dict[str, Any], overrides: dict[str, Any], grid: dict[str, list[Any]] | None = None,
-                  notes: list[str] | None = None) -> dict[str, Any]:
-    """Overrides that switch the method (`method.name=lora` on a `full` base) start from the
-    new method's own settings: the grid's first `method` entry of that name when the sweep
-    has one (its lr, rank, ...), else the base's keys the new method accepts but its lr
-    (tuned for the old method: the new one's default instead). Returns the overrides to apply,
-    with the switch spelled out as a whole `method` section; one line per switch goes to
-    `notes`."""
-    name = overrides.get("method.name")
-    old = tree.get("method") if isinstance(tree.get("method"), dict) else {}
-    if name is None or name == old.get("name") or name not in METHOD_REGISTRY:
-        return overrides
-    entries = [v for v in (grid or {}).get("method", []) if isinstance(v, dict) and v.get("name") == name]
-    accepted = set(METHOD_REGISTRY[name].config.model_fields)
-    if entries:
-        section = dict(entries[0])
-        how = f"the sweep grid's {name} entry"
-    else:
-        # lr is every method's key, but one tuned for the old method: the new one's default instead
-        section = {key: value for key, value in old.items() if key in accepted and key != "lr"}
-        how = f"{old.get('name')}'s settings that {name} accepts"
-    section["name"] = name
-    dropped = sorted(set(old) - set(section) - {"name"})
-    rest = {key: value for key, value in overrides.items() if not key.startswith("method.")}
-    own = {key: value for key, value in overrides.items() if key.startswith("method.") and key != "method.name"}
-    if notes is not None:
-        shown = {**section, **{key.split(".", 1)[1]: value for key, value in own.items()}}
-        settings = ", ".join(f"{k} {v}" for k, v in shown.items() if k != "name") or "its defaults"
-        lost = f"; dropped {', '.join(f'{k} {old[k]}' for k in dropped)} (of {old.get('name')})" if dropped else ""
-        lr = "" if "lr" in section else f" (lr: {name}'s default)"
-        notes.append(f"method.name={name}: {settings} (from {how} and your overrides){lr}{lost}")
-    return {"method": section, **own, **rest}
-
-
-def load_trial(path: str | Path, overrides: list[str] | None = None, cell: int | None = None,
-               notes: list[str] | None = None) -> TrialConfig:
-    """The trial `memray trial FILE [key=value ...] [--cell N]` runs.
-
-    A plain trial file, or a sweep file's `base` (with `--cell N`: its N-th grid cell).
-    Command-line overrides apply last; one switching the method is `switch_method`'s (its
-    line goes to `notes`).
-    """
-    parsed = dict(parse_override(o) for o in overrides or [])
-    source = str(path)
-    tree = load_yaml(path)
-    if is_sweep(tree):
-        sweep = validate(SweepConfig, tree, source)
-        if cell is None:
-            raw = apply_overrides(sweep.base, switch_method(sweep.base, parsed, sweep.grid, notes))
-            return validate_trial(raw, source)
-        cells = expand_grid(sweep.base, sweep.grid, source)
-        if not 0 <= cell < len(cells):
-            raise ConfigError(source, "--cell", f"{cell} is out of range: the grid has {len(cells)} cells (0..{len(cells) - 1})")
-        base = apply_overrides(sweep.base, cells[cell].axes)
-        return validate_trial(apply_overrides(base, switch_method(base, parsed, sweep.grid, notes)), source)
-    if cell is not None:
-        raise ConfigError(source, "--cell", "this is a plain trial file, not a sweep (no base/grid)")
-    return validate_trial(apply_overrides(tree, switch_method(tree, parsed, None, notes)), source)
+#: What other modules import from here though a unit or the catalogue owns it.
+__all__ = ["APPROX_PARAMS", "ATTACKS", "BUILTIN_MODELS", "GPU_TYPES", "METHODS", "MODEL_ALIASES", "UNKNOWN_PARAMS",
+           "AttackConfig", "CanaryConfig", "ConfigError", "DataConfig", "DeepSpeedConfig", "DuplicatesConfig",
+           "EvalConfig", "ExtractionConfig", "MethodConfig", "ModelConfig", "ReferenceConfig", "ResourceRule",
+           "Schema", "SimilarityThresholds", "SweepConfig", "TrainConfig", "TrialConfig", "WandbConfig",
+           "dataset_names", "default_dataset", "resolve_wandb_mode", "wandb_key_configured"]

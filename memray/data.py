@@ -57,19 +57,120 @@ import hashlib
 import itertools
 import json
 import logging
+import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+from pydantic import Field, field_validator, model_validator
 
 from memray.corpus import pydoc_texts, pydoc_topics
 from memray.registry import Registry, load_entry_points
-from memray.schema import ConfigError
+from memray.schema import ConfigError, Schema
 
-if TYPE_CHECKING:  # config derives its dataset names from this module's registry
-    from memray.config import DataConfig
+
+# ---------------------------------------------------------------------------------------
+# The `data:` section (the datasets' unit owns it; memray.config assembles the trial schema)
+# ---------------------------------------------------------------------------------------
+
+
+class DuplicatesConfig(Schema):
+    fraction: float = Field(0.1, gt=0, le=1)  # share of training samples that get duplicated
+    copies: list[int] = [2, 5, 10]  # each duplicated sample appears this many times in total
+
+    @field_validator("copies")
+    @classmethod
+    def _copies(cls, copies: list[int]) -> list[int]:
+        if not copies or any(c < 2 for c in copies):
+            raise ValueError("must be a non-empty list of copy counts, each at least 2")
+        return copies
+
+
+class CanaryConfig(Schema):
+    """Secret canaries inserted into the training data; their exposure is measured each epoch
+    (Carlini et al. 2019, "The Secret Sharer", arXiv 1802.08232)."""
+
+    count: int = Field(10, gt=0)  # canaries inserted into the training data
+    repeats: list[int] = [10]  # copies of each inserted canary; a list spreads canaries over levels
+    heldout: int | None = Field(None, ge=0)  # never-inserted controls (repeats 0); None: as many as count
+    format: str = "my secret number is {secret}"  # must hold {secret} once
+    digits: int = Field(6, gt=0)  # random digits in each secret
+    separator: str = " "  # between digits: " " makes each digit its own token in most tokenizers
+    candidates: int = Field(1000, ge=2)  # population for the exposure rank; max exposure log2(this)
+
+    @field_validator("repeats", mode="before")
+    @classmethod
+    def _one_level(cls, repeats: Any) -> Any:
+        return [repeats] if isinstance(repeats, int) else repeats
+
+    @field_validator("repeats")
+    @classmethod
+    def _repeats(cls, repeats: list[int]) -> list[int]:
+        if not repeats or any(r < 1 for r in repeats):
+            raise ValueError("must be a copy count or a non-empty list of them, each at least 1 (held-out canaries: use heldout)")
+        return repeats
+
+    @field_validator("format")
+    @classmethod
+    def _format(cls, format: str) -> str:
+        try:
+            fields = [name for _, name, _, _ in string.Formatter().parse(format) if name is not None]
+        except ValueError as err:
+            raise ValueError(f"{format!r} is not a valid format string: {err}") from None
+        if fields != ["secret"]:
+            raise ValueError(f"{format!r} must contain the field {{secret}} exactly once and no other field")
+        return format
+
+    @model_validator(mode="after")
+    def _enough_secrets(self) -> "CanaryConfig":
+        if self.heldout is None:
+            self.heldout = self.count
+        needed = self.count + self.heldout + self.candidates
+        if 10**self.digits < needed:
+            raise ValueError(
+                f"digits={self.digits} gives {10**self.digits} secrets, fewer than the "
+                f"{needed} distinct ones needed (count + heldout + candidates)"
+            )
+        return self
+
+
+class DataConfig(Schema):
+    dataset: str = Field(default_factory=lambda: default_dataset())  # the registry's default (`register(default=True)`)
+    path: str | None = None  # local file (jsonl / txt / csv) or a local copy of a hub dataset
+    revision: str | None = None  # hub datasets: commit or branch; None: the one memray pins
+    text_field: str = "text"  # column holding the text, for local jsonl / csv
+    max_length: int = Field(128, ge=8)  # tokens per sample; wikitext2 is chunked into such blocks
+    members: int | None = Field(None, gt=0)  # training samples (all are members); None: dataset default
+    nonmembers: int | None = Field(None, gt=0)  # held-out samples scored; None: as many as members
+    validation: int = Field(200, gt=0)  # held-out samples for val loss / perplexity
+    split_seed: int | None = None  # None: the trial's seed
+    duplicates: DuplicatesConfig | None = None
+    canaries: CanaryConfig | None = None  # secret canaries added to the training texts
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, dataset: str) -> str:
+        if dataset not in dataset_names():
+            raise ValueError(f"{dataset!r} is not one of {', '.join(dataset_names())}")
+        return dataset
+
+    @model_validator(mode="after")
+    def _dataset_fields(self) -> "DataConfig":
+        check_fields(self)  # the dataset-specific keys its registry entry reads and requires
+        return self
+
+
+def default_dataset() -> str:
+    """The dataset of a config without `data.dataset` (its registry entry says `default=True`)."""
+    return DEFAULT_DATASET[0]
+
+
+def dataset_names() -> tuple[str, ...]:
+    """The names `data.dataset` accepts: those of the registry, the hub datasets first."""
+    return tuple(sorted(REGISTRY, key=lambda name: REGISTRY[name].hub is None))
+
 
 log = logging.getLogger(__name__)
 

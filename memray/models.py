@@ -45,7 +45,8 @@ from transformers import (
 )
 
 from memray import gguf_bases
-from memray.config import BUILTIN_MODELS, MODEL_ALIASES, ConfigError, ModelConfig
+from memray.catalogue import BUILTIN_MODELS, MODEL_ALIASES, ModelConfig
+from memray.schema import ConfigError
 from memray.corpus import pydoc_texts
 
 #: The shipped tokenizer of the built-ins: a Hugging Face tokenizer folder (tokenizer.json

@@ -47,7 +47,7 @@ import pandas as pd
 import yaml
 
 if TYPE_CHECKING:
-    from memray.config import Cell
+    from memray.files import Cell
 
 SWEEP_FILE = "sweep.yaml"
 STATE_FILE = "sweep.json"

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from memray.config import load_sweep
+from memray.files import load_sweep
 from memray.references import sweep_cells
 from memray.sweep import trial_names
 

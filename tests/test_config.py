@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from memray.config import ConfigError, EvalConfig, TrialConfig, load_sweep, load_trial, parse_override
+from memray.config import ConfigError, EvalConfig, TrialConfig
+from memray.files import load_sweep, load_trial, parse_override
 
 REPO = Path(__file__).resolve().parent.parent
 

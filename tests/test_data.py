@@ -241,7 +241,8 @@ HUB_NAMES = [name for name in data_module.REGISTRY if data_module.REGISTRY[name]
 
 
 def test_registry_names_are_the_datasets_the_config_accepts():
-    from memray.config import dataset_names, validate_trial
+    from memray.config import dataset_names
+    from memray.files import validate_trial
 
     assert dataset_names() == tuple(sorted(data_module.REGISTRY, key=lambda n: data_module.REGISTRY[n].hub is None))
     assert dataset_names()[:len(HUB_NAMES)] == tuple(HUB_NAMES)  # hub datasets first
@@ -256,7 +257,7 @@ def test_a_dataset_registered_twice_is_an_error():
 
 
 def test_a_key_the_dataset_does_not_read_is_refused():
-    from memray.config import validate_trial
+    from memray.files import validate_trial
 
     plain = next(n for n in data_module.REGISTRY if not data_module.REGISTRY[n].fields)
     for key in data_module.DATASET_FIELDS:
@@ -552,7 +553,7 @@ def test_train_files_that_are_not_parquet(tokenizer, tmp_path):
 
 @pytest.mark.parametrize("name", HUB_NAMES)
 def test_trials_on_a_downloaded_copy_run_to_the_end(hub, tmp_path, name):
-    from memray.config import validate_trial
+    from memray.files import validate_trial
     from memray.trial import run_trial
 
     assert run_download(hub_env(hub, tmp_path), name, tmp_path / "copy").returncode == 0
@@ -580,7 +581,9 @@ def test_offline_without_a_copy_says_how_to_download(tokenizer, offline_empty_ca
 
 
 def test_download_command_fails_cleanly_offline(offline_empty_cache, tmp_path, capsys):
-    assert data_module.main(["download", "wikitext2", str(tmp_path / "out")]) == 1
+    from memray import cli
+
+    assert cli.main(["download", "wikitext2", str(tmp_path / "out")]) == 1
     assert "could not download wikitext2" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 

@@ -26,7 +26,8 @@ import pytest
 import torch
 
 from memray import sweep
-from memray.config import ConfigError, DeepSpeedConfig, ResourceRule, TrainConfig, validate, validate_trial
+from memray.config import ConfigError, DeepSpeedConfig, ResourceRule, TrainConfig
+from memray.files import validate, validate_trial
 from memray.distributed import ModelShape, deepspeed_config, estimate_memory, resolve_zero
 
 from faults import clear_fault, inject_fault

@@ -79,7 +79,7 @@ def test_external_units_run_end_to_end_through_memray_run(tmp_path):
     assert all(0 <= row["mia/maxloss/auc"] <= 1 for row in result["epochs"])
 
     (wandb_run,) = wandb_runs(folder / "wandb")
-    assert wandb_run["config"]["method"] == "vera" and wandb_run["config"]["method.rank"] == 16
+    assert wandb_run["config"]["method"] == "vera" and wandb_run["config"]["config"]["method"]["rank"] == 16
     assert any("mia/maxloss/auc" in row for row in wandb_run["history"])
 
     report = memray("report", str(folder), cwd=tmp_path)

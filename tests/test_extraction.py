@@ -10,7 +10,8 @@ from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, Ta
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from memray.config import CanaryConfig, ConfigError, ExtractionConfig, validate_trial
+from memray.config import CanaryConfig, ConfigError, ExtractionConfig
+from memray.files import validate_trial
 from memray.extraction import (
     canary_metrics,
     common_prefix_length,

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from memray import metrics
-from memray.config import validate_trial
+from memray.files import validate_trial
 from memray.report import build_report, load_trials
 from memray.report.findings import (DUPLICATION_CLAIM, FAILS, FINDINGS, HOLDS, INCONCLUSIVE, decide_findings)
 from memray.results import TrialRecord, write_scores, write_table

@@ -22,7 +22,8 @@ import torch
 import yaml
 
 from memray import gguf_bases, models, scoring
-from memray.config import ConfigError, ModelConfig, validate_trial
+from memray.config import ConfigError, ModelConfig
+from memray.files import validate_trial
 from memray.extraction import generate_continuations
 from memray.sweep.planning import approx_params, load_checked
 

@@ -5,14 +5,14 @@ an error naming the file and the rule, and the binding is a Ray resource of thos
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
 import yaml
 
 from memray import cli, sweep
-from memray.config import GPU_TYPES, ConfigError, ResourceRule, load_sweep
+from memray.config import GPU_TYPES, ConfigError, ResourceRule
+from memray.files import load_sweep
 from memray.references import sweep_cells
 
 REPO = Path(__file__).resolve().parent.parent

@@ -178,3 +178,65 @@ def test_command_line_entry_points_are_in_cli_only():
             continue
         source = path.read_text()
         assert "argparse" not in imports(path) and '__name__ == "__main__"' not in source, name
+
+
+# ---------------------------------------------------------------------------------------
+# The README's Layout is the import graph
+# ---------------------------------------------------------------------------------------
+
+
+def readme_layers() -> list[list[str]]:
+    """The layers of the README's Layout, top first: each a list of modules (`sweep/`: the
+    package and every module in it)."""
+    text = (PACKAGE.parent / "README.md").read_text()
+    layout = text.split("\n## Layout", 1)[1]
+    block = layout.split("checks every import of every\nmodule against it.", 1)[1].split("```")[1]
+    layers = []
+    for line in block.strip().splitlines():
+        names = []
+        for entry in line.split():
+            package = entry.endswith("/")
+            name = "memray." + entry.rstrip("/")
+            names += [m for m in MODULES if m == name or (package and m.startswith(name + "."))]
+        layers.append(names)
+    return layers
+
+
+def all_imports(path: Path) -> set[str]:
+    """Every module `path` imports, `if TYPE_CHECKING:` blocks included."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def package(name: str) -> str:
+    """`memray.sweep` for the modules of the sweep package (and the package itself); a
+    top-level module is its own."""
+    parts = name.split(".")
+    return ".".join(parts[:2])
+
+
+def test_the_readme_layout_lists_every_module_once():
+    listed = [name for layer in readme_layers() for name in layer]
+    assert sorted(listed) == sorted(m for m in MODULES if m != "memray"), "a module missing from the Layout, or twice"
+
+
+def test_imports_go_down_the_readme_layout_type_only_imports_included():
+    layer_of = {name: depth for depth, layer in enumerate(readme_layers()) for name in layer}
+    upward = []
+    for name, path in MODULES.items():
+        if name == "memray":
+            continue
+        for target in all_imports(path):
+            while target and target not in MODULES:
+                target = target.rpartition(".")[0]
+            if not target.startswith("memray.") or target == name:
+                continue
+            if package(name) != package(target) and layer_of[target] <= layer_of[name]:
+                upward.append(f"{name} imports {target}")
+    assert upward == []

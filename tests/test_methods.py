@@ -8,7 +8,8 @@ import torch
 from pydantic import TypeAdapter
 
 from memray import methods, models
-from memray.config import ConfigError, MethodConfig, ModelConfig, TrialConfig, validate
+from memray.config import ConfigError, MethodConfig, ModelConfig, TrialConfig
+from memray.files import validate
 from memray.distributed import ModelShape
 
 METHOD = TypeAdapter(MethodConfig)

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from memray import data, models
-from memray.config import MODEL_ALIASES, ConfigError, ModelConfig, validate
+from memray.config import MODEL_ALIASES, ConfigError, ModelConfig
+from memray.files import validate
 
 
 def model_config(**fields) -> ModelConfig:

@@ -212,7 +212,7 @@ DEMO = REPO / "sweeps" / "demo.yaml"
 
 
 def test_switching_the_method_by_override_takes_its_grid_settings_and_says_so():
-    from memray.config import load_trial
+    from memray.files import load_trial
 
     notes: list[str] = []
     config = load_trial(DEMO, ["method.name=lora", "method.rank=4", "train.epochs=3"], notes=notes)
@@ -223,7 +223,7 @@ def test_switching_the_method_by_override_takes_its_grid_settings_and_says_so():
 
 
 def test_switching_the_method_of_a_plain_trial_drops_what_the_new_method_lacks(tmp_path):
-    from memray.config import load_trial
+    from memray.files import load_trial
 
     path = tmp_path / "one.yaml"
     path.write_text("model: {name: tiny-gpt2}\nmethod: {name: prefix, virtual_tokens: 7, lr: 0.01}\n")
@@ -238,7 +238,8 @@ def test_switching_the_method_of_a_plain_trial_drops_what_the_new_method_lacks(t
 
 
 def test_a_key_of_another_method_names_that_method():
-    from memray.config import ConfigError, load_trial
+    from memray.config import ConfigError
+    from memray.files import load_trial
 
     with pytest.raises(ConfigError, match=r"method.rank: rank belongs to method lora.*method.name=lora"):
         load_trial(DEMO, ["method.rank=4"])

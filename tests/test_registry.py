@@ -9,7 +9,8 @@ import dataclasses
 import pytest
 
 from memray import attacks, cli, config, methods
-from memray.config import ConfigError, TrialConfig, validate_trial
+from memray.config import ConfigError, TrialConfig
+from memray.files import validate_trial
 
 
 def test_the_schema_and_the_cli_list_every_registered_method_and_attack():

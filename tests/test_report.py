@@ -22,7 +22,8 @@ import yaml
 from matplotlib import image
 
 from memray import metrics
-from memray.config import ConfigError, load_sweep
+from memray.config import ConfigError
+from memray.files import load_sweep
 from memray.report import build_report, label_variants, load_trials, report_command, sweep_uses_wandb
 from memray.results import TrialRecord, read_result, write_scores, write_table
 from memray.results import SWEEP_FILE, trial_names
@@ -468,7 +469,7 @@ def test_a_sweep_with_wandb_disabled_is_not_logged(built):
 def test_report_of_a_small_real_sweep(tmp_path):
     """Three real tiny trials of the demo grid (one epoch, a few samples): two finish, one
     fails at epoch 1; the other six cells are pending."""
-    from memray.config import apply_overrides, load_yaml
+    from memray.files import apply_overrides, load_yaml
     from memray.trial import run_trial
 
     sweep_dir = tmp_path / "demo"

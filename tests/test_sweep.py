@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from memray import sweep
-from memray.config import GPU_TYPES, ConfigError, ResourceRule, WandbConfig, load_sweep
+from memray.config import GPU_TYPES, ConfigError, ResourceRule, WandbConfig
+from memray.files import load_sweep
 from memray.sweep import trial_names
 
 from faults import clear_fault, inject_fault

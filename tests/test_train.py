@@ -8,7 +8,8 @@ import torch
 from pydantic import TypeAdapter
 
 from memray import methods, models, train
-from memray.config import MethodConfig, ModelConfig, TrainConfig, validate
+from memray.config import MethodConfig, ModelConfig, TrainConfig
+from memray.files import validate
 
 
 def tiny(name: str) -> torch.nn.Module:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from memray import models
-from memray.config import validate_trial
+from memray.files import validate_trial
 from memray.trial import run_trial
 
 ATTACKS = ["loss", "ref", "zlib", "mink", "mink++"]

@@ -47,7 +47,7 @@ What the numbers mean:
 - A model's size is the smallest base-parameter count any of its trials reports: a
   trial's `method_info.total_params`, less its `trainable_params` for PEFT methods (whose
   adapters, prefixes or prompts are added to the model). A model no trial has loaded yet
-  takes memray's approximate count (`memray.config.APPROX_PARAMS`).
+  takes memray's approximate count (`memray.catalogue.APPROX_PARAMS`).
 - *Findings* (`findings`): each claim of the two studies the grid can test, decided from
   the per-sample scores by a paired test (DeLong) on the shared split, over seeds; the
   rules are in `memray.report.findings`.

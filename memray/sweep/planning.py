@@ -15,17 +15,8 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from memray.config import (
-    APPROX_PARAMS,
-    UNKNOWN_PARAMS,
-    Cell,
-    ConfigError,
-    ResourceRule,
-    SweepConfig,
-    TrialConfig,
-    load_sweep,
-    parse_override,
-)
+from memray.config import APPROX_PARAMS, UNKNOWN_PARAMS, ConfigError, ResourceRule, SweepConfig, TrialConfig
+from memray.files import Cell, load_sweep, parse_override
 from memray.attacks import ATTACKS
 from memray.data import planned_members
 from memray.gguf_bases import is_gguf
@@ -371,7 +362,7 @@ def load_checked(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] 
 
 def resolved_sweep_yaml(sweep: SweepConfig, cells: list[Cell], source: str, overrides: dict[str, Any]) -> str:
     """The sweep file as it runs: a valid sweep file whose base has the overrides applied."""
-    from memray.config import apply_overrides
+    from memray.files import apply_overrides
 
     tree = sweep.model_dump(mode="json", exclude_defaults=True)
     tree["name"] = sweep.name

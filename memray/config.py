@@ -304,6 +304,16 @@ class TrialConfig(Schema):
         return re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(parts))
 
 
+class Cell(Schema):
+    """One grid cell of a sweep: its index, its axis values, and its resolved trial config
+    (`memray.files.expand_grid`). Defined here, beside the trial schema: sweep folders hold
+    it pickled (Ray Tune's experiment state) as `memray.config.Cell`."""
+
+    index: int
+    axes: dict[str, Any]
+    config: TrialConfig
+
+
 class ResourceRule(Schema):
     """Resources for the trials a rule matches; the first matching rule wins, and a trial no
     rule matches gets memray.sweep.planning's default for its model size and method.
@@ -429,7 +439,7 @@ class SweepConfig(Schema):
 
 #: What other modules import from here though a unit or the catalogue owns it.
 __all__ = ["APPROX_PARAMS", "ATTACKS", "BUILTIN_MODELS", "GPU_TYPES", "METHODS", "MODEL_ALIASES", "UNKNOWN_PARAMS",
-           "AttackConfig", "CanaryConfig", "ConfigError", "DataConfig", "DeepSpeedConfig", "DuplicatesConfig",
+           "AttackConfig", "CanaryConfig", "Cell", "ConfigError", "DataConfig", "DeepSpeedConfig", "DuplicatesConfig",
            "EvalConfig", "ExtractionConfig", "MethodConfig", "ModelConfig", "ReferenceConfig", "ResourceRule",
            "Schema", "SimilarityThresholds", "SweepConfig", "TrainConfig", "TrialConfig", "WandbConfig",
            "dataset_names", "default_dataset", "resolve_wandb_mode", "wandb_key_configured"]

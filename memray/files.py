@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from memray.config import SweepConfig, TrialConfig
+from memray.config import Cell, SweepConfig, TrialConfig
 from memray.methods import METHODS as METHOD_REGISTRY
 from memray.schema import ConfigError, Schema
 
@@ -199,14 +199,6 @@ def validate_trial(raw: dict[str, Any], source: str) -> TrialConfig:
 def is_sweep(tree: dict[str, Any]) -> bool:
     """A sweep file has `base` or `grid` at the top; anything else is a plain trial file."""
     return "base" in tree or "grid" in tree
-
-
-class Cell(Schema):
-    """One grid cell: its index, its axis values, and its resolved trial config."""
-
-    index: int
-    axes: dict[str, Any]
-    config: TrialConfig
 
 
 def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> tuple[SweepConfig, list[Cell]]:

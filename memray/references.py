@@ -36,8 +36,8 @@ import pandas as pd
 
 from memray import metrics, reference_attacks
 from memray.attacks import ATTACKS
-from memray.config import AttackConfig, TrialConfig
-from memray.files import Cell, validate_trial
+from memray.config import AttackConfig, Cell, TrialConfig
+from memray.files import validate_trial
 from memray.metric_keys import mia_prefix
 from memray.results import COUNTERFACTUAL_COLUMN, TrialRecord, scores_path, write_scores
 

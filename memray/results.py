@@ -47,7 +47,7 @@ import pandas as pd
 import yaml
 
 if TYPE_CHECKING:
-    from memray.files import Cell
+    from memray.config import Cell
 
 SWEEP_FILE = "sweep.yaml"
 STATE_FILE = "sweep.json"

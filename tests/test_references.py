@@ -260,7 +260,7 @@ def _synthetic_sweep(root, storage_uri: str | None):
     """Trial folders of a finished target and its two references, as a sweep leaves them
     (result.json, per-sample scores of epochs 0-1), without training anything: the target's
     members have a lower loss than the references that left them out."""
-    from memray.files import Cell
+    from memray.config import Cell
     from memray.references import sweep_cells
     from memray.results import trial_names
     from memray.sweep.context import SweepContext

@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 
 from memray import methods
-from memray.config import APPROX_PARAMS, ConfigError, SimilarityThresholds, SweepConfig
-from memray.files import Cell, load_sweep
+from memray.config import APPROX_PARAMS, Cell, ConfigError, SimilarityThresholds, SweepConfig
+from memray.files import load_sweep
 from memray.metric_keys import auc_labels, mia_prefix
 from memray.metrics import TPR_AT_FPR, bootstrap_aucs, percentile_interval, roc_points
 from memray.references import sweep_cells

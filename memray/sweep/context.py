@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, TextIO
 
-from memray.config import ConfigError, ResourceRule
-from memray.files import Cell
+from memray.config import Cell, ConfigError, ResourceRule
 from memray.results import ending_state, read_result
 from memray.sweep.storage import SweepFolder, TrialMirror
 from memray.sweep.wandb import WandbSettings, WandbTrial

@@ -15,8 +15,8 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from memray.config import APPROX_PARAMS, UNKNOWN_PARAMS, ConfigError, ResourceRule, SweepConfig, TrialConfig
-from memray.files import Cell, load_sweep, parse_override
+from memray.config import APPROX_PARAMS, UNKNOWN_PARAMS, Cell, ConfigError, ResourceRule, SweepConfig, TrialConfig
+from memray.files import load_sweep, parse_override
 from memray.attacks import ATTACKS
 from memray.data import planned_members
 from memray.gguf_bases import is_gguf

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from memray.config import ConfigError, SweepConfig
-from memray.files import Cell, is_sweep, load_sweep, load_yaml
+from memray.config import Cell, ConfigError, SweepConfig
+from memray.files import is_sweep, load_sweep, load_yaml
 from memray.results import CHECKPOINTS_DIR, RESULT_FILE, STATE_FILE, SWEEP_FILE, TRIALS_DIR
 
 DEFAULT_STORAGE = "results"  # relative to where `memray run` starts

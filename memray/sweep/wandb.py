@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from memray.files import Cell
+from memray.config import Cell
 from memray.metric_keys import auc_labels, mia_key
 from memray.results import NOT_CONFIGURATION, config_key
 

@@ -80,6 +80,7 @@ from memray.train import TokenDataset, fit
 
 SECTIONS = ("scoring", "training", "sweep", "reference_cache")
 
+
 def scored_attacks() -> tuple[str, ...]:
     """Attacks both scorers compute from the target model's statistics alone: every
     registered one but those reading a reference model (`needs_reference`: its cost is the

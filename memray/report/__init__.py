@@ -125,6 +125,7 @@ def build_report(sweep_dir: Path, out_dir: Path | None = None, *, wandb: bool = 
     resamples for the AUC intervals (0: none). A folder that does not exist, or holds
     neither trial results nor a sweep.yaml, is a ConfigError.
     """
+    shown = Path(sweep_dir)  # as given: the report names the folder as its reader knows it
     sweep_dir = Path(sweep_dir).expanduser().resolve()
     if not sweep_dir.is_dir():
         raise ConfigError(str(sweep_dir), "", "no such folder")
@@ -199,8 +200,8 @@ def build_report(sweep_dir: Path, out_dir: Path | None = None, *, wandb: bool = 
     }
     (out_dir / "report.json").write_text(json.dumps(jsonable(report), indent=1, allow_nan=False))
     path = out_dir / "report.md"
-    path.write_text(markdown(name, sweep_dir, out_dir, trials, tables, figures, notes))
-    (out_dir / HTML_FILE).write_text(html_report(name, sweep_dir, status_counts(trials), tables, figures, notes))
+    path.write_text(markdown(name, shown, out_dir, trials, tables, figures, notes))
+    (out_dir / HTML_FILE).write_text(html_report(name, shown, status_counts(trials), tables, figures, notes))
     return path
 
 

@@ -3,7 +3,8 @@
 Each method is one module of this package holding its config section (a `MethodSchema`
 subclass: the keys a user writes under `method:`), the function that applies it, and one
 `register(MethodSpec(...))` line with its default learning rate, planning cost and family
-(`METHOD_FAMILIES`: parameter-based or prompt-based, as the studies group them). Every
+(`METHOD_FAMILIES`: parameter-based or prompt-based, as the studies group them), and
+whether it can train under DP-SGD (`dp_refusal`: None, or the reason it cannot). Every
 module here whose name does not start with `_` is imported below, so a new method is a new
 file: the trial schema (`memray.config`), the sweep's planning, `memray bench` and the CLI
 take their lists from `METHODS`. PEFT does the work where it can.
@@ -75,6 +76,10 @@ class MethodSpec:
     peft: bool  # True: checkpoints hold adapter weights only
     family: str  # one of METHOD_FAMILIES: the report colours and groups methods by it
     check: Check | None = None  # pre-flight on the model's skeleton; None: fits every causal LM
+    # DP-SGD (train.dp): f(method config) -> None where Opacus computes the per-sample gradients
+    # of what the method trains (tests/test_privacy.py checks them against a hand-written step
+    # for every method it accepts), else why that config is refused; None: accepted throughout
+    dp_refusal: "Callable[[Any], str | None] | None" = None
 
 
 METHODS: Registry[MethodSpec] = Registry("method")

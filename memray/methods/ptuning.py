@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field
 
 from memray.methods import MethodSchema, MethodSpec, register
-from memray.methods._modules import peft_model
+from memray.methods._modules import SOFT_PROMPT_DP_REFUSAL, peft_model
 
 if TYPE_CHECKING:
     import torch
@@ -34,4 +34,5 @@ def apply(model: "PreTrainedModel", method: PtuningMethod, source: str) -> "tupl
 
 
 # 1e-3: like prefix tuning, fresh parameters behind an encoder that smooths their updates.
-register(MethodSpec("ptuning", PtuningMethod, apply, default_lr=1e-3, train_pass_cost=2.5, peft=True, family="prompt"))
+register(MethodSpec("ptuning", PtuningMethod, apply, default_lr=1e-3, train_pass_cost=2.5, peft=True, family="prompt",
+                     dp_refusal=lambda method: SOFT_PROMPT_DP_REFUSAL))

@@ -111,6 +111,10 @@ def check_rules(rules: list[ResourceRule], cells: list[Cell], source: str) -> No
     for cell in cells:
         index, rule = next(((i, r) for i, r in enumerate(rules) if rule_matches(r, cell.config)), (None, None))
         workers = rule.workers if rule else 1
+        if workers > 1 and cell.config.train.dp is not None:
+            raise ConfigError(source, f"resources.{index}.workers",
+                              f"grid cell {cell.index} sets train.dp: DP-SGD runs in one process (Opacus does not "
+                              "run under DeepSpeed ZeRO, which multi-worker trials use); give it workers: 1")
         if workers > 1 and cell.config.method.name != "full":
             raise ConfigError(source, f"resources.{index}.workers",
                               f"grid cell {cell.index} uses method {cell.config.method.name}: multi-worker trials "

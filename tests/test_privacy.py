@@ -1,0 +1,171 @@
+"""DP-SGD (memray.dp) and the empirical epsilon (memray.privacy): a DP step equals a
+hand-written one (per-sample gradients by one backward pass per text, clipped, summed,
+noised from the seeded generator), for every method DP accepts; the spent epsilon equals
+dp-accounting's RDP accountant; the audit's bound never exceeds the epsilon of a mechanism
+of known epsilon and comes close to it with enough samples; train.dp is validated."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from pydantic import TypeAdapter
+
+from memray import dp, methods, models, privacy
+from memray.config import ConfigError, DPConfig, MethodConfig, ModelConfig, validate, validate_trial
+
+
+def randomized_response(epsilon: float, members: int, nonmembers: int, rng: np.random.Generator):
+    """(scores, is_member) of an epsilon-DP mechanism: each record reports its membership
+    truthfully with probability e^eps / (1 + e^eps)."""
+    truthful = math.exp(epsilon) / (1 + math.exp(epsilon))
+    is_member = np.r_[np.ones(members, bool), np.zeros(nonmembers, bool)]
+    flip = rng.random(members + nonmembers) >= truthful
+    return (is_member ^ flip).astype(np.float64), is_member
+
+
+@pytest.mark.parametrize("epsilon", [0.5, 1.0, 2.0, 4.0])
+def test_audit_bound_never_exceeds_a_known_epsilon(epsilon):
+    rng = np.random.default_rng(int(epsilon * 10))
+    for _ in range(30):
+        scores, is_member = randomized_response(epsilon, 500, 500, rng)
+        noise = rng.normal(size=len(scores))  # a second, useless attack: the bound takes the best
+        bound = privacy.epsilon_lower_bound({"rr": scores, "noise": noise}, is_member, delta=1e-5)
+        assert 0 <= bound.epsilon_lb <= epsilon
+        assert bound.epsilon_lb <= bound.ceiling
+
+
+@pytest.mark.parametrize("epsilon", [1.0, 2.0])
+def test_audit_bound_comes_within_half_of_a_known_epsilon_with_enough_samples(epsilon):
+    scores, is_member = randomized_response(epsilon, 50_000, 50_000, np.random.default_rng(0))
+    bound = privacy.epsilon_lower_bound({"rr": scores}, is_member, delta=1e-5)
+    assert epsilon - 0.5 < bound.epsilon_lb <= epsilon
+    assert bound.attack == "rr"
+
+
+def test_audit_ceiling_is_the_perfect_attacks_bound():
+    is_member = np.r_[np.ones(100, bool), np.zeros(100, bool)]
+    perfect = privacy.epsilon_lower_bound({"a": is_member.astype(float)}, is_member, delta=0.0)
+    assert perfect.epsilon_lb == pytest.approx(perfect.ceiling)
+    alpha = 0.05 / (2 * perfect.candidates)  # Bonferroni: 2 rates x the thresholds tried
+    upper = 1 - alpha ** (1 / 100)  # Clopper-Pearson's upper bound of 0 out of 100
+    assert perfect.ceiling == pytest.approx(math.log((1 - upper) / upper))
+    blind = privacy.epsilon_lower_bound({"a": np.zeros(200)}, is_member, delta=0.0)
+    assert blind.epsilon_lb == 0 and blind.attack is None
+
+
+def test_spent_epsilon_equals_dp_accountings_rdp_accountant():
+    import dp_accounting
+    from dp_accounting import rdp
+
+    plan = dp.calibrate(DPConfig(epsilon=4.0, delta=1e-5), texts=1000, batch_size=50, epochs=3)
+    accountant = dp.make_accountant(DPConfig(epsilon=4.0, delta=1e-5))
+    for _ in range(plan.steps):
+        accountant.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
+    spent = dp.spent_epsilon(accountant, plan.delta)
+    assert spent == pytest.approx(4.0, abs=0.02)  # calibrated to spend the target at the last step
+
+    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))  # Opacus's default orders
+    google = rdp.RdpAccountant(orders)
+    event = dp_accounting.PoissonSampledDpEvent(plan.sample_rate, dp_accounting.GaussianDpEvent(plan.noise_multiplier))
+    google.compose(dp_accounting.SelfComposedDpEvent(event, plan.steps))
+    assert spent == pytest.approx(google.get_epsilon(plan.delta), rel=0.01)
+
+
+def tiny_with(name: str, spec: dict) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = models.load_model(validate(ModelConfig, {"name": name, "pretrained": False}, "test", "model"))
+    wrapped, _ = methods.apply_method(model, TypeAdapter(MethodConfig).validate_python(spec))
+    for module in wrapped.modules():  # dropout off: the per-text backward passes must see the same function
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return wrapped.train()
+
+
+#: one config per method (and DoRA), from the registry: a new method gets a row by itself
+DP_SPECS = [(name, {"name": name, **({"virtual_tokens": 4} if "virtual_tokens" in methods.METHODS[name].config.model_fields
+                                     else {}), **({"rank": 4, "placement": "both"} if "rank" in methods.METHODS[name].config.model_fields else {})})
+            for name in methods.METHODS] + [("dora", {"name": "lora", "rank": 4, "dora": True})]
+
+
+def dp_accepts(spec: dict) -> bool:
+    refuse = methods.METHODS[spec["name"]].dp_refusal
+    return refuse is None or refuse(TypeAdapter(MethodConfig).validate_python(spec)) is None
+
+
+#: every method DP accepts, on the model layouts memray supports (GPT-2's Conv1D, Llama's Linear)
+DP_CASES = [(model, spec) for model in ("tiny-gpt2", "tiny-llama") for _, spec in DP_SPECS if dp_accepts(spec)]
+
+
+def case_id(value):
+    return value if isinstance(value, str) else "-".join(f"{v}" for v in value.values())
+
+
+@pytest.mark.parametrize("model_name, spec", DP_CASES, ids=case_id)
+def test_a_dp_step_equals_a_hand_written_one(model_name, spec):
+    from opacus import GradSampleModule
+
+    generator = torch.Generator().manual_seed(1)
+    lengths = [12, 9, 5]
+    ids = torch.randint(1, 4000, (3, 12), generator=generator)
+    attention = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        attention[row, :length] = 1
+    # by hand: one backward pass per text, its gradient clipped, the sum noised, divided by the expected batch
+    reference = tiny_with(model_name, spec)
+    ref_parameters = [p for p in reference.parameters() if p.requires_grad]
+    per_text = []
+    for row, length in enumerate(lengths):
+        reference.zero_grad()
+        dp.text_losses(reference, ids[row:row + 1, :length], attention[row:row + 1, :length]).sum().backward()
+        per_text.append([p.grad.detach().clone() for p in ref_parameters])
+    norms = [float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads))) for grads in per_text]
+    clip = 0.5 * min(norms) + 0.5 * max(norms)  # binds on some texts, not on others
+    total = [torch.zeros_like(p) for p in ref_parameters]
+    for grads, norm in zip(per_text, norms):
+        total = [t + min(1.0, clip / (norm + 1e-6)) * g for t, g in zip(total, grads)]
+    noise = torch.Generator().manual_seed(7)
+    expected = [(t + torch.normal(0.0, 0.7 * clip, t.shape, generator=noise)) / 4 for t in total]
+
+    plan = dp.DPPlan(1.0, 1e-5, "test", clip=clip, noise_multiplier=0.7, sample_rate=0.5, steps_per_epoch=1, steps=1,
+                     accountant="test")
+    model = tiny_with(model_name, spec)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in parameters]
+    sampled = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    dp.text_losses(sampled, ids, attention).sum().backward()
+    summed = dp.clipped_sum(parameters, plan.clip)
+    dp.dp_step(parameters, summed, plan, expected_batch=4, generator=torch.Generator().manual_seed(7))
+    got = [p.grad.clone() for p in parameters]
+    sampled._close()
+    for grad, want in zip(got, expected):
+        # float32 sums in another order: equal to 1e-5 of the gradient's scale
+        torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    assert all(torch.equal(b, p) for b, p in zip(before, parameters))  # a step sets gradients, moves nothing yet
+
+
+def test_train_dp_is_validated_and_refused_where_it_cannot_be_private():
+    base = {"train": {"dp": {"epsilon": 1}}}
+    assert validate_trial(base, "x.yaml").train.dp.clip == 1.0
+    with pytest.raises(ConfigError, match=r"x.yaml: train.dp.epsilon: .*greater than 0"):
+        validate_trial({"train": {"dp": {"epsilon": 0}}}, "x.yaml")
+    with pytest.raises(ConfigError, match=r"train.dp.epsilon: required"):
+        validate_trial({"train": {"dp": {"clip": 1}}}, "x.yaml")
+    with pytest.raises(ConfigError, match=r"train: dp: grad_accum 2 is refused"):
+        validate_trial({"train": {"dp": {"epsilon": 1}, "grad_accum": 2}}, "x.yaml")
+    with pytest.raises(ConfigError, match=r"train: dp: train.deepspeed is refused"):
+        validate_trial({"train": {"dp": {"epsilon": 1}, "deepspeed": {}}}, "x.yaml")
+    refused = [spec for _, spec in DP_SPECS if not dp_accepts(spec)]
+    assert refused  # the methods Opacus cannot do (tests/test_privacy.py's cases say which)
+    for spec in refused:
+        with pytest.raises(ConfigError, match=rf"train.dp: method {spec['name']} is refused under DP-SGD: \w"):
+            validate_trial({**base, "method": spec}, "x.yaml")
+
+
+def test_trial_ids_without_dp_are_unchanged():
+    plain = validate_trial({}, "x.yaml")
+    explicit = validate_trial({"train": {"dp": None}}, "x.yaml")
+    assert plain.trial_id() == explicit.trial_id()
+    assert validate_trial({"train": {"dp": {"epsilon": 1}}}, "x.yaml").trial_id() != plain.trial_id()

@@ -548,6 +548,8 @@ class TrialConfig(Schema):
         """Readable trial name: model, method and its main knobs, dataset, seed, id."""
         parts = [self.model.name.rstrip("/").split("/")[-1], self.method.slug(),
                  self.data.dataset, f"s{self.seed}", self.trial_id()]
+        if self.train.dp is not None:  # DP-SGD: its target epsilon
+            parts.insert(-2, f"dp{self.train.dp.epsilon:g}")
         if self.reference is not None:  # a reference model of lira / rmia
             parts.insert(-1, f"ref{self.reference.index}")
         return re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(parts))

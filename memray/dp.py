@@ -63,7 +63,7 @@ ACCOUNTANT_NAMES = {"rdp": "opacus RDPAccountant (Renyi DP of the Poisson-subsam
 
 def calibrate(dp: DPConfig, texts: int, batch_size: int, epochs: int) -> DPPlan:
     """The noise multiplier that spends `dp.epsilon` in `epochs` epochs over `texts` texts with
-    an expected batch of `batch_size` (Opacus's `get_noise_multiplier`, to 0.01 of epsilon)."""
+    an expected batch of `batch_size` (Opacus's `get_noise_multiplier`, to 0.001 below epsilon)."""
     from opacus.accountants.utils import get_noise_multiplier
 
     sample_rate = min(1.0, batch_size / texts)
@@ -72,7 +72,7 @@ def calibrate(dp: DPConfig, texts: int, batch_size: int, epochs: int) -> DPPlan:
     rule = "train.dp.delta" if dp.delta is not None else f"1 / (10 x {texts} training texts)"
     steps = steps_per_epoch * epochs
     sigma = (get_noise_multiplier(target_epsilon=dp.epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps,
-                                  accountant=dp.accountant, epsilon_tolerance=0.01) if steps else 0.0)
+                                  accountant=dp.accountant, epsilon_tolerance=0.001) if steps else 0.0)
     return DPPlan(dp.epsilon, delta, rule, dp.clip, float(sigma), sample_rate, steps_per_epoch, steps,
                   ACCOUNTANT_NAMES[dp.accountant])
 

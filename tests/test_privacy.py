@@ -6,6 +6,7 @@ of known epsilon and comes close to it with enough samples; train.dp is validate
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -169,3 +170,61 @@ def test_trial_ids_without_dp_are_unchanged():
     explicit = validate_trial({"train": {"dp": None}}, "x.yaml")
     assert plain.trial_id() == explicit.trial_id()
     assert validate_trial({"train": {"dp": {"epsilon": 1}}}, "x.yaml").trial_id() != plain.trial_id()
+
+
+def dp_trial(tmp_path, method: dict, epochs: int = 2, **train):
+    return validate_trial({
+        "seed": 0, "output_dir": str(tmp_path), "model": {"name": "tiny-gpt2"},
+        "data": {"dataset": "pydoc", "max_length": 64, "members": 32, "nonmembers": 32, "validation": 16},
+        "method": method, "train": {"epochs": epochs, "batch_size": 8, "dp": {"epsilon": 2.0}, **train},
+        "eval": {"batch_size": 32}, "attacks": ["loss", "zlib"]}, "test")
+
+
+def test_a_lora_dp_trial_spends_its_epsilon_and_resumes_with_its_accountant_and_sampler(tmp_path):
+    from memray.results import CHECKPOINTS_DIR
+    from memray.trial import run_trial
+
+    config = dp_trial(tmp_path, {"name": "lora", "rank": 4, "lr": 0.01})
+    models.load_model(config.model)  # the tiny base pretrained and cached first: its pretraining draws random numbers
+    whole = run_trial(config, trial_dir=tmp_path / "whole", progress=False)
+    record = json.loads((tmp_path / "whole" / "result.json").read_text())
+    plan = record["dp"]
+    assert plan["steps"] == 2 * plan["steps_per_epoch"] == 2 * math.ceil(32 / 8) and plan["sample_rate"] == 8 / 32
+    assert plan["delta"] == pytest.approx(1 / 320) and "RDP" in plan["accountant"] and plan["noise_multiplier"] > 0
+    spent = [row["privacy/epsilon"] for row in record["epochs"]]
+    assert spent[0] == 0 < spent[1] < spent[2] and spent[2] == pytest.approx(2.0, abs=0.002)
+    assert all(0 <= row["privacy/epsilon_lb"] <= row["privacy/epsilon_lb_ceiling"] for row in record["epochs"])
+    assert all(row["privacy/epsilon_lb"] <= max(row["privacy/epsilon"], 0) for row in record["epochs"])
+    trained = torch.load(next((tmp_path / "whole" / CHECKPOINTS_DIR).glob("checkpoint-*")) / "trained.pt")
+    lora_b = [value for name, value in trained.items() if "lora_B" in name]
+    assert lora_b and all(value.abs().sum() > 0 for value in lora_b)  # B starts at zero: DP steps moved it
+
+    def crash_after_epoch_1(metrics, checkpoint):
+        if metrics["epoch"] == 1:
+            raise RuntimeError("injected fault")
+
+    with pytest.raises(RuntimeError, match="injected fault"):
+        run_trial(config, crash_after_epoch_1, trial_dir=tmp_path / "resumed", progress=False)
+    resumed = run_trial(config, trial_dir=tmp_path / "resumed", progress=False)
+    for key in ("train/loss", "val/loss", "privacy/epsilon", "mia/loss/auc"):
+        assert resumed[key] == pytest.approx(whole[key], rel=1e-6), key
+
+
+def test_dp_refusals_come_before_any_model_loads(tmp_path):
+    from memray.config import load_sweep
+    from memray.sweep.planning import check_rules
+
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\nbase: {train: {dp: {epsilon: 1}}}\nresources: [{workers: 2, cpus_per_worker: 1}]\n")
+    sweep, cells = load_sweep(path)
+    with pytest.raises(ConfigError, match=r"resources.0.workers: .*train.dp: DP-SGD runs in one process"):
+        check_rules(sweep.resources, cells, str(path))
+
+
+def test_references_train_under_their_targets_dp():
+    from memray.references import reference_configs
+
+    target = validate_trial({"train": {"dp": {"epsilon": 4}}, "attacks": ["loss", {"name": "lira", "references": 4}]},
+                            "x.yaml")
+    references = reference_configs(target)
+    assert len(references) == 4 and all(r.train.dp == target.train.dp for r in references)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ import torch
 
 from memray.config import DPConfig, TrainConfig
 from memray.privacy import default_delta
+from memray.train import EpochEnd, TrainingDiverged, saved_checkpoints, use_bf16
 
 DP_STATE_FILE = "dp_state.pt"
 WEIGHTS_FILE = "trained.pt"
@@ -147,8 +149,6 @@ def _save(directory: Path, state: _DPState, model: torch.nn.Module, names: list[
     (partial / "trainer_state.json").write_text(json.dumps({"epoch": float(state.epoch), "global_step": state.step}))
     shutil.rmtree(checkpoint, ignore_errors=True)
     partial.rename(checkpoint)
-    from memray.train import saved_checkpoints
-
     for old in saved_checkpoints(directory)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return checkpoint
@@ -163,8 +163,7 @@ def fit_dp(model: torch.nn.Module, tokenizer, train_ids: list[list[int]], train:
     from opacus import GradSampleModule
     from transformers import DataCollatorForLanguageModeling, get_scheduler
 
-    from memray.train import EpochEnd, TrainingDiverged, use_bf16
-
+    os.makedirs(checkpoints_dir, exist_ok=True)
     device = next(model.parameters()).device
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     parameters = [p for p in model.parameters() if p.requires_grad]

@@ -33,7 +33,6 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from memray.config import TrainConfig
-from memray.dp import DPPlan, fit_dp
 from memray.models import transforms_logits_after_head
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -259,7 +258,6 @@ def fit(
     progress: bool = True,
     deepspeed: dict | None = None,
     gradient_checkpointing: bool = False,
-    dp_plan: DPPlan | None = None,
 ) -> None:
     """Train `model` on `train_ids` for `train.epochs` epochs.
 
@@ -269,15 +267,10 @@ def fit(
     `deepspeed`: a DeepSpeed config (memray.distributed.deepspeed_config) when this is one
     worker of a data-parallel trial; torch.distributed must already be set up.
     `gradient_checkpointing`: recompute activations in the backward pass.
-    `dp_plan` (with `train.dp`): DP-SGD in memray's own loop (`memray.dp.fit_dp`), same contract.
+    A trial with `train.dp` trains with `memray.dp.fit_dp` instead (the same contract).
     """
     if train.dp is not None:
-        if dp_plan is None or deepspeed is not None:
-            raise ValueError("train.dp needs its DPPlan (memray.dp.calibrate) and a single-process trial")
-        os.makedirs(checkpoints_dir, exist_ok=True)
-        fit_dp(model, tokenizer, train_ids, train, dp_plan, lr=lr, seed=seed, checkpoints_dir=checkpoints_dir,
-               evaluate=evaluate, on_epoch_end=on_epoch_end, resume_from=resume_from)
-        return
+        raise ValueError("train.dp: DP-SGD trains with memray.dp.fit_dp, not the Trainer")
     saving = train.checkpoints
     on_gpu = torch.cuda.is_available()
     args = TrainingArguments(

@@ -358,11 +358,16 @@ class TrialRun:
         epochs = self.config.train.epochs
         if epochs > 0 and (resume_from is None or _checkpoint_epoch(resume_from) < epochs):
             self.epoch_started = time.perf_counter()
-            fit(self.model, self.tokenizer, self.train_ids, self.config.train, lr=self.info.lr, seed=self.train_seed,
-                checkpoints_dir=self.record.trial_dir / CHECKPOINTS_DIR, evaluate=self.after_training_epoch,
-                on_epoch_end=self.epoch_saved, resume_from=resume_from, progress=self.progress,
-                deepspeed=self.deepspeed, gradient_checkpointing=bool(self.zero and self.zero.activation_checkpointing),
-                dp_plan=self.dp_plan)
+            if self.dp_plan is not None:  # DP-SGD: memray's own loop (Poisson sampling, per-sample clipping, noise)
+                dp.fit_dp(self.model, self.tokenizer, self.train_ids, self.config.train, self.dp_plan, lr=self.info.lr,
+                          seed=self.train_seed, checkpoints_dir=self.record.trial_dir / CHECKPOINTS_DIR,
+                          evaluate=self.after_training_epoch, on_epoch_end=self.epoch_saved, resume_from=resume_from)
+            else:
+                fit(self.model, self.tokenizer, self.train_ids, self.config.train, lr=self.info.lr, seed=self.train_seed,
+                    checkpoints_dir=self.record.trial_dir / CHECKPOINTS_DIR, evaluate=self.after_training_epoch,
+                    on_epoch_end=self.epoch_saved, resume_from=resume_from, progress=self.progress,
+                    deepspeed=self.deepspeed,
+                    gradient_checkpointing=bool(self.zero and self.zero.activation_checkpointing))
         return dict(self.record.epochs[-1])
 
 

@@ -181,7 +181,9 @@ def memory_estimate(config: TrialConfig, rule: ResourceRule, shape: Any) -> Any:
                            offload_optimizer=bool(zero and zero.offload_optimizer),
                            offload_params=bool(zero and zero.offload_params), batch_size=config.train.batch_size,
                            seq_len=config.data.max_length, bf16=bf16,
-                           activation_checkpointing=bool(zero and zero.activation_checkpointing))
+                           activation_checkpointing=bool(zero and zero.activation_checkpointing),
+                           # DP-SGD keeps a gradient per text of a chunk of batch_size texts
+                           per_sample_gradients=config.train.batch_size if config.train.dp else 0)
 
 
 def gpu_budget_gb(rule: ResourceRule) -> float | None:

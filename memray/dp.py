@@ -25,6 +25,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -205,7 +206,10 @@ def fit_dp(model: torch.nn.Module, tokenizer, train_ids: list[list[int]], train:
                     batch = collator([{"input_ids": train_ids[i]} for i in chosen[start:start + train.batch_size]])
                     with autocast:
                         per_text = text_losses(sampled, batch["input_ids"].to(device), batch["attention_mask"].to(device))
-                    per_text.sum().backward()
+                    with warnings.catch_warnings():
+                        # Opacus's backward hooks on a frozen first layer (LoRA, head): harmless, said once a step
+                        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                        per_text.sum().backward()
                     losses.extend(per_text.detach().float().cpu().tolist())
                     chunk = clipped_sum(parameters, plan.clip)
                     summed = chunk if summed is None else [a + b for a, b in zip(summed, chunk)]

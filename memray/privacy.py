@@ -1,5 +1,6 @@
 """Empirical privacy: a lower bound on the epsilon a trial's training satisfies, measured
-from its membership-inference scores (every trial, DP or not: `privacy/epsilon_lb`).
+from its membership-inference scores (every trial, DP or not: `privacy/epsilon_lb`) and
+from its canaries (`privacy/epsilon_lb_canary`).
 
 If training is (epsilon, delta)-DP, then for any test "member or not" on one record,
 FPR + e^epsilon FNR >= 1 - delta and FNR + e^epsilon FPR >= 1 - delta (Kairouz, Oh,
@@ -16,6 +17,10 @@ bound, the confidence is split over every candidate threshold of every attack an
 (Bonferroni): each upper bound is one-sided at (1 - level) / (2 x candidates). The ceiling
 is the bound the same counts would give to a perfect attack (FP = FN = 0): no attack on so
 few records can show a larger epsilon, however private or not the training is.
+
+The canaries' bound (`canary_epsilon_lower_bound`) is the one-run audit of Steinke, Nasr
+and Jagielski 2023: guesses on the canaries of the highest and lowest scores, tested
+against the accuracy that (epsilon, delta)-DP allows.
 
 Only records trained on once enter (members with one copy; non-members): a record with k
 copies is protected by group privacy, at k x epsilon, and would let a correct bound exceed
@@ -114,3 +119,74 @@ def default_delta(training_texts: int) -> float:
     (0, 1/N)-DP, so a meaningful delta is well below 1/N; a tenth is the usual margin."""
     return 1.0 / (10 * max(training_texts, 1))
 
+
+
+# ---------------------------------------------------------------------------------------
+# The one-run audit of canaries (Steinke, Nasr, Jagielski 2023, "Privacy Auditing with One (1)
+# Training Run", NeurIPS, arXiv 2305.08846)
+# ---------------------------------------------------------------------------------------
+
+#: Guesses of the canary audit, each a share of the canaries guessed at each end (the highest
+#: scores guessed "in", as many of the lowest "out"); the bound is the best of these, Bonferroni
+#: over them. Fixed in advance, as the paper's k+ and k- are.
+CANARY_GUESS_SHARES = (0.1, 0.25, 0.5)
+
+
+def one_run_p_value(canaries: int, guesses: int, correct: int, epsilon: float, delta: float) -> float:
+    """The probability of at least `correct` right guesses out of `guesses` (of `canaries`
+    canaries, each in or out with probability 1/2) under an (epsilon, delta)-DP training
+    (Steinke et al. 2023, Theorem 3.3 / their Algorithm: the binomial tail of epsilon-DP
+    randomized response's accuracy, plus 2 m delta times the largest mean of its lower tail)."""
+    accuracy = 1 / (1 + np.exp(-epsilon))
+    tail = float(stats.binom.sf(correct - 1, guesses, accuracy))
+    below = np.cumsum(stats.binom.pmf(correct - np.arange(1, correct + 1), guesses, accuracy))
+    spread = float(np.max(below / np.arange(1, correct + 1))) if correct else 0.0
+    return min(1.0, tail + 2 * canaries * delta * spread)
+
+
+def one_run_epsilon(canaries: int, guesses: int, correct: int, delta: float, alpha: float) -> float:
+    """The largest epsilon that the counts reject at level `alpha` (0 when none): bisection on
+    `one_run_p_value`, which grows with epsilon."""
+    if not guesses or one_run_p_value(canaries, guesses, correct, 0.0, delta) >= alpha:
+        return 0.0
+    low, high = 0.0, 1.0
+    while one_run_p_value(canaries, guesses, correct, high, delta) < alpha and high < 100:
+        low, high = high, 2 * high
+    for _ in range(40):
+        middle = (low + high) / 2
+        low, high = (middle, high) if one_run_p_value(canaries, guesses, correct, middle, delta) < alpha else (low, middle)
+    return low
+
+
+def canary_epsilon_lower_bound(scores: np.ndarray, inserted: np.ndarray, delta: float,
+                               level: float = AUDIT_LEVEL) -> tuple[float, float]:
+    """(epsilon lower bound, ceiling) of the one-run audit: for each share of
+    `CANARY_GUESS_SHARES`, the canaries of the highest scores (higher = inserted) guessed in and
+    as many of the lowest guessed out; the best bound, at confidence `level` split over the
+    shares. The ceiling: the bound if every guess of the largest share were right."""
+    scores, inserted = np.asarray(scores, dtype=np.float64), np.asarray(inserted, dtype=bool)
+    count = len(scores)
+    # ties in a random order: an order that followed the canaries' own (inserted ones first)
+    # would guess from the order, not from the scores
+    shuffled = np.random.default_rng(0).permutation(count)
+    order = shuffled[np.argsort(-scores[shuffled], kind="stable")]
+    alpha = (1 - level) / len(CANARY_GUESS_SHARES)
+    best, ceiling = 0.0, 0.0
+    for share in CANARY_GUESS_SHARES:
+        each = int(share * count)
+        if each < 1:
+            continue
+        correct = int(inserted[order[:each]].sum() + (~inserted[order[count - each:]]).sum())
+        best = max(best, one_run_epsilon(count, 2 * each, correct, delta, alpha))
+        ceiling = max(ceiling, one_run_epsilon(count, 2 * each, 2 * each, delta, alpha))
+    return best, ceiling
+
+
+def canary_audit_rule(level: float = AUDIT_LEVEL) -> str:
+    """How `privacy/epsilon_lb_canary` is computed, in words (recorded in result.json)."""
+    shares = ", ".join(f"{share:g}" for share in CANARY_GUESS_SHARES)
+    return (f"one-run audit (Steinke, Nasr, Jagielski 2023) on the single-copy inserted canaries and the held-out "
+            f"ones, scored by exposure: the top and bottom {shares} of them guessed in and out; {level:.0%} confidence, "
+            "Bonferroni over the shares. memray inserts a fixed number of canaries whose secrets are drawn "
+            "independently (which ones are inserted is a uniformly random subset), where the paper includes each "
+            "independently with probability 1/2")

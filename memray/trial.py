@@ -237,7 +237,8 @@ class TrialRun:
         # the delta the empirical epsilon tests: the trial's own under DP, else the default rule's
         self.audit_delta = self.dp_plan.delta if self.dp_plan else privacy.default_delta(len(self.train_ids))
         record.update(privacy_audit={"method": privacy.audit_rule(), "confidence": privacy.AUDIT_LEVEL,
-                                     "delta": self.audit_delta})
+                                     "delta": self.audit_delta,
+                                     **({"canaries": privacy.canary_audit_rule()} if self.canaries else {})})
         self.tokens_per_epoch = sum(len(ids) for ids in self.train_ids)
         self.flops_per_token = flops.train_flops_per_token(config.method.name, n_matmul, self.info.trainable_params,
                                                            n_head, self.model.config, flops.mean_context(self.train_ids))
@@ -287,6 +288,7 @@ class TrialRun:
             exposed, rows = extraction.canary_metrics(config.data.canaries, model, self.tokenizer, self.canaries,
                                                       seed=config.seed, batch_size=self.eval_batch)
             found.update(exposed)
+            found.update(_canary_epsilon_bound(rows, self.audit_delta))
             measurement.tables["canaries"] = pd.DataFrame(rows)
         model.train(was_training)
         return measurement
@@ -457,6 +459,18 @@ def _duplicate_aucs(label: str, scores: np.ndarray, is_member: np.ndarray, copie
         labels = np.concatenate([np.ones(len(chosen), bool), np.zeros(len(nonmember_scores), bool)])
         out[f"mia/{label}/auc@dup{level}"] = metrics.roc_auc(values, labels)
     return out
+
+
+def _canary_epsilon_bound(rows: list[dict[str, Any]], delta: float) -> dict[str, float]:
+    """`privacy/epsilon_lb_canary` and its ceiling: the one-run audit on the canaries inserted
+    once and the never-inserted ones (canaries with several copies left out: group privacy);
+    nothing when either kind is missing (data.canaries.repeats without 1, or no heldout)."""
+    chosen = [row for row in rows if row["repeats"] <= 1]
+    inserted = np.array([row["repeats"] == 1 for row in chosen], dtype=bool)
+    if not inserted.any() or inserted.all():
+        return {}
+    bound, ceiling = privacy.canary_epsilon_lower_bound(np.array([row["exposure"] for row in chosen]), inserted, delta)
+    return {"privacy/epsilon_lb_canary": bound, "privacy/epsilon_lb_canary_ceiling": ceiling}
 
 
 def _peak_memory_gb() -> float:

@@ -57,6 +57,24 @@ def test_audit_ceiling_is_the_perfect_attacks_bound():
     assert blind.epsilon_lb == 0 and blind.attack is None
 
 
+def test_canary_one_run_audit_holds_and_comes_close_on_a_known_epsilon():
+    def canaries(epsilon, count, rng):
+        inserted = rng.random(count) < 0.5  # each in with probability 1/2, as the paper's analysis assumes
+        truthful = math.exp(epsilon) / (1 + math.exp(epsilon))
+        scores = np.where(rng.random(count) < truthful, inserted, ~inserted) + 1e-9 * rng.random(count)
+        return scores, inserted
+
+    rng = np.random.default_rng(0)
+    for epsilon in (1.0, 2.0):
+        bounds = [privacy.canary_epsilon_lower_bound(*canaries(epsilon, 200, rng), delta=1e-5) for _ in range(60)]
+        # a 95% bound: above the truth at most 5% of the time (here 3 of 60, binomially generous)
+        assert sum(bound > epsilon for bound, _ in bounds) <= 6
+        assert all(bound <= ceiling for bound, ceiling in bounds)
+        bound, _ = privacy.canary_epsilon_lower_bound(*canaries(epsilon, 20_000, rng), delta=1e-5)
+        assert epsilon - 0.5 < bound <= epsilon
+    assert privacy.canary_epsilon_lower_bound(np.zeros(100), np.arange(100) < 50, delta=1e-5)[0] == 0
+
+
 def test_spent_epsilon_equals_dp_accountings_rdp_accountant():
     import dp_accounting
     from dp_accounting import rdp
@@ -228,3 +246,22 @@ def test_references_train_under_their_targets_dp():
                             "x.yaml")
     references = reference_configs(target)
     assert len(references) == 4 and all(r.train.dp == target.train.dp for r in references)
+
+
+def test_a_trial_without_dp_reports_its_empirical_epsilon_from_the_pool_and_the_canaries(tmp_path):
+    from memray.trial import run_trial
+
+    config = validate_trial({
+        "seed": 0, "output_dir": str(tmp_path), "model": {"name": "tiny-gpt2"},
+        "data": {"dataset": "pydoc", "max_length": 64, "members": 32, "nonmembers": 32, "validation": 16,
+                 "canaries": {"count": 10, "repeats": [1, 4], "heldout": 10, "candidates": 100}},
+        "method": {"name": "full", "lr": 0.003}, "train": {"epochs": 1, "batch_size": 8},
+        "eval": {"batch_size": 32}, "attacks": ["loss"]}, "test")
+    run_trial(config, trial_dir=tmp_path / "t", progress=False)
+    record = json.loads((tmp_path / "t" / "result.json").read_text())
+    assert "dp" not in record and record["privacy_audit"]["delta"] == pytest.approx(1 / (10 * (32 + 5 + 20)))
+    assert "Steinke" in record["privacy_audit"]["canaries"]
+    for row in record["epochs"]:
+        assert "privacy/epsilon" not in row
+        assert 0 <= row["privacy/epsilon_lb"] <= row["privacy/epsilon_lb_ceiling"]
+        assert 0 <= row["privacy/epsilon_lb_canary"] <= row["privacy/epsilon_lb_canary_ceiling"]

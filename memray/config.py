@@ -271,21 +271,6 @@ class TrainConfig(Schema):
     # to dp.clip, and grad_accum and compile are refused; so are multi-worker (ZeRO) trials
     dp: DPConfig | None = None
 
-    @model_validator(mode="after")
-    def _dp_compatible(self) -> "TrainConfig":
-        if self.dp is None:
-            return self
-        if self.grad_accum != 1:
-            raise ValueError(f"dp: grad_accum {self.grad_accum} is refused under DP-SGD: a Poisson-sampled batch "
-                             "is one noisy step (raise batch_size, the expected batch, instead)")
-        if self.compile:
-            raise ValueError("dp: compile is refused under DP-SGD: Opacus's per-sample gradient hooks "
-                             "are not traced by torch.compile")
-        if self.deepspeed is not None:
-            raise ValueError("dp: train.deepspeed is refused under DP-SGD: Opacus does not run under "
-                             "DeepSpeed ZeRO (which partitions the gradients it clips per sample)")
-        return self
-
 
 #: Reference models of lira / rmia when an attack entry does not say (LiRA is strong from
 #: 16 up, RMIA from 2-4; 8 keeps the cost at 8 trials per target)
@@ -478,11 +463,25 @@ class TrialConfig(Schema):
         return [ReferenceConfig(index=i, of=count, seed=reference_seed(self.seed, i)) for i in range(count)]
 
     @model_validator(mode="after")
-    def _method_trains_under_dp(self) -> "TrialConfig":
+    def _dp_can_be_private(self) -> "TrialConfig":
+        """train.dp with what DP-SGD cannot make private (or would account wrongly) is refused,
+        the setting named, before any model loads."""
+        train = self.train
+        if train.dp is None:
+            return self
         refuse = METHOD_REGISTRY[self.method.name].dp_refusal
-        refusal = refuse(self.method) if self.train.dp is not None and refuse is not None else None
+        refusal = refuse(self.method) if refuse is not None else None
         if refusal is not None:
             raise ValueError(f"train.dp: method {self.method.name} is refused under DP-SGD: {refusal}")
+        if train.grad_accum != 1:
+            raise ValueError(f"train.dp: train.grad_accum {train.grad_accum} is refused under DP-SGD: a Poisson-sampled "
+                             "batch is one noisy step (raise train.batch_size, the expected batch, instead)")
+        if train.compile:
+            raise ValueError("train.dp: train.compile is refused under DP-SGD: Opacus's per-sample gradient hooks "
+                             "are not traced by torch.compile")
+        if train.deepspeed is not None:
+            raise ValueError("train.dp: train.deepspeed is refused under DP-SGD: Opacus does not run under "
+                             "DeepSpeed ZeRO (which partitions the gradients it clips per sample)")
         return self
 
     @model_validator(mode="after")

@@ -182,7 +182,7 @@ def fit_dp(model: torch.nn.Module, tokenizer, train_ids: list[list[int]], train:
         with torch.no_grad():
             for name, value in saved.items():
                 current[name].copy_(value.to(device))
-        saved_optimizer = torch.load(resume_from / OPTIMIZER_FILE, weights_only=False)
+        saved_optimizer = torch.load(resume_from / OPTIMIZER_FILE, map_location=device, weights_only=False)
         optimizer.load_state_dict(saved_optimizer["optimizer"])
         scheduler.load_state_dict(saved_optimizer["scheduler"])
         dp_state = torch.load(resume_from / DP_STATE_FILE, weights_only=False)

@@ -172,9 +172,9 @@ def test_train_dp_is_validated_and_refused_where_it_cannot_be_private():
         validate_trial({"train": {"dp": {"epsilon": 0}}}, "x.yaml")
     with pytest.raises(ConfigError, match=r"train.dp.epsilon: required"):
         validate_trial({"train": {"dp": {"clip": 1}}}, "x.yaml")
-    with pytest.raises(ConfigError, match=r"train: dp: grad_accum 2 is refused"):
+    with pytest.raises(ConfigError, match=r"^x.yaml: train.dp: train.grad_accum 2 is refused"):
         validate_trial({"train": {"dp": {"epsilon": 1}, "grad_accum": 2}}, "x.yaml")
-    with pytest.raises(ConfigError, match=r"train: dp: train.deepspeed is refused"):
+    with pytest.raises(ConfigError, match=r"^x.yaml: train.dp: train.deepspeed is refused"):
         validate_trial({"train": {"dp": {"epsilon": 1}, "deepspeed": {}}}, "x.yaml")
     refused = [spec for _, spec in DP_SPECS if not dp_accepts(spec)]
     assert refused  # the methods Opacus cannot do (tests/test_privacy.py's cases say which)

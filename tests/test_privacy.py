@@ -265,3 +265,23 @@ def test_a_trial_without_dp_reports_its_empirical_epsilon_from_the_pool_and_the_
         assert "privacy/epsilon" not in row
         assert 0 <= row["privacy/epsilon_lb"] <= row["privacy/epsilon_lb_ceiling"]
         assert 0 <= row["privacy/epsilon_lb_canary"] <= row["privacy/epsilon_lb_canary_ceiling"]
+
+
+def test_the_privacy_utility_figure_needs_a_dp_trial_and_draws_every_method(tmp_path):
+    from memray.report.figures import plot_privacy_utility
+    from memray.report.loading import Trial
+
+    def trial(method: str, epsilon: float | None) -> Trial:
+        final = {"epoch": 3, "val/ppl": 40.0 + (epsilon or 0), "mia/loss/auc": 0.6, "mia/loss/auc_lo": 0.55,
+                 "mia/loss/auc_hi": 0.65, "privacy/epsilon_lb": 0.1}
+        if epsilon is not None:
+            final["privacy/epsilon"] = epsilon
+        config = {"model": {"name": "gpt2"}, "data": {"dataset": "pydoc"}, "method": {"name": method},
+                  "train": {"dp": {"epsilon": epsilon} if epsilon is not None else None}, "seed": 0}
+        return Trial(f"{method}-{epsilon}", "", "success", None, config, {}, [final])
+
+    plain = [trial(name, None) for name in ("full", "head")]
+    assert plot_privacy_utility(plain, ["loss"], tmp_path / "none.png") is None
+    path = plot_privacy_utility(plain + [trial(name, e) for name in ("full", "head") for e in (1.0, 8.0)], ["loss"],
+                                tmp_path / "privacy_utility.png")
+    assert path is not None and path.stat().st_size > 10_000

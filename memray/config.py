@@ -72,6 +72,21 @@ class DeepSpeedConfig(Schema):
         return self
 
 
+class DPConfig(Schema):
+    """DP-SGD (Abadi et al. 2016, arXiv 1607.00133) through Opacus: each step draws a Poisson
+    sample of the training texts (each with probability batch_size / texts, so batch_size is
+    the expected batch), clips each text's gradient to `clip`, adds Gaussian noise of
+    std noise_multiplier x clip to their sum. The noise multiplier is calibrated so that the
+    accountant's epsilon after the last epoch is `epsilon` (memray.dp.calibrate)."""
+
+    epsilon: float = Field(gt=0)  # target epsilon, spent exactly by the end of the last epoch
+    # None: 1 / (10 x training texts). delta must be well below 1/N: a mechanism that publishes
+    # one random record in full is (0, 1/N)-DP; one tenth of that is the usual margin
+    delta: float | None = Field(None, gt=0, lt=1)
+    clip: float = Field(1.0, gt=0)  # per-sample gradient norm bound (L2 over all trained weights)
+    accountant: Literal["rdp", "prv"] = "rdp"  # Opacus's accountant: Renyi DP (Mironov 2017) or PRV (Gopi et al. 2021)
+
+
 class TrainConfig(Schema):
     epochs: int = Field(3, ge=0)
     batch_size: int = Field(8, gt=0)
@@ -91,6 +106,10 @@ class TrainConfig(Schema):
     # ZeRO settings of a trial whose resource rule has workers > 1 (batch_size is then per worker;
     # single-process trials do not read it, so a sweep's base may set it for its large cells); None: by model size
     deepspeed: DeepSpeedConfig | None = None
+    # DP-SGD (None: none). Under it the batches are Poisson samples (group_by_length does not
+    # apply), the loss is the per-text mean (chunked_loss does not apply), max_grad_norm gives way
+    # to dp.clip, and grad_accum and compile are refused; so are multi-worker (ZeRO) trials
+    dp: DPConfig | None = None
 
 
 #: Reference models of lira / rmia when an attack entry does not say (LiRA is strong from
@@ -169,7 +188,7 @@ def _default_attacks() -> list[AttackConfig]:
 #: leaves one at its default has the id (and folder) it had before the key existed.
 ADDED_LATER: dict[tuple[str, str], Any] = {
     ("train", "group_by_length"): True, ("train", "compile"): False, ("train", "chunked_loss"): "auto",
-    ("train", "deepspeed"): None, ("data", "revision"): None,
+    ("train", "deepspeed"): None, ("data", "revision"): None, ("train", "dp"): None,
 }  # a method's own keys added later: its config section's `added_later`
 #: Keys whose default changed: (new default, old default). A trial that leaves one unset
 #: keeps the id it had under the old default (these keys do not change what is measured).
@@ -233,6 +252,28 @@ class TrialConfig(Schema):
         with its own seed (`memray.reference_attacks.reference_seed`)."""
         count = self.reference_models()
         return [ReferenceConfig(index=i, of=count, seed=reference_seed(self.seed, i)) for i in range(count)]
+
+    @model_validator(mode="after")
+    def _dp_can_be_private(self) -> "TrialConfig":
+        """train.dp with what DP-SGD cannot make private (or would account wrongly) is refused,
+        the setting named, before any model loads."""
+        train = self.train
+        if train.dp is None:
+            return self
+        refuse = METHOD_REGISTRY[self.method.name].dp_refusal
+        refusal = refuse(self.method) if refuse is not None else None
+        if refusal is not None:
+            raise ValueError(f"train.dp: method {self.method.name} is refused under DP-SGD: {refusal}")
+        if train.grad_accum != 1:
+            raise ValueError(f"train.dp: train.grad_accum {train.grad_accum} is refused under DP-SGD: a Poisson-sampled "
+                             "batch is one noisy step (raise train.batch_size, the expected batch, instead)")
+        if train.compile:
+            raise ValueError("train.dp: train.compile is refused under DP-SGD: Opacus's per-sample gradient hooks "
+                             "are not traced by torch.compile")
+        if train.deepspeed is not None:
+            raise ValueError("train.dp: train.deepspeed is refused under DP-SGD: Opacus does not run under "
+                             "DeepSpeed ZeRO (which partitions the gradients it clips per sample)")
+        return self
 
     @model_validator(mode="after")
     def _extraction_fits(self) -> "TrialConfig":
@@ -299,6 +340,8 @@ class TrialConfig(Schema):
         """Readable trial name: model, method and its main knobs, dataset, seed, id."""
         parts = [self.model.name.rstrip("/").split("/")[-1], self.method.slug(),
                  self.data.dataset, f"s{self.seed}", self.trial_id()]
+        if self.train.dp is not None:  # DP-SGD: its target epsilon
+            parts.insert(-2, f"dp{self.train.dp.epsilon:g}")
         if self.reference is not None:  # a reference model of lira / rmia
             parts.insert(-1, f"ref{self.reference.index}")
         return re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(parts))

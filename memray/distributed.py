@@ -202,7 +202,7 @@ OVERHEAD_GB = 1.0
 def estimate_memory(shape: ModelShape, *, trainable_params: float | None = None, workers: int = 1,
                     stage: int = 0, offload_optimizer: bool = False, offload_params: bool = False,
                     batch_size: int = 1, seq_len: int = 1024, bf16: bool = True,
-                    activation_checkpointing: bool = False) -> MemoryEstimate:
+                    activation_checkpointing: bool = False, per_sample_gradients: int = 0) -> MemoryEstimate:
     """GPU memory one worker needs to train `shape` with AdamW.
 
     stage 0 is a plain single-process trial (fp32 weights, bf16 autocast): 4 bytes of
@@ -215,7 +215,8 @@ def estimate_memory(shape: ModelShape, *, trainable_params: float | None = None,
     CPU memory. Activations (Korthikanti et al. 2022, arXiv 2205.05198, with attention
     that keeps no score matrix, e.g. SDPA): 34 bytes x sequence x batch x hidden per layer
     in 16 bits, or only each layer's input with activation checkpointing, plus the
-    logits and their fp32 loss copies.
+    logits and their fp32 loss copies. `per_sample_gradients` (DP-SGD): that many more fp32
+    copies of the trained weights' gradients, one per text of a chunk (Opacus's grad_sample).
     """
     params = shape.params
     trained = params if trainable_params is None else trainable_params
@@ -234,6 +235,7 @@ def estimate_memory(shape: ModelShape, *, trainable_params: float | None = None,
         weights = 0 if offload_params else weights
         weights += 2 * weight_bytes * shape.largest_layer_params  # gathered layer and the prefetched next one
     gradients = 0.0 if offload_optimizer and stage >= 2 else grad_bytes * trained / grad_share
+    gradients += 4 * trained * per_sample_gradients
     optimizer = 0.0 if offload_optimizer else optim_bytes * trained / optim_share
 
     act_bytes = 2 if bf16 else 4

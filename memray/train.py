@@ -14,7 +14,7 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -174,6 +174,7 @@ class EpochEnd:
     epoch: int
     train_loss: float
     checkpoint_dir: Path | None
+    metrics: dict[str, float] = field(default_factory=dict)  # the training's own (DP: privacy/epsilon)
 
 
 def use_bf16(precision: str) -> bool:
@@ -266,7 +267,10 @@ def fit(
     `deepspeed`: a DeepSpeed config (memray.distributed.deepspeed_config) when this is one
     worker of a data-parallel trial; torch.distributed must already be set up.
     `gradient_checkpointing`: recompute activations in the backward pass.
+    A trial with `train.dp` trains with `memray.dp.fit_dp` instead (the same contract).
     """
+    if train.dp is not None:
+        raise ValueError("train.dp: DP-SGD trains with memray.dp.fit_dp, not the Trainer")
     saving = train.checkpoints
     on_gpu = torch.cuda.is_available()
     args = TrainingArguments(

@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 from transformers import set_seed
 
-from memray import attacks, data, extraction, flops, methods, metrics, models, reference_attacks, scoring
+from memray import attacks, data, dp, extraction, flops, methods, metrics, models, privacy, reference_attacks, scoring
 from memray.config import ConfigError, ReferenceConfig, TrialConfig
 from memray.distributed import DEEPSPEED_FILE, Distributed, EvalReplica, deepspeed_config, resolve_zero
 from memray.metric_keys import auc_labels, mia_key, parse_mia_key
@@ -228,6 +228,18 @@ class TrialRun:
                 atomic_write_text(record.trial_dir / DEEPSPEED_FILE, json.dumps(self.deepspeed, indent=2) + "\n")
             if self.zero.stage == 3:
                 self.replica = EvalReplica(self.model, self.lead)
+        self.dp_plan = None
+        if config.train.dp is not None:
+            if distributed is not None:
+                raise ConfigError(source, "train.dp", "DP-SGD runs in one process: Opacus does not run under "
+                                                      "DeepSpeed ZeRO, and a multi-worker trial is one")
+            self.dp_plan = dp.calibrate(config.train.dp, len(self.train_ids), config.train.batch_size, config.train.epochs)
+            record.update(dp=self.dp_plan.record())
+        # the delta the empirical epsilon tests: the trial's own under DP, else the default rule's
+        self.audit_delta = self.dp_plan.delta if self.dp_plan else privacy.default_delta(len(self.train_ids))
+        record.update(privacy_audit={"method": privacy.audit_rule(), "confidence": privacy.AUDIT_LEVEL,
+                                     "delta": self.audit_delta,
+                                     **({"canaries": privacy.canary_audit_rule()} if self.canaries else {})})
         self.tokens_per_epoch = sum(len(ids) for ids in self.train_ids)
         self.flops_per_token = flops.train_flops_per_token(methods.METHODS[config.method.name].flop_class, n_matmul,
                                                            self.info.trainable_params, n_head, self.model.config,
@@ -262,6 +274,9 @@ class TrialRun:
             found.update(metrics.mia_metrics(label, values, self.is_member, config.eval.bootstrap, config.seed))
             found.update(_duplicate_aucs(label, values, self.is_member, self.copies))
             frame[label] = values
+        found.update(self._epsilon_bound(scores))
+        if self.dp_plan is not None and epoch == 0:
+            found["privacy/epsilon"] = 0.0  # before training nothing is spent
         measurement = EpochMeasurement(found, frame)
         if config.extraction.enabled:
             members = [(s.id, ids, s.copies) for s, ids in zip(self.scored_members, self.scored_ids)]
@@ -275,9 +290,18 @@ class TrialRun:
             exposed, rows = extraction.canary_metrics(config.data.canaries, model, self.tokenizer, self.canaries,
                                                       seed=config.seed, batch_size=self.eval_batch)
             found.update(exposed)
+            found.update(_canary_epsilon_bound(rows, self.audit_delta))
             measurement.tables["canaries"] = pd.DataFrame(rows)
         model.train(was_training)
         return measurement
+
+    def _epsilon_bound(self, scores: dict[str, np.ndarray]) -> dict[str, float]:
+        """`privacy/epsilon_lb` and its ceiling, from the attacks' scores of the records trained
+        on at most once (`memray.privacy.epsilon_lower_bound`)."""
+        single = self.copies <= 1
+        bound = privacy.epsilon_lower_bound({label: np.asarray(values)[single] for label, values in scores.items()},
+                                            self.is_member[single], self.audit_delta)
+        return {"privacy/epsilon_lb": bound.epsilon_lb, "privacy/epsilon_lb_ceiling": bound.ceiling}
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -324,7 +348,8 @@ class TrialRun:
             raise RuntimeError(f"epoch {end.epoch} ended without being measured first: the Trainer called "
                                "its callbacks out of the order memray.train.fit relies on")
         self.write(end.epoch, measurement)
-        self.record_epoch({**measurement.metrics, "epoch": end.epoch, "train/loss": end.train_loss}, end.checkpoint_dir)
+        self.record_epoch({**measurement.metrics, **end.metrics, "epoch": end.epoch, "train/loss": end.train_loss},
+                          end.checkpoint_dir)
         self.epoch_started = time.perf_counter()
 
     def run(self, resume_from: Path | None) -> dict[str, float]:
@@ -337,10 +362,16 @@ class TrialRun:
         epochs = self.config.train.epochs
         if epochs > 0 and (resume_from is None or _checkpoint_epoch(resume_from) < epochs):
             self.epoch_started = time.perf_counter()
-            fit(self.model, self.tokenizer, self.train_ids, self.config.train, lr=self.info.lr, seed=self.train_seed,
-                checkpoints_dir=self.record.trial_dir / CHECKPOINTS_DIR, evaluate=self.after_training_epoch,
-                on_epoch_end=self.epoch_saved, resume_from=resume_from, progress=self.progress,
-                deepspeed=self.deepspeed, gradient_checkpointing=bool(self.zero and self.zero.activation_checkpointing))
+            if self.dp_plan is not None:  # DP-SGD: memray's own loop (Poisson sampling, per-sample clipping, noise)
+                dp.fit_dp(self.model, self.tokenizer, self.train_ids, self.config.train, self.dp_plan, lr=self.info.lr,
+                          seed=self.train_seed, checkpoints_dir=self.record.trial_dir / CHECKPOINTS_DIR,
+                          evaluate=self.after_training_epoch, on_epoch_end=self.epoch_saved, resume_from=resume_from)
+            else:
+                fit(self.model, self.tokenizer, self.train_ids, self.config.train, lr=self.info.lr, seed=self.train_seed,
+                    checkpoints_dir=self.record.trial_dir / CHECKPOINTS_DIR, evaluate=self.after_training_epoch,
+                    on_epoch_end=self.epoch_saved, resume_from=resume_from, progress=self.progress,
+                    deepspeed=self.deepspeed,
+                    gradient_checkpointing=bool(self.zero and self.zero.activation_checkpointing))
         return dict(self.record.epochs[-1])
 
 
@@ -430,6 +461,18 @@ def _duplicate_aucs(label: str, scores: np.ndarray, is_member: np.ndarray, copie
         labels = np.concatenate([np.ones(len(chosen), bool), np.zeros(len(nonmember_scores), bool)])
         out[mia_key(label, f"auc@dup{level}")] = metrics.roc_auc(values, labels)
     return out
+
+
+def _canary_epsilon_bound(rows: list[dict[str, Any]], delta: float) -> dict[str, float]:
+    """`privacy/epsilon_lb_canary` and its ceiling: the one-run audit on the canaries inserted
+    once and the never-inserted ones (canaries with several copies left out: group privacy);
+    nothing when either kind is missing (data.canaries.repeats without 1, or no heldout)."""
+    chosen = [row for row in rows if row["repeats"] <= 1]
+    inserted = np.array([row["repeats"] == 1 for row in chosen], dtype=bool)
+    if not inserted.any() or inserted.all():
+        return {}
+    bound, ceiling = privacy.canary_epsilon_lower_bound(np.array([row["exposure"] for row in chosen]), inserted, delta)
+    return {"privacy/epsilon_lb_canary": bound, "privacy/epsilon_lb_canary_ceiling": ceiling}
 
 
 def _peak_memory_gb() -> float:

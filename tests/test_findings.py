@@ -149,3 +149,34 @@ def test_the_findings_figure_draws_each_row_in_its_verdicts_colour(tmp_path, mon
         low = row["a_lo"] - 0.5 if chance else row["difference_lo"]
         assert center == pytest.approx(expected_center) and center - xerr[0][0] == pytest.approx(low)
         assert color == VERDICT_COLORS[row["verdict"]]
+
+
+#: The CPU study on the real model (sweeps/smollm2-cpu.yaml): its result files (result.json,
+#: per-sample scores) and its report, as committed.
+STUDY = Path(__file__).resolve().parent.parent / "sweeps" / "results" / "smollm2-cpu"
+
+
+def test_the_committed_cpu_study_report_is_rebuilt_from_its_result_files(tmp_path):
+    """Nothing of the committed report is written by hand: built again from the committed
+    result files, every table (findings included) and report.md come out the same."""
+    import shutil
+
+    sweep_dir = tmp_path / "smollm2-cpu"
+    shutil.copytree(STUDY, sweep_dir, ignore=shutil.ignore_patterns("report"))
+    path = build_report(sweep_dir)
+    committed = STUDY / "report"
+    tables = sorted(p.name for p in (committed / "tables").iterdir())
+    assert "findings.csv" in tables and tables == sorted(p.name for p in (path.parent / "tables").iterdir())
+    for name in tables:
+        assert (path.parent / "tables" / name).read_text() == (committed / "tables" / name).read_text(), name
+    # report.md but the line naming the folder and the time it was made
+    lines = path.read_text().splitlines()
+    kept_lines = (committed / "report.md").read_text().splitlines()
+    assert "Made 20" in lines[2] and lines[:2] + lines[3:] == kept_lines[:2] + kept_lines[3:]
+    rebuilt, kept = (json.loads((folder / "report.json").read_text()) for folder in (path.parent, committed))
+    assert rebuilt["tables"] == kept["tables"] and rebuilt["trials"] == kept["trials"]
+    assert sorted(p.name for p in (path.parent / "figures").iterdir()) == \
+        sorted(p.name for p in (committed / "figures").iterdir())
+    # every trial of the grid finished, on the packaged real model
+    trials = {t["name"]: t for t in kept["trials"]}
+    assert len(trials) == 9 and all(t["status"] == "success" for t in trials.values())

@@ -5,8 +5,9 @@ subclass: the keys a user writes under `method:`), the function that applies it,
 `register(MethodSpec(...))` line with everything memray needs to know of it by name: its
 default learning rate, planning cost, family (`METHOD_FAMILIES`: parameter-based or
 prompt-based, as the studies group them), FLOP class (`FLOP_CLASSES`), an estimate of its
-trained parameters from the model's shape, whether it trains on several workers, and its
-report label (`MethodSchema.label`). Nothing outside the unit names the method. Every
+trained parameters from the model's shape, whether it trains on several workers, whether it
+can train under DP-SGD (`dp_refusal`: None, or the reason it cannot), and its report label
+(`MethodSchema.label`). Nothing outside the unit names the method. Every
 module here whose name does not start with `_` is imported below, so a new method is a new
 file: the trial schema (`memray.config`), the sweep's planning, `memray bench` and the CLI
 take their lists from `METHODS`. PEFT does the work where it can.
@@ -122,6 +123,10 @@ class MethodSpec:
     check: Check | None = None  # pre-flight on the model's skeleton; None: fits every causal LM
     # trains under DeepSpeed ZeRO on several workers (a resource rule's `workers` > 1)
     multi_worker: bool = False
+    # DP-SGD (train.dp): f(method config) -> None where Opacus computes the per-sample gradients
+    # of what the method trains (tests/test_privacy.py checks them against a hand-written step
+    # for every method it accepts), else why that config is refused; None: accepted throughout
+    dp_refusal: "Callable[[Any], str | None] | None" = None
 
 
 METHODS: Registry[MethodSpec] = Registry("method")

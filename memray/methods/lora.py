@@ -84,6 +84,16 @@ def apply(model: "PreTrainedModel", method: LoraMethod, source: str) -> "tuple[t
     return wrapped, f"{kind} r={method.rank} alpha={method.alpha:g} on {', '.join(names)} ({adapted} modules)", 0
 
 
+def dp_refusal(method: LoraMethod) -> str | None:
+    """LoRA trains under DP-SGD (Opacus computes the adapters' per-sample gradients, as nn.Linear
+    layers); DoRA does not: its magnitude is trained inside a module whose forward takes the
+    adapter as keyword arguments, which Opacus's per-sample rule (torch.func) cannot pass."""
+    if method.dora:
+        return ("Opacus cannot compute per-sample gradients of DoRA's magnitude vector (a module called with "
+                "keyword arguments); use dora: false")
+    return None
+
+
 # 2e-4: B starts at zero and the update is scaled by alpha/r; the rate Hu et al. 2021 used
 # for GPT-2. The frozen body still needs activation gradients, not weight gradients.
 def estimate_trainable(shape: Shape, method: LoraMethod) -> float:
@@ -95,4 +105,5 @@ def estimate_trainable(shape: Shape, method: LoraMethod) -> float:
 
 
 register(MethodSpec("lora", LoraMethod, apply, default_lr=2e-4, train_pass_cost=2.5, peft=True, family="parameter-based",
-                    flop_class="frozen-body", estimate_trainable=estimate_trainable, check=check))
+                    flop_class="frozen-body", estimate_trainable=estimate_trainable, check=check,
+                    dp_refusal=dp_refusal))

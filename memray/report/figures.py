@@ -1,7 +1,7 @@
 """The report's figures (matplotlib's object API: a Figure renders with Agg, no pyplot
 global state): AUC vs epoch, AUC vs model size, privacy-utility, LoRA bars, ROC curves on
 log-log axes, extraction vs duplicate count, counterfactual memorization vs duplicate count,
-the findings table as a forest plot.
+the findings table as a forest plot, and privacy vs utility against DP-SGD's target epsilon.
 
 One style throughout, for what the studies compare: a method's colour comes from its
 family (`memray.methods.METHOD_FAMILIES`: cool hues and solid lines for parameter-based
@@ -28,8 +28,8 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import LogFormatter, NullLocator
 
 from memray.methods import METHOD_FAMILIES, METHODS
-from memray.metric_keys import is_auc_key, is_mia_key, mia_key
-from memray.report.loading import COUNTERFACTUAL, Group, Trial, is_finite
+from memray.metric_keys import is_auc_key, is_mia_key, mia_key, parse_mia_key
+from memray.report.loading import COUNTERFACTUAL, Group, Trial, is_finite, method_label
 from memray.report.tables import axes_groups, axes_methods, duplicate_metrics, ordered_variants, params_text, slug
 
 FIGURE_DPI = 110
@@ -609,6 +609,85 @@ def plot_findings(rows: pd.DataFrame, chance_margin: float, path: Path) -> Path 
     return _save(figure, path)
 
 
+def target_epsilon(trial: Trial) -> float | None:
+    """A trial's DP-SGD target epsilon (train.dp.epsilon); None: trained without DP."""
+    dp = trial.config.get("train", {}).get("dp")
+    return float(dp["epsilon"]) if dp else None
+
+
+def _mean_and_bar(values: list[float], intervals: list[tuple[float, float] | None]) -> tuple[float, float, float]:
+    """(mean, lower, upper error) of the seeds' values: one trial's recorded 95% interval, or
+    mean -/+ std over several seeds."""
+    mean = float(np.mean(values))
+    if len(values) == 1 and intervals[0] is not None:
+        return mean, mean - intervals[0][0], intervals[0][1] - mean
+    std = float(np.std(values)) if len(values) > 1 else 0.0
+    return mean, std, std
+
+
+def plot_privacy_utility(trials: list[Trial], labels: list[str], path: Path) -> Path | None:
+    """What DP-SGD buys, per method against its target epsilon (no DP at the right): per
+    (dataset, model) a panel per attack's AUC with its interval, one of epsilon (spent by the
+    accountant: filled markers; the empirical lower bound: hollow markers, dotted lines) and one
+    of validation perplexity, all at each trial's final epoch; several seeds: mean and std."""
+    chosen = [t for t in trials if t.final and t.status == "success"]
+    if not any(target_epsilon(t) is not None for t in chosen):
+        return None
+    targets = sorted({e for t in chosen if (e := target_epsilon(t)) is not None})
+    positions = {**{e: i for i, e in enumerate(targets)}, None: len(targets)}
+    ticks = [f"{e:g}" for e in targets] + ["no DP"]
+    by_method: dict[str, list[Trial]] = defaultdict(list)
+    for t in chosen:
+        by_method[method_label(t.config)].append(t)
+    pseudo = [Group(t[0].dataset, t[0].model, label, t[0].method, t) for label, t in by_method.items()]
+    styles = method_styles(pseudo)
+    kinds = [*(mia_key(label) for label in labels), "privacy/epsilon", "val/ppl"]
+    cells = sorted({(t.dataset, t.model) for t in chosen})
+    figure, axes = _grid(len(cells) * len(kinds), row=len(kinds))
+    cols = len(axes[0])
+    for index, ((dataset, model), kind) in enumerate((cell, kind) for cell in cells for kind in kinds):
+        ax = axes[index // cols][index % cols]
+        for label, members in by_method.items():
+            style = styles[label]
+            series = [("privacy/epsilon", style.line()), ("privacy/epsilon_lb", {**style.line(), "linestyle": ":",
+                                                                               "markerfacecolor": "none"})] \
+                if kind == "privacy/epsilon" else [(kind, style.line())]
+            for key, line in series:
+                points = []
+                for target, position in positions.items():
+                    seeds = [t for t in members if t.dataset == dataset and t.model == model and target_epsilon(t) == target
+                             and is_finite(t.final.get(key))]
+                    if not seeds:
+                        continue
+                    intervals = [(t.final[key + "_lo"], t.final[key + "_hi"])
+                                 if is_finite(t.final.get(key + "_lo")) and is_finite(t.final.get(key + "_hi")) else None
+                                 for t in seeds]
+                    points.append((position, *_mean_and_bar([float(t.final[key]) for t in seeds], intervals)))
+                if points:
+                    x, y, low, high = (np.array(column) for column in zip(*points))
+                    ax.errorbar(x, y, yerr=[low, high], capsize=3, **line)
+        if is_mia_key(kind):
+            ax.axhline(CHANCE_AUC, color="grey", linestyle=":", linewidth=1)
+            title, ylabel = _attack_title(parse_mia_key(kind)[0]), "membership AUC-ROC"
+        elif kind == "privacy/epsilon":
+            ax.plot(range(len(targets)), targets, color="grey", linewidth=1, linestyle="--")
+            title, ylabel = "epsilon: spent (filled), empirical bound (hollow)", "epsilon"
+        else:
+            ax.set_yscale("log")
+            _plain_log_ticks(ax.yaxis)
+            title, ylabel = "validation perplexity", "val PPL (log scale)"
+        ax.set_title(title if len(cells) == 1 else f"{dataset}, {model}: {title}", fontsize="medium")
+        ax.set_ylabel(ylabel, fontsize="small")
+        _ticks_at(ax.xaxis, list(range(len(ticks))), ticks)
+        ax.set_xlabel("target epsilon (train.dp)", fontsize="small")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(cells) * len(kinds):]:
+        ax.set_visible(False)
+    figure.suptitle("Privacy vs utility under DP-SGD, final epoch (grey dashes: the target epsilon)")
+    _legend(figure, axes, {label: Line2D([], [], **styles[label].line()) for label in by_method})
+    return _save(figure, path)
+
+
 @dataclass
 class FigureFile:
     path: Path
@@ -653,6 +732,10 @@ def make_figures(trials: list[Trial], groups: list[Group], labels: list[str], si
                 add(stem, f"ROC curves (log-log), {dataset}, {model}; bars: TPR at 1% and 0.1% FPR with its "
                           "95% Clopper-Pearson interval",
                     plot_roc(recorded, dataset, model, variants, file(stem)))
+    if labels:
+        add("privacy_utility", "Privacy vs utility under DP-SGD: AUC (95% interval), spent and empirical epsilon, "
+                               "validation perplexity against the target epsilon, per method",
+            plot_privacy_utility(recorded, labels, file("privacy_utility")))
     for dataset in datasets:
         stem = f"duplication_{slug(dataset)}"
         add(stem, f"Memorization vs duplication, {dataset}", plot_duplication(recorded, dataset, styles, file(stem)))

@@ -138,18 +138,23 @@ def trials_table(trials: list[Trial], labels: list[str]) -> Table:
                "status": t.status, "epochs done": int(final["epoch"]) if final else None,
                "epochs planned": t.planned_epochs, "final val ppl": final.get("val/ppl"),
                "best val ppl": best.get("val/ppl"), "best epoch": best.get("epoch"),
-               **{f"{label} auc": final.get(mia_key(label)) for label in labels}, "note": _note(t)}
+               **{f"{label} auc": final.get(mia_key(label)) for label in labels},
+               "epsilon spent": final.get("privacy/epsilon"), "epsilon lb": final.get("privacy/epsilon_lb"),
+               "note": _note(t)}
         rows.append(row)
         text.append({"trial": t.name, "dataset": t.dataset, "model": t.model, "method": t.variant,
                      "seed": str(t.seed), "status": t.status, "epochs": _epochs_text(t),
                      "val PPL (final)": _num(final.get("val/ppl"), 2),
                      "val PPL (best)": _num(best.get("val/ppl"), 2) + (f" @{int(best['epoch'])}" if best else ""),
                      **{f"{label} AUC": _num(final.get(mia_key(label))) + _chance_mark(t, label) for label in labels},
+                     "ε spent": _num(final.get("privacy/epsilon"), 2), "ε lb": _num(final.get("privacy/epsilon_lb"), 2),
                      "note": _note(t)})
     return Table("trials", "Trials: final and best-epoch validation perplexity, final AUC per attack",
                  pd.DataFrame(rows), pd.DataFrame(text),
                  "Final = last recorded epoch; best = epoch of lowest validation perplexity (shown after @). "
-                 f"{CHANCE_MARK} = the AUC's 95% interval holds 0.5: not distinguishable from chance.")
+                 f"{CHANCE_MARK} = the AUC's 95% interval holds 0.5: not distinguishable from chance. "
+                 "ε spent: DP-SGD's epsilon by its accountant (result.json's `dp` record; - without train.dp); "
+                 "ε lb: the empirical lower bound at 95% confidence (result.json's `privacy_audit`).")
 
 
 def attacks_table(trials: list[Trial]) -> Table:

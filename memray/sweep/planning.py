@@ -103,6 +103,10 @@ def check_rules(rules: list[ResourceRule], cells: list[Cell], source: str) -> No
     for cell in cells:
         index, rule = next(((i, r) for i, r in enumerate(rules) if rule_matches(r, cell.config)), (None, None))
         workers = rule.workers if rule else 1
+        if workers > 1 and cell.config.train.dp is not None:
+            raise ConfigError(source, f"resources.{index}.workers",
+                              f"grid cell {cell.index} sets train.dp: DP-SGD runs in one process (Opacus does not "
+                              "run under DeepSpeed ZeRO, which multi-worker trials use); give it workers: 1")
         if workers > 1 and not METHODS[cell.config.method.name].multi_worker:
             able = ", ".join(name for name in METHODS if METHODS[name].multi_worker)
             raise ConfigError(source, f"resources.{index}.workers",
@@ -171,7 +175,9 @@ def memory_estimate(config: TrialConfig, rule: ResourceRule, shape: Any) -> Any:
                            offload_optimizer=bool(zero and zero.offload_optimizer),
                            offload_params=bool(zero and zero.offload_params), batch_size=config.train.batch_size,
                            seq_len=config.data.max_length, bf16=bf16,
-                           activation_checkpointing=bool(zero and zero.activation_checkpointing))
+                           activation_checkpointing=bool(zero and zero.activation_checkpointing),
+                           # DP-SGD keeps a gradient per text of a chunk of batch_size texts
+                           per_sample_gradients=config.train.batch_size if config.train.dp else 0)
 
 
 def gpu_budget_gb(rule: ResourceRule) -> float | None:

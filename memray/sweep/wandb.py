@@ -101,6 +101,10 @@ def wandb_config(cell: Cell, trial_name: str) -> dict[str, Any]:
         "placement": getattr(method, "placement", None), "virtual_tokens": getattr(method, "virtual_tokens", None),
         "epochs": config.train.epochs, "batch_size": config.train.batch_size,
         "duplication": duplicates.fraction if duplicates else 0.0, "seed": config.seed,
+        # DP-SGD: the target epsilon, delta and clip (None without DP)
+        "dp_epsilon": config.train.dp.epsilon if config.train.dp else None,
+        "dp_delta": config.train.dp.delta if config.train.dp else None,
+        "dp_clip": config.train.dp.clip if config.train.dp else None,
         "cell": cell.index, "trial": trial_name,
         "config_key": config_key(config.resolved()), "config_name": config_name(cell),
     }

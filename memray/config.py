@@ -265,10 +265,16 @@ REFERENCE_RECIPE = ("its half of the audit pool (target's copies) topped up to t
                     "from samples outside the pool (unscored members first), no canaries, its own seed")
 
 
+#: AttackConfig settings that an attack takes where its registry entry lists them in
+#: `options` (with their defaults); unset elsewhere, and then out of the trial id.
+ATTACK_OPTIONS: tuple[str, ...] = ("shots",)
+
+
 class AttackConfig(Schema):
     name: str  # a registered attack (memray.attacks.ATTACKS)
     k: float | None = Field(None, gt=0, le=1)  # mink / mink++: share of lowest-scoring tokens
     references: int | None = None  # lira / rmia: reference models trained on halves of the audit pool (even, >= 4)
+    shots: int | None = Field(None, gt=0)  # recall: non-member shots from the validation split in the prefix
 
     @field_validator("name")
     @classmethod
@@ -297,14 +303,25 @@ class AttackConfig(Schema):
         if self.references is not None and not calibrated:
             takes = [name for name in ATTACK_REGISTRY if ATTACK_REGISTRY[name].needs_reference_models]
             raise ValueError(f"references is only used by {' and '.join(takes)}, not {self.name}")
+        options = ATTACK_REGISTRY[self.name].options
+        for option in ATTACK_OPTIONS:  # settings an attack's registry entry declares, with their defaults
+            if getattr(self, option) is None and option in options:
+                setattr(self, option, options[option])
+            elif getattr(self, option) is not None and option not in options:
+                takes = [name for name in ATTACK_REGISTRY if option in ATTACK_REGISTRY[name].options]
+                raise ValueError(f"{option} is only used by {' and '.join(takes)}, not {self.name}")
         return self
 
     @property
     def label(self) -> str:
         """Name used in metric keys: `mink`, or `mink@0.1` when k is not the attack's default."""
-        if self.k is None or self.k == ATTACK_REGISTRY[self.name].default_k:
-            return self.name
-        return f"{self.name}@{self.k:g}"
+        label = self.name
+        if self.k is not None and self.k != ATTACK_REGISTRY[self.name].default_k:
+            label += f"@{self.k:g}"
+        for option, default in ATTACK_REGISTRY[self.name].options.items():
+            if getattr(self, option) != default:
+                label += f"@{option}{getattr(self, option)}"
+        return label
 
     @property
     def labels(self) -> list[str]:
@@ -486,13 +503,17 @@ class TrialConfig(Schema):
         # the papers' rules (Min-K% token count, Zlib's text, BOS-inclusive blocks) change
         # what is measured, so trials measured under them have ids of their own
         payload["attack_rules"] = ATTACK_RULES
+        for attack in self.attacks:  # rules of an attack's own (recall, dcpdd, ...): only where it is listed
+            if ATTACK_REGISTRY[attack.name].rules:
+                payload["attack_rules"] = {**payload["attack_rules"], attack.label: dict(ATTACK_REGISTRY[attack.name].rules)}
         if payload["reference"] is None:
             del payload["reference"]  # targets and plain trials: ids as before the section existed
         else:  # how a reference is trained from its target's data: a change of it is a new reference
             payload["reference_recipe"] = REFERENCE_RECIPE
         for attack in payload["attacks"]:
-            if attack.get("references") is None:
-                del attack["references"]  # attacks other than lira / rmia: ids as before the key existed
+            for option in ("references", *ATTACK_OPTIONS):
+                if attack.get(option) is None:
+                    del attack[option]  # attacks that do not take it: ids as before the key existed
         for (section, key), default in ADDED_LATER.items():
             if key in payload[section] and payload[section][key] == default:
                 del payload[section][key]  # trials that leave it at its default keep their ids (and folders)

@@ -1,4 +1,5 @@
-"""Each attack against a hand computation on fixed statistics, and the score direction."""
+"""Each attack against a hand computation on fixed statistics (or, for the attacks scored
+as a set, on a hand-made context and model), and the score direction."""
 
 import math
 import zlib
@@ -6,12 +7,18 @@ import zlib
 import numpy as np
 import pytest
 
-from memray.attacks import ATTACKS, attack_scores
-from memray.config import AttackConfig
+import torch
+
+from memray import attacks
+from memray.attacks import ATTACKS, AttackContext, AttackSetup, Prepared, attack_scores
+from memray.config import AttackConfig, validate_trial
+from memray.schema import ConfigError
 from memray.scoring import TokenStats
 
-# every attack scored per sample (mink and mink++ get k = 0.2); lira and rmia come from reference models
-ALL = [AttackConfig(name=n) for n in ATTACKS if not ATTACKS[n].needs_reference_models]
+# every attack scored per sample (mink and mink++ get k = 0.2); lira and rmia come from
+# reference models, recall, dcpdd and gradnorm from a context (tested below)
+ALL = [AttackConfig(name=n) for n in ATTACKS if not ATTACKS[n].needs_reference_models and ATTACKS[n].score_set is None]
+SET_ATTACKS = [n for n in ATTACKS if ATTACKS[n].score_set is not None]
 
 
 def float32(values) -> np.ndarray | None:
@@ -112,3 +119,143 @@ def test_reference_model_attacks_are_left_to_their_references():
     assert list(attack_scores(configs, [SAMPLE], [TEXT], None)) == ["loss"]
     with pytest.raises(ValueError, match="scored from reference models"):
         ATTACKS["lira"].score(configs[1], SAMPLE, TEXT, None)
+
+
+# ---------------------------------------------------------------------------------------
+# Attacks scored as a set
+# ---------------------------------------------------------------------------------------
+
+
+def setup(validation_ids, context_length=16, max_length=8, bos=0, frequency_texts=("none", [])):
+    return AttackSetup(token_ids=lambda texts, length: [[bos, *map(int, t.split())][:length] for t in texts], bos=bos,
+                       validation_ids=validation_ids, context_length=context_length, max_length=max_length,
+                       vocab_size=4, frequency_texts=lambda: frequency_texts, source="sweep.yaml")
+
+
+def test_every_attack_is_scored_one_way_and_set_attacks_state_their_rules():
+    assert {"recall", "dcpdd", "gradnorm"} <= set(SET_ATTACKS)
+    for name in ATTACKS:
+        spec = ATTACKS[name]
+        assert (spec.score_set is not None) + spec.needs_reference_models <= 1, name
+        if spec.score_set is not None:
+            assert spec.rules, f"{name} records no rules"
+            assert spec.needs_model == bool(spec.extra_pass), name  # bench shows the cost of a model pass
+
+
+def test_recall_prefix_takes_validation_shots_without_bos_up_to_half_the_context():
+    validation = [[0, 5, 6], [0, 7], [0, 8, 9, 10], [0, 11]]
+    # context 16, max_length 8: cap min(16 // 2, 16 - 8) = 8 tokens; BOS + 2 + 1 + 3 = 7 fit, the 4th shot not asked
+    prepared = attacks.prepare_attacks([AttackConfig(name="recall", shots=3)], setup(validation))["recall@shots3"]
+    assert prepared.state == ([0, 5, 6, 7, 8, 9, 10], 0)
+    assert prepared.record == {"shots": 3, "shots_asked": 3, "prefix_tokens": 7, "prefix_cap": 8, "context": 16}
+    # context 12: cap min(6, 4) = 4: BOS + 2 + 1 fit, the third shot (3 tokens) does not
+    small = attacks.prepare_attacks([AttackConfig(name="recall", shots=3)], setup(validation, context_length=12))
+    assert small["recall@shots3"].state[0] == [0, 5, 6, 7] and small["recall@shots3"].record["shots"] == 2
+
+
+def test_recall_is_the_conditioned_over_the_unconditioned_log_likelihood():
+    prefix = [0, 5, 6]
+    asked = []
+
+    def score(token_ids):  # the conditioned pass: prefix + the sample without its BOS
+        asked.extend(token_ids)
+        return [stats([-9, -9, -2, -3, -4]), stats([-9, -9, -1, -1, -1])]
+
+    # sample 1: LL(x) = mean(-1, -2, -3) = -2, LL(x | P) = mean of the last 3 = -3: 1.5
+    # sample 2: LL(x) = -0.5 (loss 0.5), LL(x | P) = -1: 2.0
+    context = AttackContext([[0, 1, 2, 3], [0, 3, 2, 1]], ["a", "b"], [stats([-1, -2, -3]), stats([-0.5, -0.5, -0.5])],
+                            score=score, prepared={"recall": Prepared((prefix, 0))})
+    scores = attack_scores([AttackConfig(name="recall")], context.target, context.texts, None, context)
+    assert asked == [[0, 5, 6, 1, 2, 3], [0, 5, 6, 3, 2, 1]]
+    np.testing.assert_allclose(scores["recall"], [1.5, 2.0])
+
+
+def test_recall_refuses_too_few_validation_samples_and_a_context_too_short():
+    with pytest.raises(ConfigError, match=r"sweep.yaml: attacks.recall.shots: .*validation split, which holds 1"):
+        attacks.prepare_attacks([AttackConfig(name="recall")], setup([[0, 5]]))
+    with pytest.raises(ConfigError, match="data.max_length: ReCaLL's prefix may take at most 0 tokens"):
+        attacks.prepare_attacks([AttackConfig(name="recall", shots=1)], setup([[0, 5]], context_length=8, max_length=8))
+
+
+def test_dcpdd_calibrates_first_occurrences_by_laplace_smoothed_frequencies_and_caps_them():
+    frequencies = attacks.token_frequencies([[1, 1, 2]], vocab_size=4)
+    # counts 0, 2, 1, 0 of 3 tokens: (1 + n) / (3 + 4)
+    np.testing.assert_allclose(frequencies, [1 / 7, 3 / 7, 2 / 7, 1 / 7])
+    # targets 1, 2, 1, 3: the second 1 (p = 0.9) is not counted; token 3 (p = 0.5) is capped at 0.01
+    sample = stats(np.log([0.001, 0.002, 0.9, 0.5]))
+    context = AttackContext([[0, 1, 2, 1, 3]], ["x"], [sample], prepared={"dcpdd": Prepared(frequencies)})
+    score = attack_scores([AttackConfig(name="dcpdd")], [sample], ["x"], None, context)["dcpdd"][0]
+    expected = (0.001 * math.log(7 / 3) + 0.002 * math.log(7 / 2) + 0.01) / 3
+    assert score == pytest.approx(expected, rel=1e-6)
+
+
+def test_dcpdd_counts_the_frequency_corpus_with_the_trials_tokenizer():
+    found = attacks.prepare_attacks([AttackConfig(name="dcpdd")],
+                                    setup([], frequency_texts=("the pretraining text", ["1 1", "2"])))["dcpdd"]
+    # token_ids puts BOS (0) first: 0 1 1 and 0 2: counts 2, 2, 1, 0 of 5
+    np.testing.assert_allclose(found.state, [3 / 9, 3 / 9, 2 / 9, 1 / 9])
+    assert found.record == {"frequency_source": "the pretraining text", "frequency_texts": 2, "frequency_tokens": 5}
+    with pytest.raises(ConfigError, match="attacks.dcpdd: DC-PDD counts token frequencies on none"):
+        attacks.prepare_attacks([AttackConfig(name="dcpdd")], setup([]))
+
+
+class BiasModel(torch.nn.Module):
+    """Logits = b + c at every position (vocabulary of 4), plus a frozen tensor in the graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.b = torch.nn.Parameter(torch.zeros(4))
+        self.c = torch.nn.Parameter(torch.zeros(4))
+        self.frozen = torch.nn.Parameter(torch.zeros(4), requires_grad=False)
+
+    def forward(self, input_ids, use_cache=False):
+        logits = (self.b + self.c + self.frozen).expand(*input_ids.shape, 4)
+        return type("Output", (), {"logits": logits})()
+
+
+def test_gradnorm_is_the_negated_mean_max_norm_of_the_trained_gradients():
+    model = BiasModel()
+    model.b.grad = torch.ones(4)  # the Trainer's gradient: put back after scoring
+    context = AttackContext([[0, 1, 1, 2], [0, 3, 3, 3]], ["a", "b"], [stats([-1, -1, -1])] * 2, model=model)
+    scores = attack_scores([AttackConfig(name="gradnorm")], context.target, context.texts, None, context)["gradnorm"]
+    # uniform softmax 0.25 each; targets 1, 1, 2: gradient 0.25 - (0, 2/3, 1/3, 0), largest |.| 5/12, the same for b and c
+    # targets 3, 3, 3: 0.25 - (0, 0, 0, 1): largest |.| 0.75
+    np.testing.assert_allclose(scores, [-5 / 12, -0.75], rtol=1e-6)
+    assert torch.equal(model.b.grad, torch.ones(4)) and model.c.grad is None and model.frozen.grad is None
+
+
+def test_gradnorm_drops_a_prompt_methods_virtual_positions():
+    class Prompted(BiasModel):
+        def forward(self, input_ids, use_cache=False):  # 2 virtual positions first, whose logits favour token 0
+            output = super().forward(input_ids)
+            virtual = torch.tensor([9.0, 0, 0, 0]).expand(input_ids.shape[0], 2, 4)
+            return type("Output", (), {"logits": torch.cat([virtual, output.logits], dim=1)})()
+
+    context = AttackContext([[0, 1, 1, 2]], ["a"], [stats([-1, -1, -1])], model=Prompted(), virtual_tokens=2)
+    score = attack_scores([AttackConfig(name="gradnorm")], context.target, context.texts, None, context)["gradnorm"]
+    assert score[0] == pytest.approx(-5 / 12, rel=1e-6)
+
+
+def test_set_attacks_need_a_context():
+    for name in SET_ATTACKS:
+        with pytest.raises(ValueError, match="AttackContext"):
+            attack_scores([AttackConfig(name=name)], [SAMPLE], [TEXT], None)
+
+
+def test_options_default_from_the_registry_and_only_where_taken():
+    assert AttackConfig(name="recall").shots == attacks.RECALL_SHOTS
+    assert AttackConfig(name="recall").label == "recall"
+    assert AttackConfig(name="recall", shots=2).label == "recall@shots2"
+    with pytest.raises(ValueError, match="shots is only used by recall, not loss"):
+        AttackConfig(name="loss", shots=2)
+    with pytest.raises(ValueError, match="greater than 0"):
+        AttackConfig(name="recall", shots=0)
+
+
+def test_listing_a_set_attack_puts_its_rules_in_the_trial_id_and_leaves_other_ids_alone():
+    plain = validate_trial({"attacks": ["loss"]}, "t")
+    with_recall = validate_trial({"attacks": ["loss", "recall"]}, "t")
+    assert "shots" not in plain.resolved()["attacks"][0] or plain.resolved()["attacks"][0]["shots"] is None
+    assert plain.trial_id() != with_recall.trial_id()
+    rules = attacks.attack_rules(with_recall.attacks)
+    assert rules["recall"] == dict(ATTACKS["recall"].rules) and "loss" not in rules

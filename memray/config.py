@@ -178,6 +178,15 @@ class CanaryConfig(Schema):
         return self
 
 
+class OverlapFilterConfig(Schema):
+    """Non-members whose word n-gram overlap with the members exceeds `threshold` are
+    dropped and redrawn from unused samples (MIMIR's splits, Duan et al. 2024: 7- or
+    13-grams at 0.2 or 0.8), so that an AUC does not rest on near-copies across the split."""
+
+    ngram: Literal[7, 13] = 13  # words per n-gram (MIMIR's sizes)
+    threshold: float = Field(0.8, gt=0, lt=1)  # largest share of a non-member's n-grams found in members
+
+
 class DataConfig(Schema):
     dataset: str = "pydoc"
     path: str | None = None  # local file (jsonl / txt / csv) or a local copy of a hub dataset
@@ -190,6 +199,7 @@ class DataConfig(Schema):
     split_seed: int | None = None  # None: the trial's seed
     duplicates: DuplicatesConfig | None = None
     canaries: CanaryConfig | None = None  # secret canaries added to the training texts
+    overlap_filter: OverlapFilterConfig | None = None  # None: non-members as drawn (the split audit still measures them)
 
     @field_validator("dataset")
     @classmethod
@@ -396,6 +406,7 @@ def _default_attacks() -> list[AttackConfig]:
 ADDED_LATER: dict[tuple[str, str], Any] = {
     ("train", "group_by_length"): True, ("train", "compile"): False, ("train", "chunked_loss"): "auto",
     ("train", "deepspeed"): None, ("data", "revision"): None, ("method", "dora"): False,
+    ("data", "overlap_filter"): None,
 }
 #: Keys whose default changed: (new default, old default). A trial that leaves one unset
 #: keeps the id it had under the old default (these keys do not change what is measured).

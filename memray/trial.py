@@ -209,6 +209,7 @@ class TrialRun:
             context_length=_context_length(model), max_length=max_length,
             vocab_size=max(len(self.tokenizer), model.get_output_embeddings().weight.shape[0]),
             frequency_texts=_frequency_texts(config, self.tokenizer, source), source=source))
+        record.update(split_audit=data.split_audit(split.members, self.scored_nonmembers, split.overlap_filter))
         record.update(split_hash=split.split_hash, data_origin=split.origin, model_origin=models.model_origin(config.model),
                       method_info=self.info.__dict__,
                       attack_rules=_attack_rules(config, len(self.scored_nonmembers), self.prepared),

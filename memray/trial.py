@@ -209,7 +209,10 @@ class TrialRun:
             context_length=_context_length(model), max_length=max_length,
             vocab_size=max(len(self.tokenizer), model.get_output_embeddings().weight.shape[0]),
             frequency_texts=_frequency_texts(config, self.tokenizer, source), source=source))
-        record.update(split_audit=data.split_audit(split.members, self.scored_nonmembers, split.overlap_filter))
+        audit = data.split_audit(split.members, self.scored_nonmembers, split.overlap_filter)
+        record.update(split_audit=audit)
+        self.split_metrics = {key: audit[f"{n}gram"]["mean"] for n, key in metrics.SPLIT_OVERLAP_METRICS.items()
+                              if f"{n}gram" in audit}
         record.update(split_hash=split.split_hash, data_origin=split.origin, model_origin=models.model_origin(config.model),
                       method_info=self.info.__dict__,
                       attack_rules=_attack_rules(config, len(self.scored_nonmembers), self.prepared),
@@ -258,7 +261,8 @@ class TrialRun:
         target = scoring.score_tokens(model, self.scored_ids, need_vocab_stats=_needs_vocab_stats(config), **score_kwargs)
         val_tokens = sum(len(s.logprobs) for s in validation)
         val_loss = -sum(float(s.logprobs.sum()) for s in validation) / max(val_tokens, 1)
-        found: dict[str, float] = {"epoch": epoch, "val/loss": val_loss, "val/ppl": metrics.perplexity(val_loss)}
+        found: dict[str, float] = {"epoch": epoch, "val/loss": val_loss, "val/ppl": metrics.perplexity(val_loss),
+                                   **self.split_metrics}
         context = attacks.AttackContext(
             self.scored_ids, self.scored_texts, target, self.reference, model=model,
             score=lambda token_ids: scoring.score_tokens(model, token_ids, need_vocab_stats=False, **score_kwargs),
@@ -488,7 +492,8 @@ def epoch_line(epoch_metrics: dict[str, float], config: TrialConfig) -> str:
             continue
         name = key.removeprefix("mia/").removesuffix("/auc") + (" auc" if key.startswith("mia/") else "")
         parts.append(f"{name} {value:.4g}" if key != "epoch" else f"epoch {int(value)}")
-    return " | ".join(parts)
+    flag = metrics.below_chance_note(epoch_metrics)
+    return " | ".join(parts + ([flag] if flag else []))
 
 
 def summary_table(trial_dir: Path) -> str:
@@ -513,7 +518,8 @@ def summary_table(trial_dir: Path) -> str:
             elif key.endswith("/auc"):
                 low, high = row.get(key + "_lo"), row.get(key + "_hi")
                 chance = low is not None and high is not None and low <= 0.5 <= high
-                line.append(f"{value:.4f}" + ("*" if chance else " "))
+                below = high is not None and high < 0.5
+                line.append(f"{value:.4f}" + ("*" if chance else "!" if below else " "))
             else:
                 line.append(f"{value:.3f}")
         lines.append(line)
@@ -523,4 +529,10 @@ def summary_table(trial_dir: Path) -> str:
     status = result.get("status", "unknown")
     reason = f" ({result['reason']})" if result.get("reason") else ""
     text.append("* the AUC's 95% interval holds 0.5: not distinguishable from chance")
+    if any(metrics.below_chance(row) for row in rows):
+        audit = result.get("split_audit") or {}
+        overlap = ", ".join(f"{key} overlap mean {value['mean']:.3f}, max {value['max']:.3f}"
+                            for key, value in audit.items() if key.endswith("gram"))
+        text.append("! the AUC's 95% interval lies below 0.5: members score lower than non-members, which points at "
+                    f"the split, not training (split_audit: {overlap or 'not recorded'})")
     return "\n".join([f"{Path(trial_dir)}: {status}{reason}", *text])

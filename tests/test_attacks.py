@@ -259,3 +259,86 @@ def test_listing_a_set_attack_puts_its_rules_in_the_trial_id_and_leaves_other_id
     assert plain.trial_id() != with_recall.trial_id()
     rules = attacks.attack_rules(with_recall.attacks)
     assert rules["recall"] == dict(ATTACKS["recall"].rules) and "loss" not in rules
+
+
+# ---------------------------------------------------------------------------------------
+# AUCs below chance, flagged with the split audit beside them
+# ---------------------------------------------------------------------------------------
+
+#: an epoch like the issue's: Zlib .34 on a 64 + 64 split, its interval wholly below 0.5
+BELOW = {"epoch": 3, "train/loss": 2.0, "val/ppl": 9.0,
+         "mia/loss/auc": 0.45, "mia/loss/auc_lo": 0.35, "mia/loss/auc_hi": 0.55,
+         "mia/zlib/auc": 0.34, "mia/zlib/auc_lo": 0.25, "mia/zlib/auc_hi": 0.43,
+         "split/ngram7_overlap": 0.04, "split/ngram13_overlap": 0.031}
+
+
+def test_below_chance_is_an_interval_wholly_below_one_half():
+    from memray import metrics
+
+    assert metrics.below_chance(BELOW) == ["zlib"]
+    assert metrics.below_chance({**BELOW, "mia/zlib/auc_hi": 0.5}) == []  # holds 0.5: chance, not below it
+    assert metrics.below_chance_note(BELOW) == "BELOW CHANCE: zlib 0.340 [0.25, 0.43]; split 7/13-gram overlap 0.04/0.03"
+    assert metrics.below_chance_note({**BELOW, "mia/zlib/auc_hi": 0.6}) is None
+
+
+def test_the_trial_and_console_lines_flag_it():
+    from memray.sweep.console import TrialRow, epoch_text
+    from memray.trial import epoch_line
+
+    config = validate_trial({"attacks": ["loss", "zlib"]}, "t")
+    assert epoch_line(BELOW, config).endswith("| BELOW CHANCE: zlib 0.340 [0.25, 0.43]; split 7/13-gram overlap 0.04/0.03")
+    line = epoch_text(TrialRow("t", 3, "loss"), BELOW)
+    assert "zlib AUC 0.340" in line and line.endswith("BELOW CHANCE: zlib 0.340 [0.25, 0.43]; split 7/13-gram overlap 0.04/0.03")
+    assert "BELOW" not in epoch_text(TrialRow("t", 3, "loss"), {**BELOW, "mia/zlib/auc_hi": 0.51})
+
+
+def test_the_report_notes_it_with_the_split_audit():
+    from memray.report.loading import AttackResult, Trial
+    from memray.report.tables import BELOW_CHANCE_MARK, _chance_mark, below_chance_notes
+
+    audit = {"7gram": {"mean": 0.04, "median": 0.0, "max": 0.69, "above_0.2": 0.0625, "above_0.8": 0.0},
+             "13gram": {"mean": 0.031, "median": 0.0, "max": 0.64, "above_0.2": 0.0625, "above_0.8": 0.0},
+             "filter": None}
+    nan = float("nan")
+    trial = Trial("t1", "t1", "success", None, {}, {}, [BELOW], split_audit=audit)
+    trial.attacks = {"loss": AttackResult("loss", 0.45, nan, nan, 0.45, nan, nan, ci=(0.35, 0.55)),
+                     "zlib": AttackResult("zlib", 0.34, nan, nan, 0.34, nan, nan, ci=(0.25, 0.43))}
+    [note] = below_chance_notes([trial])
+    assert note.startswith("BELOW CHANCE in t1: zlib 0.340 [0.250, 0.430]")
+    assert "7gram overlap mean 0.040 (max 0.69, 6% above 0.2); 13gram overlap mean 0.031" in note
+    assert _chance_mark(trial, "zlib") == BELOW_CHANCE_MARK and _chance_mark(trial, "loss") == " (chance)"
+
+
+# ---------------------------------------------------------------------------------------
+# A trial with every attack that runs on its own
+# ---------------------------------------------------------------------------------------
+
+
+def test_a_trial_with_every_attack_reports_each_per_epoch_with_its_interval_and_the_split_audit(tmp_path):
+    import json
+
+    from memray.trial import run_trial
+
+    names = [n for n in ATTACKS if not ATTACKS[n].needs_reference_models]
+    config = validate_trial({
+        "output_dir": str(tmp_path), "model": {"name": "tiny-gpt2"},
+        "data": {"dataset": "pydoc", "max_length": 64, "members": 16, "nonmembers": 16, "validation": 8,
+                 "overlap_filter": {"ngram": 7, "threshold": 0.5}},
+        "method": {"name": "lora", "rank": 4, "lr": 0.003}, "train": {"epochs": 1, "batch_size": 8},
+        "eval": {"batch_size": 16}, "attacks": names}, "test")
+    run_trial(config, trial_dir=tmp_path / "t", progress=False)
+    result = json.loads((tmp_path / "t" / "result.json").read_text())
+    assert result["status"] == "success" and len(result["epochs"]) == 2
+    for row in result["epochs"]:
+        for name in names:
+            low, auc, high = (row[f"mia/{name}/{key}"] for key in ("auc_lo", "auc", "auc_hi"))
+            assert 0 <= low <= auc <= high <= 1, name
+    audit = result["split_audit"]
+    assert audit["filter"]["ngram"] == 7 and audit["filter"]["kept"] == 16 and audit["7gram"]["max"] <= 0.5
+    assert {"7gram", "13gram"} <= set(audit) and result["epochs"][0]["split/ngram7_overlap"] == audit["7gram"]["mean"]
+    rules = result["attack_rules"]
+    # 5 shots asked; whole 64-token validation blocks while the prefix fits half of 512 positions
+    assert rules["recall"]["shots_asked"] == 5 and 1 <= rules["recall"]["shots"] <= 5
+    assert rules["recall"]["prefix_tokens"] <= rules["recall"]["prefix_cap"] == 256
+    assert rules["dcpdd"]["frequency_source"].startswith("the built-in base's pretraining text")
+    assert rules["gradnorm"] == dict(ATTACKS["gradnorm"].rules)

@@ -100,6 +100,9 @@ def wandb_config(cell: Cell, trial_name: str) -> dict[str, Any]:
         "placement": getattr(method, "placement", None), "virtual_tokens": getattr(method, "virtual_tokens", None),
         "epochs": config.train.epochs, "batch_size": config.train.batch_size,
         "duplication": duplicates.fraction if duplicates else 0.0, "seed": config.seed,
+        # the split's n-gram overlap filter as `<n>gram<=<threshold>`; None: non-members as drawn
+        "overlap_filter": (f"{config.data.overlap_filter.ngram}gram<={config.data.overlap_filter.threshold:g}"
+                           if config.data.overlap_filter else None),
         "cell": cell.index, "trial": trial_name,
         "config_key": config_key(config.resolved()), "config_name": config_name(cell),
     }

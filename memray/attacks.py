@@ -47,7 +47,8 @@ class AttackSetup:
     split's token ids (never scored as members or non-members); context_length: the
     model's positions; max_length: data.max_length; vocab_size: the output layer's size;
     frequency_texts(): (what they are, texts) of the corpus the model's token frequencies
-    are counted on, read when first asked for; source: the config file, for ConfigError.
+    are counted on, read when first asked for; source: the config file, for ConfigError;
+    virtual_tokens: positions a prompt-based method prepends to every input.
     """
 
     token_ids: Callable[[list[str], int], list[list[int]]]
@@ -58,6 +59,7 @@ class AttackSetup:
     vocab_size: int
     frequency_texts: Callable[[], tuple[str, list[str]]]
     source: str = "config"
+    virtual_tokens: int = 0  # positions a prompt-based method prepends, taken from the context
 
 
 @dataclass
@@ -78,7 +80,8 @@ class AttackContext:
     model: the measured model (None where no attack needs it); score(token_ids): the
     trial's batched scorer on that model (`memray.scoring.score_tokens` with the trial's
     batch size and virtual tokens, no vocabulary statistics); virtual_tokens: positions a
-    prompt-based method prepends to the model's output; prepared: label -> `Prepared`.
+    prompt-based method prepends to the model's output; prepared: label -> `Prepared`;
+    validation_ids, validation: the validation split's ids and the model's statistics on it.
     """
 
     token_ids: list[list[int]]
@@ -89,6 +92,10 @@ class AttackContext:
     score: Callable[[list[list[int]]], list[TokenStats]] | None = None
     virtual_tokens: int = 0
     prepared: dict[str, Prepared] = field(default_factory=dict)
+    # the validation split (never trained on, never scored as members or non-members): its
+    # token ids and the measured model's statistics on it, the known non-members of `quantile`
+    validation_ids: list[list[int]] = field(default_factory=list)
+    validation: list[TokenStats] = field(default_factory=list)
 
 
 #: (attack config, context) -> one score per sample
@@ -122,6 +129,9 @@ class AttackSpec:
     rules: Mapping[str, str] = field(default_factory=dict)
     # settings of AttackConfig (besides k and references) the attack takes -> their defaults
     options: Mapping[str, Any] = field(default_factory=dict)
+    # (attack config, trial config) -> why the trial cannot run it ("<field>: <reason>"), or
+    # None; called while the config is validated, before anything loads
+    check: Callable[[AttackConfig, Any], str | None] | None = None
 
     @property
     def needs_reference_models(self) -> bool:
@@ -145,15 +155,15 @@ def attack(name: str, default_k: float | None = None, needs_reference: bool = Fa
 
 
 def set_attack(name: str, *, prepare: PrepareFn | None = None, needs_model: bool = False, extra_pass: str = "",
-               rules: Mapping[str, str] | None = None,
-               options: Mapping[str, Any] | None = None) -> Callable[[SetScoreFn], SetScoreFn]:
+               rules: Mapping[str, str] | None = None, options: Mapping[str, Any] | None = None,
+               check: Callable[[AttackConfig, Any], str | None] | None = None) -> Callable[[SetScoreFn], SetScoreFn]:
     """Register an attack scored over all samples at once (`score_set`) under `name`;
     ValueError if the name is taken."""
 
     def register(function: SetScoreFn) -> SetScoreFn:
         ATTACKS.add(name, AttackSpec(name, _scored_as_a_set, score_set=function, prepare=prepare,
                                      needs_model=needs_model, extra_pass=extra_pass, rules=dict(rules or {}),
-                                     options=dict(options or {})))
+                                     options=dict(options or {}), check=check))
         return function
 
     return register
@@ -348,7 +358,7 @@ def _prepare_recall(config: AttackConfig, setup: AttackSetup) -> Prepared:
         raise ConfigError(setup.source, field_name,
                           f"ReCaLL draws its {config.shots} non-member shots from the validation split, which holds "
                           f"{len(setup.validation_ids)} samples: lower shots or raise data.validation")
-    cap = min(setup.context_length // 2, setup.context_length - setup.max_length)
+    cap = min(setup.context_length // 2, setup.context_length - setup.max_length - setup.virtual_tokens)
     prefix = [setup.bos] if setup.bos is not None else []
     used = 0
     for ids in setup.validation_ids[:config.shots]:
@@ -360,17 +370,26 @@ def _prepare_recall(config: AttackConfig, setup: AttackSetup) -> Prepared:
     if used == 0:
         raise ConfigError(setup.source, "data.max_length",
                           f"ReCaLL's prefix may take at most {cap} tokens (half of the model's {setup.context_length} "
-                          f"positions, and what a {setup.max_length}-token sample leaves), too few for one whole "
+                          f"positions, and what a {setup.max_length}-token sample and {setup.virtual_tokens} virtual tokens "
+                          "leave), too few for one whole "
                           "validation sample: lower data.max_length")
     return Prepared((prefix, setup.bos), {"shots": used, "shots_asked": config.shots, "prefix_tokens": len(prefix),
                                           "prefix_cap": cap, "context": setup.context_length})
 
 
-@set_attack("recall", prepare=_prepare_recall, needs_model=True, options={"shots": RECALL_SHOTS},
+def _check_recall(config: AttackConfig, trial: Any) -> str | None:
+    if trial.data.validation < config.shots:
+        return (f"attacks.{config.label}.shots: ReCaLL draws its {config.shots} shots from the validation split, "
+                f"which holds data.validation = {trial.data.validation}: lower shots or raise data.validation")
+    return None
+
+
+@set_attack("recall", prepare=_prepare_recall, needs_model=True, options={"shots": RECALL_SHOTS}, check=_check_recall,
             extra_pass="a forward pass over prefix + sample",
             rules={"shots": "the first `shots` validation samples (never scored samples), each without BOS, "
                             "joined after one BOS (Xie et al. 2024's code: non-member texts as the prefix)",
-                   "prefix_cap": "whole shots while the prefix fits min(context // 2, context - max_length) tokens",
+                   "prefix_cap": "whole shots while the prefix fits min(context // 2, context - max_length - virtual "
+                                 "tokens) tokens",
                    "score": "LL(x | prefix) / LL(x), mean token log-likelihoods of the same target tokens"})
 def recall_score(config: AttackConfig, context: AttackContext) -> np.ndarray:
     """ReCaLL: the sample's mean log-likelihood conditioned on a prefix of non-member texts,
@@ -408,7 +427,7 @@ def token_frequencies(token_ids: list[list[int]], vocab_size: int) -> np.ndarray
 
 def _prepare_dcpdd(config: AttackConfig, setup: AttackSetup) -> Prepared:
     """DC-PDD's token frequencies, counted on `setup.frequency_texts()` with the model's
-    tokenizer (each text's first DCPDD_MAX_TOKENS tokens)."""
+    tokenizer (each text's first DCPDD_MAX_TOKENS tokens); `quantile` counts the same."""
     what, texts = setup.frequency_texts()
     if not texts:
         raise ConfigError(setup.source, f"attacks.{config.label}",
@@ -481,4 +500,183 @@ def gradnorm_score(config: AttackConfig, context: AttackContext) -> np.ndarray:
     finally:
         for parameter, grad in zip(trained, kept):
             parameter.grad = grad
+    return np.array(scores, dtype=np.float64)
+
+
+#: The quantile level the quantile attack's regression fits: the median, since the AUC
+#: compares its score at every threshold (Bertran et al. fit 1 - the target FPR, for one).
+QUANTILE_LEVEL = 0.5
+#: Validation samples (known non-members) the regression needs at least: ten per coefficient.
+QUANTILE_MIN_SAMPLES = 30
+
+
+def quantile_features(token_ids: list[list[int]], frequencies: np.ndarray) -> np.ndarray:
+    """The quantile regression's features of each sample, from its tokens alone (never the
+    target model): log of its scored token count and the mean log frequency of those
+    tokens in the frequency corpus (how common its words are); one row per sample."""
+    rows = []
+    for ids in token_ids:
+        targets = np.asarray(ids[1:], dtype=np.int64)
+        rows.append([np.log(len(targets)), float(np.mean(np.log(frequencies[targets])))])
+    return np.array(rows, dtype=np.float64)
+
+
+def fit_quantile(features: np.ndarray, values: np.ndarray, level: float = QUANTILE_LEVEL) -> np.ndarray:
+    """Coefficients (intercept first) of the linear `level`-quantile regression of `values`
+    on `features`: the pinball loss minimized exactly as a linear program (HiGHS)."""
+    from scipy.optimize import linprog  # here: memray.attacks imports nothing heavy at import time
+
+    design = np.column_stack([np.ones(len(values)), features])
+    n, k = design.shape
+    # minimize level * sum(u) + (1 - level) * sum(v) with design @ beta + u - v = values, u, v >= 0
+    cost = np.concatenate([np.zeros(k), np.full(n, level), np.full(n, 1 - level)])
+    equality = np.hstack([design, np.eye(n), -np.eye(n)])
+    bounds = [(None, None)] * k + [(0, None)] * (2 * n)
+    found = linprog(cost, A_eq=equality, b_eq=values, bounds=bounds, method="highs")
+    if not found.success:
+        raise ValueError(f"the quantile regression found no fit: {found.message}")
+    return found.x[:k]
+
+
+def _prepare_quantile(config: AttackConfig, setup: AttackSetup) -> Prepared:
+    """The quantile attack's token frequencies (DC-PDD's corpus) and a check that the
+    validation split holds enough known non-members to fit the regression on."""
+    if len(setup.validation_ids) < QUANTILE_MIN_SAMPLES:
+        raise ConfigError(setup.source, "data.validation",
+                          f"the quantile attack fits its regression on the validation split (known non-members), "
+                          f"which holds {len(setup.validation_ids)} samples: at least {QUANTILE_MIN_SAMPLES} are needed")
+    prepared = _prepare_dcpdd(config, setup)
+    prepared.record["regression_samples"] = len(setup.validation_ids)
+    return prepared
+
+
+def _check_quantile(config: AttackConfig, trial: Any) -> str | None:
+    if trial.data.validation < QUANTILE_MIN_SAMPLES:
+        return (f"data.validation: the quantile attack fits its regression on the validation split, "
+                f"{trial.data.validation} samples; at least {QUANTILE_MIN_SAMPLES} are needed")
+    return None
+
+
+@set_attack("quantile", prepare=_prepare_quantile, check=_check_quantile,
+            rules={"regression": f"linear {QUANTILE_LEVEL:g}-quantile (pinball loss, exact) regression of the LOSS "
+                                 "score -loss of the validation split (known non-members, never scored) under the "
+                                 "measured model, refitted every epoch",
+                   "features": "log scored-token count, mean log frequency of the tokens (DC-PDD's corpus): from "
+                               "the text alone, no reference model",
+                   "score": "-loss minus the predicted quantile (Bertran et al. 2023's score; MIMIR's regressor, "
+                            "a hub transformer, is not available here)"})
+def quantile_score(config: AttackConfig, context: AttackContext) -> np.ndarray:
+    """Quantile regression: how far the sample's LOSS score lies above what a quantile
+    regression fitted on known non-members predicts for a sample like it; no reference
+    model is trained. A sample that is easy in itself (short, common words) is expected
+    to score high, so only scoring higher than that marks a member.
+
+    Bertran et al. 2023, "Scalable Membership Inference Attacks via Quantile Regression",
+    https://arxiv.org/abs/2307.03694 (amazon-science/llm-qmia); MIMIR's `QuantileAttack`.
+    """
+    if not context.validation:
+        raise ValueError("attack 'quantile' fits on the validation split: AttackContext.validation is empty")
+    frequencies = context.prepared[config.label].state
+    coefficients = fit_quantile(quantile_features(context.validation_ids, frequencies),
+                                np.array([-stats.loss for stats in context.validation]))
+    design = np.column_stack([np.ones(len(context.token_ids)), quantile_features(context.token_ids, frequencies)])
+    return np.array([-stats.loss for stats in context.target]) - design @ coefficients
+
+
+#: Neighbours per sample of the neighbourhood attack: Mattern et al. 2023 use 25-100
+#: (more helps, each costs a forward pass per sample and epoch).
+NEIGHBOURS = 25
+
+
+def word_neighbours(text: str, count: int, substitute: Callable[[list[str], int], str | None]) -> list[str]:
+    """Up to `count` neighbours of `text`, each with one word replaced (Mattern et al.
+    2023's one-word substitutions): the positions spread evenly over the words, each word
+    replaced by `substitute(words, position)` (None or the word itself: no neighbour
+    there)."""
+    words = text.split(" ")
+    positions = [p for p in range(len(words)) if words[p].strip()]
+    if not positions:
+        return []
+    wanted = min(count, len(positions))
+    picked = [positions[round(i * (len(positions) - 1) / max(wanted - 1, 1))] for i in range(wanted)]
+    neighbours = []
+    for position in dict.fromkeys(picked):
+        replacement = substitute(words, position)
+        if replacement and replacement != words[position]:
+            neighbours.append(" ".join([*words[:position], replacement, *words[position + 1:]]))
+    return neighbours
+
+
+def mask_filler(path: str) -> Callable[[list[str], int], str | None]:
+    """`substitute` of `word_neighbours` from a local mask-filling model (a BERT-like
+    fill-mask model): the most likely whole-word filler of the masked position other than
+    the word itself."""
+    from transformers import pipeline  # here: memray.attacks imports nothing heavy at import time
+
+    fill = pipeline("fill-mask", model=path, tokenizer=path, device=-1)
+    mask, special = fill.tokenizer.mask_token, set(fill.tokenizer.all_special_tokens)
+
+    def substitute(words: list[str], position: int) -> str | None:
+        masked = " ".join([*words[:position], mask, *words[position + 1:]])
+        for candidate in fill(masked, top_k=10):  # the vocabulary's own word: subword pieces and specials skipped
+            token = (fill.tokenizer.convert_ids_to_tokens(int(candidate["token"])) or "").strip()
+            if token and token not in special and token != words[position] and token.isalnum():
+                return token
+        return None
+
+    return substitute
+
+
+def _prepare_neighbourhood(config: AttackConfig, setup: AttackSetup) -> Prepared:
+    """The neighbourhood attack's neighbour maker (the mask-filling model at
+    `mask_model`, a local path) and the trial's tokenization; neighbours are made once per
+    scored text, on first use, and kept."""
+    if config.mask_model is None:
+        raise ConfigError(setup.source, f"attacks.{config.label}.mask_model",
+                          "the neighbourhood attack needs a mask-filling model (BERT or T5, as a local folder): "
+                          "none installs from a package registry, and the hub is not reached at run time")
+    try:
+        substitute = mask_filler(config.mask_model)
+    except (OSError, ValueError) as err:
+        raise ConfigError(setup.source, f"attacks.{config.label}.mask_model",
+                          f"{config.mask_model}: not a loadable mask-filling model ({err})") from None
+    return Prepared({"substitute": substitute, "token_ids": setup.token_ids, "max_length": setup.max_length,
+                     "neighbours": {}}, {"mask_model": config.mask_model, "neighbours": config.neighbours})
+
+
+def _check_neighbourhood(config: AttackConfig, trial: Any) -> str | None:
+    if config.mask_model is None:
+        return (f"attacks.{config.label}.mask_model: the neighbourhood attack needs a mask-filling model (BERT or T5) "
+                "as a local folder; none installs from a package registry")
+    return None
+
+
+@set_attack("neighbourhood", prepare=_prepare_neighbourhood, needs_model=True, check=_check_neighbourhood, options={"neighbours": NEIGHBOURS,
+                                                                                        "mask_model": None},
+            extra_pass="a forward pass per neighbour (25 by default) per sample",
+            rules={"neighbours": "one-word substitutions at positions spread evenly over the words, each word's most "
+                                 "likely other whole-word filler under the mask-filling model; made once per text",
+                   "score": "mean loss of the neighbours minus the sample's loss (its neighbours scored like it, "
+                            "same tokenization and max_length)"})
+def neighbourhood_score(config: AttackConfig, context: AttackContext) -> np.ndarray:
+    """Neighbourhood attack: how much lower the sample's loss is than that of its
+    neighbours, texts one word away from it; a member sits in a dip of the loss that its
+    neighbours do not share. Samples with no neighbour score 0.
+
+    Mattern et al. 2023, "Membership Inference Attacks against Language Models via
+    Neighbourhood Comparison", https://arxiv.org/abs/2305.18462
+    """
+    if context.score is None:
+        raise ValueError("attack 'neighbourhood' runs the model: AttackContext.score is needed")
+    state = context.prepared[config.label].state
+    made = state["neighbours"]
+    for text in context.texts:
+        if text not in made:
+            made[text] = word_neighbours(text, config.neighbours, state["substitute"])
+    flat = [neighbour for text in context.texts for neighbour in made[text]]
+    losses = iter([stats.loss for stats in context.score(state["token_ids"](flat, state["max_length"]))] if flat else [])
+    scores = []
+    for text, alone in zip(context.texts, context.target):
+        theirs = [next(losses) for _ in made[text]]
+        scores.append(float(np.mean(theirs)) - alone.loss if theirs else 0.0)
     return np.array(scores, dtype=np.float64)

@@ -277,7 +277,7 @@ REFERENCE_RECIPE = ("its half of the audit pool (target's copies) topped up to t
 
 #: AttackConfig settings that an attack takes where its registry entry lists them in
 #: `options` (with their defaults); unset elsewhere, and then out of the trial id.
-ATTACK_OPTIONS: tuple[str, ...] = ("shots",)
+ATTACK_OPTIONS: tuple[str, ...] = ("shots", "neighbours", "mask_model")
 
 
 class AttackConfig(Schema):
@@ -285,6 +285,8 @@ class AttackConfig(Schema):
     k: float | None = Field(None, gt=0, le=1)  # mink / mink++: share of lowest-scoring tokens
     references: int | None = None  # lira / rmia: reference models trained on halves of the audit pool (even, >= 4)
     shots: int | None = Field(None, gt=0)  # recall: non-member shots from the validation split in the prefix
+    neighbours: int | None = Field(None, gt=0)  # neighbourhood: one-word neighbours scored per sample
+    mask_model: str | None = None  # neighbourhood: local folder of its mask-filling model (BERT-like)
 
     @field_validator("name")
     @classmethod
@@ -315,7 +317,7 @@ class AttackConfig(Schema):
             raise ValueError(f"references is only used by {' and '.join(takes)}, not {self.name}")
         options = ATTACK_REGISTRY[self.name].options
         for option in ATTACK_OPTIONS:  # settings an attack's registry entry declares, with their defaults
-            if getattr(self, option) is None and option in options:
+            if getattr(self, option) is None and options.get(option) is not None:
                 setattr(self, option, options[option])
             elif getattr(self, option) is not None and option not in options:
                 takes = [name for name in ATTACK_REGISTRY if option in ATTACK_REGISTRY[name].options]
@@ -329,7 +331,7 @@ class AttackConfig(Schema):
         if self.k is not None and self.k != ATTACK_REGISTRY[self.name].default_k:
             label += f"@{self.k:g}"
         for option, default in ATTACK_REGISTRY[self.name].options.items():
-            if getattr(self, option) != default:
+            if getattr(self, option) != default and default is not None:  # None: a resource (a path), not a variant
                 label += f"@{option}{getattr(self, option)}"
         return label
 
@@ -471,6 +473,15 @@ class TrialConfig(Schema):
         return [ReferenceConfig(index=i, of=count, seed=reference_seed(self.seed, i)) for i in range(count)]
 
     @model_validator(mode="after")
+    def _attacks_can_run(self) -> "TrialConfig":
+        for attack in self.attacks:  # each attack's own check of the trial (its registry entry's `check`)
+            check = ATTACK_REGISTRY[attack.name].check
+            problem = check(attack, self) if check is not None else None
+            if problem:
+                raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
     def _extraction_fits(self) -> "TrialConfig":
         extraction, max_length = self.extraction, self.data.max_length
         if extraction.enabled and extraction.prefix_tokens + extraction.suffix_tokens > max_length:
@@ -524,7 +535,7 @@ class TrialConfig(Schema):
         for attack in payload["attacks"]:
             for option in ("references", *ATTACK_OPTIONS):
                 if attack.get(option) is None:
-                    del attack[option]  # attacks that do not take it: ids as before the key existed
+                    attack.pop(option, None)  # attacks that do not take it: ids as before the key existed
         for (section, key), default in ADDED_LATER.items():
             if key in payload[section] and payload[section][key] == default:
                 del payload[section][key]  # trials that leave it at its default keep their ids (and folders)

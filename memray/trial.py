@@ -208,7 +208,8 @@ class TrialRun:
             bos=self.tokenizer.bos_token_id, validation_ids=self.validation_ids,
             context_length=_context_length(model), max_length=max_length,
             vocab_size=max(len(self.tokenizer), model.get_output_embeddings().weight.shape[0]),
-            frequency_texts=_frequency_texts(config, self.tokenizer, source), source=source))
+            frequency_texts=_frequency_texts(config, self.tokenizer, source), source=source,
+            virtual_tokens=self.info.virtual_tokens))
         audit = data.split_audit(split.members, self.scored_nonmembers, split.overlap_filter)
         record.update(split_audit=audit)
         self.split_metrics = {key: audit[f"{n}gram"]["mean"] for n, key in metrics.SPLIT_OVERLAP_METRICS.items()
@@ -266,7 +267,8 @@ class TrialRun:
         context = attacks.AttackContext(
             self.scored_ids, self.scored_texts, target, self.reference, model=model,
             score=lambda token_ids: scoring.score_tokens(model, token_ids, need_vocab_stats=False, **score_kwargs),
-            virtual_tokens=self.info.virtual_tokens, prepared=self.prepared)
+            virtual_tokens=self.info.virtual_tokens, prepared=self.prepared,
+            validation_ids=self.validation_ids, validation=validation)
         scores = attacks.attack_scores(config.attacks, target, self.scored_texts, self.reference, context)
         # nll: each sample's mean token loss, the statistic of lira / rmia (memray.references)
         frame = pd.DataFrame({"sample_id": [s.id for s in self.scored], "member": self.is_member, "copies": self.copies,

@@ -320,19 +320,23 @@ def test_a_trial_with_every_attack_reports_each_per_epoch_with_its_interval_and_
     from memray.trial import run_trial
 
     names = [n for n in ATTACKS if not ATTACKS[n].needs_reference_models]
+    # the neighbourhood attack's mask-filling model: a tiny random BERT (none can be had here)
+    entries = [{"name": n, **({"mask_model": tiny_mask_model(tmp_path / "bert"), "neighbours": 2}
+                              if ATTACKS[n].options.get("mask_model", 0) is None else {})} for n in names]
+    labels = [validate_trial({"attacks": [entry]}, "t").attacks[0].label for entry in entries]
     config = validate_trial({
         "output_dir": str(tmp_path), "model": {"name": "tiny-gpt2"},
-        "data": {"dataset": "pydoc", "max_length": 64, "members": 16, "nonmembers": 16, "validation": 8,
+        "data": {"dataset": "pydoc", "max_length": 64, "members": 16, "nonmembers": 16, "validation": 32,
                  "overlap_filter": {"ngram": 7, "threshold": 0.5}},
         "method": {"name": "lora", "rank": 4, "lr": 0.003}, "train": {"epochs": 1, "batch_size": 8},
-        "eval": {"batch_size": 16}, "attacks": names}, "test")
+        "eval": {"batch_size": 16}, "attacks": entries}, "test")
     run_trial(config, trial_dir=tmp_path / "t", progress=False)
     result = json.loads((tmp_path / "t" / "result.json").read_text())
     assert result["status"] == "success" and len(result["epochs"]) == 2
     for row in result["epochs"]:
-        for name in names:
-            low, auc, high = (row[f"mia/{name}/{key}"] for key in ("auc_lo", "auc", "auc_hi"))
-            assert 0 <= low <= auc <= high <= 1, name
+        for label in labels:
+            low, auc, high = (row[f"mia/{label}/{key}"] for key in ("auc_lo", "auc", "auc_hi"))
+            assert 0 <= low <= auc <= high <= 1, label
     audit = result["split_audit"]
     assert audit["filter"]["ngram"] == 7 and audit["filter"]["kept"] == 16 and audit["7gram"]["max"] <= 0.5
     assert {"7gram", "13gram"} <= set(audit) and result["epochs"][0]["split/ngram7_overlap"] == audit["7gram"]["mean"]
@@ -342,3 +346,116 @@ def test_a_trial_with_every_attack_reports_each_per_epoch_with_its_interval_and_
     assert rules["recall"]["prefix_tokens"] <= rules["recall"]["prefix_cap"] == 256
     assert rules["dcpdd"]["frequency_source"].startswith("the built-in base's pretraining text")
     assert rules["gradnorm"] == dict(ATTACKS["gradnorm"].rules)
+    assert rules["quantile"]["regression_samples"] == 32
+
+
+# ---------------------------------------------------------------------------------------
+# The quantile attack
+# ---------------------------------------------------------------------------------------
+
+
+def test_quantile_regression_is_exact_on_a_linear_case_and_scores_the_residual():
+    frequencies = np.array([0.1, 0.2, 0.3, 0.4])
+    # known non-members of lengths 2..6 over different tokens; their -loss = -10 + 2 log n + 3 mean log f exactly
+    validation_ids = [[0, *([1 + i % 3] * (n - 1)), 3] for i, n in enumerate((2, 3, 4, 5, 6, 2, 4, 6))]
+    features = attacks.quantile_features(validation_ids, frequencies)
+    assert features[0] == pytest.approx([math.log(2), (math.log(0.2) + math.log(0.4)) / 2])
+    values = -10 + 2 * features[:, 0] + 3 * features[:, 1]
+    np.testing.assert_allclose(attacks.fit_quantile(features, values), [-10, 2, 3], atol=1e-7)
+    # one outlier above: the median fit does not move
+    noisy = values.copy()
+    noisy[0] += 10
+    assert attacks.fit_quantile(features, noisy, 0.5) == pytest.approx([-10, 2, 3], abs=1e-6)
+    validation = [stats([v] * (len(ids) - 1)) for v, ids in zip(values, validation_ids)]  # -loss = v
+    scored_ids = [[0, 1, 2, 3], [0, 2, 2, 2, 2]]
+    predicted = -10 + attacks.quantile_features(scored_ids, frequencies) @ [2, 3]
+    target = [stats([-0.5] * 3), stats([-0.25] * 4)]
+    context = AttackContext(scored_ids, ["a", "b"], target, prepared={"quantile": Prepared(frequencies)},
+                            validation_ids=validation_ids, validation=validation)
+    score = attack_scores([AttackConfig(name="quantile")], target, context.texts, None, context)["quantile"]
+    np.testing.assert_allclose(score, [-0.5 - predicted[0], -0.25 - predicted[1]], atol=1e-6)
+
+
+def test_quantile_needs_enough_known_non_members():
+    with pytest.raises(ConfigError, match="sweep.yaml: data.validation: the quantile attack .* holds 5 samples"):
+        attacks.prepare_attacks([AttackConfig(name="quantile")], setup([[0, 1]] * 5))
+
+
+# ---------------------------------------------------------------------------------------
+# The neighbourhood attack: its mask-filling model comes from no package registry, so its
+# code runs here on stand-ins and on a tiny random BERT built in the test
+# ---------------------------------------------------------------------------------------
+
+
+def tiny_mask_model(folder) -> str:
+    """A random BERT fill-mask model over a word-level vocabulary, saved to `folder`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertConfig, BertForMaskedLM, PreTrainedTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"the a of to in is and for with on as by".split(),
+             *(f"word{i}" for i in range(40))]
+    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
+                                        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=128)
+    BertForMaskedLM(config).save_pretrained(folder)
+    return str(folder)
+
+
+def test_word_neighbours_replace_one_word_at_positions_spread_evenly():
+    upper = lambda words, position: words[position].upper()  # noqa: E731 (a stand-in mask filler)
+    assert attacks.word_neighbours("a b c d e", 3, upper) == ["A b c d e", "a b C d e", "a b c d E"]
+    assert attacks.word_neighbours("a b", 5, upper) == ["A b", "a B"]  # no more than one per word
+    same = lambda words, position: words[position] if position else "z"  # noqa: E731
+    assert attacks.word_neighbours("a b", 2, same) == ["z b"]  # a filler equal to the word makes no neighbour
+
+
+def test_neighbourhood_is_the_neighbours_mean_loss_less_the_samples():
+    made = {"a b": ["x b", "a y"], "c": []}
+    losses = {"x b": 3.0, "a y": 4.0}
+    asked = []
+
+    def score(token_ids):
+        asked.extend(token_ids)
+        return [stats([-losses[text]] * 2) for text in token_ids]  # the stand-in tokenization keeps the text
+
+    state = {"substitute": None, "token_ids": lambda texts, length: list(texts), "max_length": 8, "neighbours": made}
+    target = [stats([-1.0, -2.0]), stats([-1.0])]
+    context = AttackContext([[0, 1, 2], [0, 1]], ["a b", "c"], target, score=score,
+                            prepared={"neighbourhood": Prepared(state)})
+    scores = attack_scores([AttackConfig(name="neighbourhood", mask_model="m")], target, context.texts, None, context)
+    # (3 + 4) / 2 - 1.5 = 2; no neighbour: 0
+    np.testing.assert_allclose(scores["neighbourhood"], [2.0, 0.0])
+    assert asked == ["x b", "a y"]
+
+
+def test_neighbourhood_refuses_a_missing_or_broken_mask_model_and_runs_a_real_one(tmp_path):
+    with pytest.raises(ConfigError, match=r"attacks.neighbourhood.mask_model: .*from a package registry"):
+        attacks.prepare_attacks([AttackConfig(name="neighbourhood")], setup([]))
+    with pytest.raises(ConfigError, match="attacks.neighbourhood.mask_model: .*not a loadable"):
+        attacks.prepare_attacks([AttackConfig(name="neighbourhood", mask_model=str(tmp_path))], setup([]))
+    path = tiny_mask_model(tmp_path / "bert")
+    config = AttackConfig(name="neighbourhood", mask_model=path, neighbours=3)
+    assert config.label == "neighbourhood@neighbours3"
+    prepared = attacks.prepare_attacks([config], setup([]))[config.label]
+    assert prepared.record == {"mask_model": path, "neighbours": 3}
+    text = "the word1 of word2 and word3"
+    neighbours = attacks.word_neighbours(text, 3, prepared.state["substitute"])
+    assert 1 <= len(neighbours) <= 3
+    for neighbour in neighbours:  # one word replaced, by a whole word
+        assert sum(a != b for a, b in zip(neighbour.split(), text.split())) == 1
+
+
+def test_a_trial_an_attack_cannot_run_is_refused_while_validating_naming_the_field():
+    with pytest.raises(ConfigError, match=r"s.yaml: .*attacks.recall.shots: ReCaLL draws its 5 shots .* = 3"):
+        validate_trial({"data": {"validation": 3}, "attacks": ["recall"]}, "s.yaml")
+    with pytest.raises(ConfigError, match=r"s.yaml: .*data.validation: the quantile attack .* 20 samples"):
+        validate_trial({"data": {"validation": 20}, "attacks": ["quantile"]}, "s.yaml")
+    with pytest.raises(ConfigError, match=r"s.yaml: .*attacks.neighbourhood.mask_model: .*package registry"):
+        validate_trial({"attacks": ["neighbourhood"]}, "s.yaml")
+    validate_trial({"data": {"validation": 30}, "attacks": [{"name": "recall", "shots": 30}, "quantile"]}, "s.yaml")

@@ -326,7 +326,9 @@ class AttackConfig(Schema):
 
     @property
     def label(self) -> str:
-        """Name used in metric keys: `mink`, or `mink@0.1` when k is not the attack's default."""
+        """Name used in metric keys: `mink`, or `mink@0.1` when k is not the attack's default,
+        `recall@shots3` when an option is not its default (options defaulting to None, such
+        as a model path, stay out of the label)."""
         label = self.name
         if self.k is not None and self.k != ATTACK_REGISTRY[self.name].default_k:
             label += f"@{self.k:g}"

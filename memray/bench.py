@@ -17,6 +17,14 @@ busy machine even when the absolute numbers drift:
   trials run one after the other in this process (`memray.trial.run_trial`).
 - **reference cache**: the reference model's statistics for N trials of a sweep, scored
   once and cached (`memray.scoring.reference_stats`), against scored once per trial.
+- **attacks**: every registered attack's own cost per epoch beside the one scoring pass
+  they share: the attacks that read that pass's statistics cost next to nothing; those
+  with a pass of their own (`AttackSpec.extra_pass`: ReCaLL's prefixed forward,
+  GradNorm's backward per sample) are timed on the same samples, and the set-up they build
+  once per trial (`prepare`: ReCaLL's shots, DC-PDD's frequencies) apart. The random
+  model trains every parameter, so GradNorm's row is that of full fine-tuning (a
+  parameter-efficient method's backward reaches fewer weights). lira and rmia are left
+  out: their cost is their reference models' training (the sweep's own trials).
 
 Models: any alias, built-in or config (`--model`). The weights are random (speed does not
 depend on them) and nothing is downloaded: the study aliases are built from their
@@ -78,15 +86,19 @@ from memray.flops import attention_flops, matmul_params, mean_context, mfu, peak
 from memray.scoring import TokenStats
 from memray.train import TokenDataset, fit
 
-SECTIONS = ("scoring", "training", "sweep", "reference_cache")
+SECTIONS = ("scoring", "training", "sweep", "reference_cache", "attacks")
 
 
 def scored_attacks() -> tuple[str, ...]:
-    """Attacks both scorers compute from the target model's statistics alone: every
-    registered one but those reading a reference model (`needs_reference`: its cost is the
-    reference-cache section's subject) or reference models trained like the target."""
+    """Attacks both scorers compute per sample from the target model's statistics alone:
+    every registered one but those reading a reference model (`needs_reference`: its cost is
+    the reference-cache section's subject), reference models trained like the target, or
+    scored as a set (`score_set`: the attacks section measures them)."""
     return tuple(name for name in attacks.ATTACKS
-                 if not attacks.ATTACKS[name].needs_reference and not attacks.ATTACKS[name].needs_reference_models)
+                 if not attacks.ATTACKS[name].needs_reference and not attacks.ATTACKS[name].needs_reference_models
+                 and attacks.ATTACKS[name].score_set is None)
+
+
 #: The low-memory scorer setting on a GPU: fewer samples per pass, narrower vocabulary tiles.
 LEAN_BATCH, LEAN_VOCAB_CHUNK = 4, 1024
 #: Score agreement required between the two scorers where both run in float32 (CPU).
@@ -322,6 +334,72 @@ def bench_scoring(model: nn.Module, config: PretrainedConfig, device: torch.devi
         "scores_agree": None if tolerance is None else max(differences.values()) <= tolerance,
         "agreement_atol": tolerance, "gpu": gpu, "peak_tflops": peak,
     }
+
+
+def bench_attacks(model: nn.Module, config: PretrainedConfig, device: torch.device, token_ids: list[list[int]],
+                  repeats: int) -> dict[str, Any]:
+    """Attacks section: the shared scoring pass (trial defaults for this device), then each
+    registered attack scored alone from its statistics (the median of `repeats`), and the
+    set-up of those that prepare one. The reference model's statistics of `ref` are stood
+    in by the target's (a trial reads them from the sweep's cache). ReCaLL's shots and
+    DC-PDD's frequency corpus are random samples apart from the scored ones."""
+    defaults = EvalConfig()
+    batch = defaults.batch_on(device.type)
+    text_config = config.get_text_config()
+    length = max(len(ids) for ids in token_ids)
+    # stand-in validation split: shots, frequency corpus and known non-members (enough for any set-up's minimum)
+    others = random_samples(max(len(token_ids), 64), length, text_config.vocab_size, seed=11)
+    texts = [stand_in_text(ids) for ids in token_ids]
+    by_text = {stand_in_text(ids): ids for ids in [*token_ids, *others]}
+    setup = attacks.AttackSetup(
+        token_ids=lambda found, most: [by_text[text][:most] for text in found], bos=None, validation_ids=others,
+        context_length=int(getattr(text_config, "max_position_embeddings", None) or text_config.n_positions),
+        max_length=length, vocab_size=text_config.vocab_size,
+        frequency_texts=lambda: ("random stand-in samples", [stand_in_text(ids) for ids in others]), source="bench")
+    configs = [AttackConfig(name=name) for name in attacks.ATTACKS if not attacks.ATTACKS[name].needs_reference_models]
+    rows = []
+    with as_trials_load_it(model):
+        def score(ids: list[list[int]], vocab: bool = True) -> list[scoring.TokenStats]:
+            return scoring.score_tokens(model, ids, batch_size=batch, vocab_chunk=defaults.vocab_chunk,
+                                        need_vocab_stats=vocab)
+
+        score(token_ids[:2])  # first-call costs out of the timings
+        passes = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            stats = score(token_ids)
+            _sync(device)
+            passes.append(time.perf_counter() - started)
+        shared = statistics.median(passes)
+        validation = score(others, vocab=False)  # the quantile attack's known non-members
+        rows.append({"attack": "(scoring pass)", "extra_pass": "one batched forward, shared by every attack",
+                     "seconds": round(shared, 4), "x_scoring_pass": 1.0, "prepare_seconds": None})
+        for attack_config in configs:
+            spec = attacks.ATTACKS[attack_config.name]
+            started = time.perf_counter()
+            try:
+                prepared = attacks.prepare_attacks([attack_config], setup)
+            except ConfigError as err:  # a part it needs is not here (the neighbourhood's mask-filling model)
+                rows.append({"attack": attack_config.label, "extra_pass": spec.extra_pass, "seconds": None,
+                             "x_scoring_pass": None, "prepare_seconds": None, "skipped": err.message})
+                continue
+            prepare_seconds = time.perf_counter() - started if spec.prepare is not None else None
+            context = attacks.AttackContext(token_ids, texts, stats, stats, model=model,
+                                            score=lambda ids: score(ids, vocab=False), prepared=prepared,
+                                            validation_ids=others, validation=validation)
+            seconds = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                attacks.attack_scores([attack_config], stats, texts, stats, context)
+                _sync(device)
+                seconds.append(time.perf_counter() - started)
+            elapsed = statistics.median(seconds)
+            rows.append({"attack": attack_config.label, "extra_pass": spec.extra_pass or "none (reads the shared pass)",
+                         "seconds": round(elapsed, 4), "x_scoring_pass": round(elapsed / shared, 3),
+                         "prepare_seconds": None if prepare_seconds is None else round(prepare_seconds, 4)})
+    model.zero_grad(set_to_none=True)
+    return {"samples": len(token_ids), "repeats": repeats, "batch_size": batch, "rows": rows,
+            "gradnorm_parameters": "every parameter (the random model is fully trained)"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -611,6 +689,9 @@ def run_bench(model: str = "tiny-gpt2", device: str | None = None, *, quick: boo
     if "scoring" in sections:
         say(f"scoring: {score_samples} samples of up to {length} tokens")
         record["scoring"] = bench_scoring(reference, config, torch_device, score_ids, repeats)
+    if "attacks" in sections:
+        say(f"attacks: {score_samples} samples, each attack's cost beside the shared scoring pass")
+        record["attacks"] = bench_attacks(reference, config, torch_device, score_ids, repeats)
     if "reference_cache" in sections:
         say("reference cache")
         record["reference_cache"] = bench_reference_cache(reference, score_ids, trials=4, device=torch_device)
@@ -668,6 +749,14 @@ def format_record(record: dict[str, Any]) -> str:
         worst = max(s["max_score_difference"].values())
         verdict = "" if s["scores_agree"] is None else (" (agree)" if s["scores_agree"] else " (DISAGREE)")
         parts.append(f"largest score difference memray vs naive: {worst:.2e}{verdict}")
+    if "attacks" in record:
+        a = record["attacks"]
+        parts.append(f"\nattacks: {a['samples']} samples, each attack's cost per epoch beside the scoring pass they "
+                     f"share; median of {a['repeats']}")
+        parts.append(_table(["attack", "its own pass", "seconds", "x scoring pass", "set-up s (once per trial)"],
+                            [[r["attack"], r["extra_pass"], r["seconds"], r["x_scoring_pass"], r["prepare_seconds"]]
+                             for r in a["rows"]]))
+        parts += [f"{r['attack']} not measured: {r['skipped']}" for r in a["rows"] if r.get("skipped")]
     if "training" in record:
         t = record["training"]
         parts.append(f"\ntraining: {t['samples']} samples ({t['tokens_per_epoch']:,} tokens) per epoch, batch "

@@ -171,7 +171,7 @@ def _bench_zero(args: argparse.Namespace) -> int:
 
 
 #: `memray bench` sections (kept here so that the parser needs no torch import; bench checks them).
-BENCH_SECTIONS = "scoring,training,sweep,reference_cache"
+BENCH_SECTIONS = "scoring,training,sweep,reference_cache,attacks"
 
 
 def bench_arguments(p: argparse.ArgumentParser) -> None:

@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 
 from pydantic import Field, field_validator, model_validator
 
-from memray.attacks import ATTACK_RULES, AttackConfig, default_attacks
+from memray.attacks import ATTACK_OPTIONS, ATTACK_RULES, AttackConfig, default_attacks
 from memray.attacks import ATTACKS as ATTACK_REGISTRY
 from memray.catalogue import (APPROX_PARAMS, BUILTIN_MODELS, GPU_TYPES, MODEL_ALIASES, UNKNOWN_PARAMS,
                               ModelConfig)
@@ -189,6 +189,7 @@ def _default_attacks() -> list[AttackConfig]:
 ADDED_LATER: dict[tuple[str, str], Any] = {
     ("train", "group_by_length"): True, ("train", "compile"): False, ("train", "chunked_loss"): "auto",
     ("train", "deepspeed"): None, ("data", "revision"): None, ("train", "dp"): None,
+    ("data", "overlap_filter"): None,
 }  # a method's own keys added later: its config section's `added_later`
 #: Keys whose default changed: (new default, old default). A trial that leaves one unset
 #: keeps the id it had under the old default (these keys do not change what is measured).
@@ -276,6 +277,15 @@ class TrialConfig(Schema):
         return self
 
     @model_validator(mode="after")
+    def _attacks_can_run(self) -> "TrialConfig":
+        for attack in self.attacks:  # each attack's own check of the trial (its registry entry's `check`)
+            check = ATTACK_REGISTRY[attack.name].check
+            problem = check(attack, self) if check is not None else None
+            if problem:
+                raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
     def _extraction_fits(self) -> "TrialConfig":
         extraction, max_length = self.extraction, self.data.max_length
         if extraction.enabled and extraction.prefix_tokens + extraction.suffix_tokens > max_length:
@@ -319,13 +329,17 @@ class TrialConfig(Schema):
         # the papers' rules (Min-K% token count, Zlib's text, BOS-inclusive blocks) change
         # what is measured, so trials measured under them have ids of their own
         payload["attack_rules"] = ATTACK_RULES
+        for attack in self.attacks:  # rules of an attack's own (recall, dcpdd, ...): only where it is listed
+            if ATTACK_REGISTRY[attack.name].rules:
+                payload["attack_rules"] = {**payload["attack_rules"], attack.label: dict(ATTACK_REGISTRY[attack.name].rules)}
         if payload["reference"] is None:
             del payload["reference"]  # targets and plain trials: ids as before the section existed
         else:  # how a reference is trained from its target's data: a change of it is a new reference
             payload["reference_recipe"] = REFERENCE_RECIPE
         for attack in payload["attacks"]:
-            if attack.get("references") is None:
-                del attack["references"]  # attacks other than lira / rmia: ids as before the key existed
+            for option in ("references", *ATTACK_OPTIONS):
+                if attack.get(option) is None:
+                    attack.pop(option, None)  # attacks that do not take it: ids as before the key existed
         added = [*ADDED_LATER.items(), *((("method", key), default) for key, default
                                          in METHOD_REGISTRY[self.method.name].config.added_later.items())]
         for (section, key), default in added:

@@ -58,10 +58,10 @@ import itertools
 import json
 import logging
 import string
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field, field_validator, model_validator
@@ -136,6 +136,15 @@ class CanaryConfig(Schema):
         return self
 
 
+class OverlapFilterConfig(Schema):
+    """Non-members whose word n-gram overlap with the members exceeds `threshold` are
+    dropped and redrawn from unused samples (MIMIR's splits, Duan et al. 2024: 7- or
+    13-grams at 0.2 or 0.8), so that an AUC does not rest on near-copies across the split."""
+
+    ngram: Literal[7, 13] = 13  # words per n-gram (MIMIR's sizes)
+    threshold: float = Field(0.8, gt=0, lt=1)  # largest share of a non-member's n-grams found in members
+
+
 class DataConfig(Schema):
     dataset: str = Field(default_factory=lambda: default_dataset())  # the registry's default (`register(default=True)`)
     path: str | None = None  # local file (jsonl / txt / csv) or a local copy of a hub dataset
@@ -148,6 +157,7 @@ class DataConfig(Schema):
     split_seed: int | None = None  # None: the trial's seed
     duplicates: DuplicatesConfig | None = None
     canaries: CanaryConfig | None = None  # secret canaries added to the training texts
+    overlap_filter: OverlapFilterConfig | None = None  # None: non-members as drawn (the split audit still measures them)
 
     @field_validator("dataset")
     @classmethod
@@ -201,6 +211,7 @@ class Split:
     validation: list[Sample]  # held-out samples for val loss / perplexity
     split_hash: str  # sha256 of ids, texts and copies of all three lists
     origin: dict[str, str | None] | None = None  # hub datasets: repo, commit and local path (data.path)
+    overlap_filter: dict[str, Any] | None = None  # data.overlap_filter's record (`filter_nonmembers`), when set
 
     def training_texts(self) -> list[str]:
         """Member texts with duplicates expanded (copies=5 appears 5 times), shuffled.
@@ -218,14 +229,32 @@ def load_split(data: DataConfig, seed: int, tokenizer: Any, source: str = "confi
     Takes the trial's data config, the trial seed (`data.split_seed` overrides it), a
     Hugging Face tokenizer (used to cut wikitext2 and pydoc into `max_length`-token blocks)
     and the name of the config source for error messages. Returns a `Split`; the same
-    inputs always give the same split. Raises ConfigError when the data cannot be loaded or
-    holds too few samples for the requested sizes.
+    inputs always give the same split. With `data.overlap_filter`, non-members whose word
+    n-gram overlap with the members exceeds its threshold are dropped and replaced by the
+    next samples of the walk after validation that pass it (`filter_nonmembers`). Raises
+    ConfigError when the data cannot be loaded or holds too few samples for the requested
+    sizes.
     """
-    pool, members, nonmembers, rng, drawn = _walk(data, seed, tokenizer, source, 0)
+    return _load(data, seed, tokenizer, source, 0)[0]
+
+
+def spare_samples(data: DataConfig, seed: int, tokenizer: Any, count: int, source: str = "config") -> list[Sample]:
+    """Up to `count` samples of the dataset outside the split `load_split` draws from the
+    same arguments: the next ones of its seeded walk after the validation samples and after
+    the candidates the overlap filter read (none when the pool ran out before them), each
+    with copies 1."""
+    return _load(data, seed, tokenizer, source, count, quiet=True)[1]
+
+
+def _load(data: DataConfig, seed: int, tokenizer: Any, source: str, spare: int,
+          quiet: bool = False) -> tuple[Split, list[Sample]]:
+    """(the split, `spare` samples of the walk after it)."""
+    pool, members, nonmembers, rng, walk = _walk(data, seed, tokenizer, source)
+    drawn = list(itertools.islice(walk, members + nonmembers + data.validation))
     if len(drawn) < members + nonmembers + 1:
         raise _too_few(data, pool.label, len(drawn), members, nonmembers, source)
     validation = len(drawn) - members - nonmembers
-    if validation < data.validation:
+    if validation < data.validation and not quiet:
         log.warning("%s: data.validation: only %d samples left for validation after %d members "
                     "and %d non-members (asked for %d)", source, validation, members, nonmembers,
                     data.validation)
@@ -233,13 +262,19 @@ def load_split(data: DataConfig, seed: int, tokenizer: Any, source: str = "confi
     copies = _copies(members, data, rng)
     member_samples = [Sample(i, t, c) for (i, t), c in zip(drawn[:members], copies)]
     held_out = [Sample(i, t, 0) for i, t in drawn[members:]]
-    return _split(member_samples, held_out[:nonmembers], held_out[nonmembers:], pool.origin)
+    nonmember_samples, filtered = held_out[:nonmembers], None
+    if data.overlap_filter is not None:
+        nonmember_samples, filtered = filter_nonmembers(member_samples, nonmember_samples,
+                                                        (Sample(i, t, 0) for i, t in walk), data.overlap_filter.ngram,
+                                                        data.overlap_filter.threshold, source)
+    split = _split(member_samples, nonmember_samples, held_out[nonmembers:], pool.origin, filtered)
+    return split, [Sample(i, t, 1) for i, t in itertools.islice(walk, spare)]
 
 
-def _walk(data: DataConfig, seed: int, tokenizer: Any, source: str,
-          beyond: int) -> tuple[Pool, int, int, np.random.Generator, list[tuple[str, str]]]:
+def _walk(data: DataConfig, seed: int, tokenizer: Any,
+          source: str) -> tuple[Pool, int, int, np.random.Generator, Iterator[tuple[str, str]]]:
     """The seeded walk of `load_split`: (pool, members, non-members, the generator as the
-    walk leaves it, the samples drawn), drawing `beyond` more after the validation samples."""
+    walk leaves it, the walk's samples in order: members, non-members, validation, then the rest)."""
     split_seed = data.split_seed if data.split_seed is not None else seed
     pool = REGISTRY[data.dataset].pool(data, tokenizer, source)
     members = data.members or _default_members(data, pool)
@@ -247,17 +282,90 @@ def _walk(data: DataConfig, seed: int, tokenizer: Any, source: str,
     if pool.size < members + nonmembers + 1:
         raise _too_few(data, pool.label, pool.size, members, nonmembers, source)
     rng = np.random.default_rng(split_seed % 2**64)  # numpy takes no negative seeds
-    drawn = _draw(pool, rng.permutation(pool.size), members + nonmembers + data.validation + beyond)
-    return pool, members, nonmembers, rng, drawn
+    return pool, members, nonmembers, rng, _draw(pool, rng.permutation(pool.size))
 
 
-def spare_samples(data: DataConfig, seed: int, tokenizer: Any, count: int, source: str = "config") -> list[Sample]:
-    """Up to `count` samples of the dataset outside the split `load_split` draws from the
-    same arguments: the next ones of its seeded walk after the validation samples (none
-    when the pool ran out before them), each with copies 1."""
-    _, members, nonmembers, _, drawn = _walk(data, seed, tokenizer, source, count)
-    used = members + nonmembers + data.validation
-    return [Sample(i, t, 1) for i, t in drawn[used:]]
+# ---------------------------------------------------------------------------------------
+# The split audit: word n-gram overlap of non-members with members
+# ---------------------------------------------------------------------------------------
+
+#: Word n-gram sizes of the split audit: MIMIR's (Duan et al. 2024, arXiv 2402.07841).
+AUDIT_NGRAMS = (7, 13)
+#: Overlap levels the audit counts non-members above: MIMIR's split thresholds.
+AUDIT_THRESHOLDS = (0.2, 0.8)
+#: How the audit measures overlap, recorded beside its numbers.
+AUDIT_MEASURE = ("per non-member, the share of its word n-grams (whitespace-split words) that occur in some member "
+                 "(MIMIR's n-gram inclusion, Duan et al. 2024); a text of fewer than n words has none: overlap 0")
+
+
+def word_ngrams(text: str, n: int) -> list[tuple[str, ...]]:
+    """The text's word n-grams in order (words split on whitespace)."""
+    words = text.split()
+    return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+
+
+def ngram_overlap(texts: Sequence[str], reference_texts: Sequence[str], n: int) -> np.ndarray:
+    """Per text, the share of its word n-grams that occur in any of `reference_texts`
+    (0 for a text of fewer than n words)."""
+    seen = {gram for text in reference_texts for gram in word_ngrams(text, n)}
+    shares = []
+    for text in texts:
+        grams = word_ngrams(text, n)
+        shares.append(sum(gram in seen for gram in grams) / len(grams) if grams else 0.0)
+    return np.array(shares, dtype=np.float64)
+
+
+def filter_nonmembers(members: list[Sample], nonmembers: list[Sample], candidates: Iterator[Sample], n: int,
+                      threshold: float, source: str = "config") -> tuple[list[Sample], dict[str, Any]]:
+    """Non-members whose word n-gram overlap with the members is at most `threshold`: the
+    drawn ones that pass, in order, then candidates (the walk's samples after validation)
+    that pass, until there are as many as were drawn. Returns them and the record of the
+    filter (result.json `split_audit.filter`). Raises ConfigError naming
+    data.overlap_filter when the dataset holds too few that pass."""
+    seen = {gram for sample in members for gram in word_ngrams(sample.text, n)}
+
+    def passes(sample: Sample) -> bool:
+        grams = word_ngrams(sample.text, n)
+        return not grams or sum(gram in seen for gram in grams) / len(grams) <= threshold
+
+    kept = [sample for sample in nonmembers if passes(sample)]
+    read = 0
+    while len(kept) < len(nonmembers):  # checked before each read: no candidate is taken past the count
+        candidate = next(candidates, None)
+        if candidate is None:
+            break
+        read += 1
+        if passes(candidate):
+            kept.append(candidate)
+    if len(kept) < len(nonmembers):
+        raise ConfigError(source, "data.overlap_filter",
+                          f"only {len(kept)} non-members have a {n}-gram overlap with the members of at most "
+                          f"{threshold:g} ({len(nonmembers)} are scored): raise threshold, lower data.nonmembers, or "
+                          "use a larger dataset")
+    dropped = len(nonmembers) - sum(passes(sample) for sample in nonmembers)
+    return kept, {"ngram": n, "threshold": threshold, "dropped": dropped, "redrawn": dropped,
+                  "candidates_read": read, "kept": len(kept),
+                  "rule": "non-members above the threshold dropped and replaced by the next samples of the seeded "
+                          "walk after validation that pass it; the count is kept (a dataset that cannot keep it "
+                          "is refused); validation is unchanged"}
+
+
+def split_audit(members: Sequence[Sample], nonmembers: Sequence[Sample],
+                filtered: dict[str, Any] | None = None) -> dict[str, Any]:
+    """result.json's `split_audit`: the non-members' word n-gram overlap with the members
+    for each of AUDIT_NGRAMS (mean, median, max, share above each of AUDIT_THRESHOLDS), the
+    measure, and the overlap filter's record when one ran."""
+    member_texts = [sample.text for sample in members]
+    audit: dict[str, Any] = {"measure": AUDIT_MEASURE, "members": len(members), "nonmembers": len(nonmembers)}
+    for n in AUDIT_NGRAMS:
+        shares = ngram_overlap([sample.text for sample in nonmembers], member_texts, n)
+        if not len(shares):
+            continue
+        audit[f"{n}gram"] = {"mean": float(shares.mean()), "median": float(np.median(shares)),
+                             "max": float(shares.max()),
+                             **{f"above_{t:g}": float((shares > t).mean()) for t in AUDIT_THRESHOLDS}}
+    audit["filter"] = filtered
+    return audit
 
 
 # ---------------------------------------------------------------------------------------
@@ -352,19 +460,15 @@ class Pool:
     origin: dict[str, str | None] | None = None  # hub datasets: repo, commit, local path
 
 
-def _draw(pool: Pool, order: np.ndarray, wanted: int) -> list[tuple[str, str]]:
-    """Walk `order`, keep non-blank texts not seen before, stop after `wanted`."""
-    drawn: list[tuple[str, str]] = []
+def _draw(pool: Pool, order: np.ndarray) -> Iterator[tuple[str, str]]:
+    """Walk `order` lazily, yielding the non-blank texts not seen before."""
     seen: set[str] = set()
     for index in order:
         sample_id, text = pool.sample(int(index))
         if not text.strip() or text in seen:
             continue
         seen.add(text)
-        drawn.append((sample_id, text))
-        if len(drawn) == wanted:
-            break
-    return drawn
+        yield sample_id, text
 
 
 def _copies(members: int, data: DataConfig, rng: np.random.Generator) -> list[int]:
@@ -380,12 +484,12 @@ def _copies(members: int, data: DataConfig, rng: np.random.Generator) -> list[in
 
 
 def _split(members: list[Sample], nonmembers: list[Sample], validation: list[Sample],
-           origin: dict[str, str | None] | None) -> Split:
+           origin: dict[str, str | None] | None, overlap_filter: dict[str, Any] | None = None) -> Split:
     payload = [[role, [[s.id, s.text, s.copies] for s in samples]]
                for role, samples in (("members", members), ("nonmembers", nonmembers),
                                      ("validation", validation))]
     digest = hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
-    return Split(members, nonmembers, validation, digest, origin)
+    return Split(members, nonmembers, validation, digest, origin, overlap_filter)
 
 
 @dataclass(frozen=True)
@@ -451,7 +555,8 @@ def reference_split(split: Split, pool: list[Sample], in_half: Sequence[bool], t
                           "members or a larger dataset")
     composition = {"pool_samples": len(inside), "pool_texts": half_texts, "top_up_samples": len(top_up),
                    "top_up_texts": sum(s.copies for s in top_up), "texts": texts}
-    return ReferenceData(_split(inside + top_up, outside, split.validation, split.origin), len(inside), composition)
+    return ReferenceData(_split(inside + top_up, outside, split.validation, split.origin, split.overlap_filter),
+                         len(inside), composition)
 
 
 def _default_members(data: DataConfig, pool: Pool) -> int:

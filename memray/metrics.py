@@ -14,12 +14,13 @@ FPR is reported only where the non-members resolve that FPR (at least 1/FPR of t
 from __future__ import annotations
 
 import math
+from typing import Any, Mapping
 
 import numpy as np
 from scipy import stats
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from memray.metric_keys import mia_key
+from memray.metric_keys import mia_key, parse_mia_key
 
 #: (metric-name suffix, false-positive rate) reported for every attack
 TPR_AT_FPR: tuple[tuple[str, float], ...] = (("tpr@1%fpr", 0.01), ("tpr@0.1%fpr", 0.001))
@@ -217,3 +218,33 @@ def mia_metrics(label: str, scores, is_member, bootstrap: int = 0, seed: int = 0
             metrics[mia_key(label, suffix)] = tpr
             metrics[mia_key(label, f"{suffix}_lo")], metrics[mia_key(label, f"{suffix}_hi")] = low, high
     return metrics
+
+
+#: Epoch metrics that carry the split audit beside the AUCs (the mean word n-gram overlap
+#: of the non-members with the members, `memray.data.split_audit`), so that a line that
+#: flags an AUC below chance can show it.
+SPLIT_OVERLAP_METRICS: dict[int, str] = {7: "split/ngram7_overlap", 13: "split/ngram13_overlap"}
+
+
+def below_chance(metrics: Mapping[str, Any]) -> list[str]:
+    """The attack labels whose AUC is significantly below 0.5: its 95% interval
+    (`mia/<label>/auc_hi`) lies wholly below 0.5. Members then score *lower* than
+    non-members, which training alone rarely causes: look at the split (members and
+    non-members that differ in kind, or near-copies across it)."""
+    return [parsed[0] for key, value in metrics.items()
+            if (parsed := parse_mia_key(key)) and parsed[1] == "auc_hi" and value is not None
+            and math.isfinite(value) and value < 0.5]
+
+
+def below_chance_note(metrics: Mapping[str, Any]) -> str | None:
+    """`BELOW CHANCE: zlib 0.340 [0.21, 0.47]; split 7/13-gram overlap 0.04/0.03` for an
+    epoch with AUCs below chance (`below_chance`), else None."""
+    labels = below_chance(metrics)
+    if not labels:
+        return None
+    aucs = ", ".join(f"{label} {metrics[mia_key(label)]:.3f} [{metrics[mia_key(label, 'auc_lo')]:.2f}, "
+                     f"{metrics[mia_key(label, 'auc_hi')]:.2f}]" for label in labels)
+    overlap = [(n, metrics.get(key)) for n, key in SPLIT_OVERLAP_METRICS.items() if metrics.get(key) is not None]
+    split = ("; split " + "/".join(str(n) for n, _ in overlap) + "-gram overlap "
+             + "/".join(f"{value:.2f}" for _, value in overlap)) if overlap else ""
+    return f"BELOW CHANCE: {aucs}{split}"

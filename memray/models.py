@@ -408,6 +408,15 @@ def pretrain_tiny(name: str, steps: int = PRETRAIN_STEPS) -> tuple[PreTrainedMod
     return model, losses
 
 
+def pretraining_texts(model: ModelConfig) -> tuple[str, list[str]] | None:
+    """(what it is, texts) of the text the model was pretrained on, where memray has it:
+    the built-ins' cached bases (the "pretrain" part of the pydoc corpus); None elsewhere
+    (hub models, GGUF files, built-ins from random weights)."""
+    if model.name in BUILTIN_MODELS and model.pretrained:
+        return "the built-in base's pretraining text (pydoc corpus, 'pretrain' part)", pydoc_texts("pretrain")
+    return None
+
+
 def model_identity(model: ModelConfig) -> dict:
     """What identifies the weights a trial starts from (key of the reference-statistics cache).
 

@@ -204,9 +204,20 @@ class TrialRun:
             self.reference = _reference_stats(config, split.split_hash, self.scored, self.scored_ids, model, cache_dir,
                                               self.eval_batch)
         self.model, self.info = methods.apply_method(model, config.method, source)
+        self.prepared = attacks.prepare_attacks(config.attacks, attacks.AttackSetup(
+            token_ids=lambda texts, length: scoring.tokenize_texts(self.tokenizer, texts, length),
+            bos=self.tokenizer.bos_token_id, validation_ids=self.validation_ids,
+            context_length=_context_length(model), max_length=max_length,
+            vocab_size=max(len(self.tokenizer), model.get_output_embeddings().weight.shape[0]),
+            frequency_texts=_frequency_texts(config, self.tokenizer, source), source=source,
+            virtual_tokens=self.info.virtual_tokens))
+        audit = data.split_audit(split.members, self.scored_nonmembers, split.overlap_filter)
+        record.update(split_audit=audit)
+        self.split_metrics = {key: audit[f"{n}gram"]["mean"] for n, key in metrics.SPLIT_OVERLAP_METRICS.items()
+                              if f"{n}gram" in audit}
         record.update(split_hash=split.split_hash, data_origin=split.origin, model_origin=models.model_origin(config.model),
                       method_info=self.info.__dict__,
-                      attack_rules=_attack_rules(config, len(self.scored_nonmembers)),
+                      attack_rules=_attack_rules(config, len(self.scored_nonmembers), self.prepared),
                       samples={"members": len(split.members), "nonmembers": len(split.nonmembers),
                                "validation": len(split.validation), "train_texts": len(self.train_ids),
                                "scored_members": len(self.scored_members),
@@ -265,8 +276,14 @@ class TrialRun:
         target = scoring.score_tokens(model, self.scored_ids, need_vocab_stats=_needs_vocab_stats(config), **score_kwargs)
         val_tokens = sum(len(s.logprobs) for s in validation)
         val_loss = -sum(float(s.logprobs.sum()) for s in validation) / max(val_tokens, 1)
-        found: dict[str, float] = {"epoch": epoch, "val/loss": val_loss, "val/ppl": metrics.perplexity(val_loss)}
-        scores = attacks.attack_scores(config.attacks, target, self.scored_texts, self.reference)
+        found: dict[str, float] = {"epoch": epoch, "val/loss": val_loss, "val/ppl": metrics.perplexity(val_loss),
+                                   **self.split_metrics}
+        context = attacks.AttackContext(
+            self.scored_ids, self.scored_texts, target, self.reference, model=model,
+            score=lambda token_ids: scoring.score_tokens(model, token_ids, need_vocab_stats=False, **score_kwargs),
+            virtual_tokens=self.info.virtual_tokens, prepared=self.prepared,
+            validation_ids=self.validation_ids, validation=validation)
+        scores = attacks.attack_scores(config.attacks, target, self.scored_texts, self.reference, context)
         # nll: each sample's mean token loss, the statistic of lira / rmia (memray.references)
         frame = pd.DataFrame({"sample_id": [s.id for s in self.scored], "member": self.is_member, "copies": self.copies,
                               "nll": [s.loss for s in target]})
@@ -403,12 +420,44 @@ def _spare_once(config: TrialConfig, tokenizer: Any, texts: int, source: str) ->
     return more
 
 
-def _attack_rules(config: TrialConfig, nonmembers: int) -> dict[str, Any]:
-    """What result.json records of how the attacks were measured: the papers' rules, the
-    AUC interval, and the TPRs at FPRs the scored non-members cannot resolve (left out)."""
+#: Dataset samples outside members, non-members and validation that DC-PDD's token
+#: frequencies are counted on where the model's pretraining text is not at hand.
+FREQUENCY_SAMPLES = 2000
+
+
+def _frequency_texts(config: TrialConfig, tokenizer: Any, source: str) -> Callable[[], tuple[str, list[str]]]:
+    """`frequency_texts` of `memray.attacks.AttackSetup`: the base model's pretraining text
+    where memray has it (`memray.models.pretraining_texts`), else up to FREQUENCY_SAMPLES
+    samples of the dataset outside members, non-members and validation (`data.spare_samples`)."""
+
+    def read() -> tuple[str, list[str]]:
+        pretraining = models.pretraining_texts(config.model)
+        if pretraining is not None:
+            return pretraining
+        spare = data.spare_samples(config.data, config.seed, tokenizer, FREQUENCY_SAMPLES, source)
+        return (f"{config.data.dataset} samples outside members, non-members and validation",
+                [sample.text for sample in spare])
+
+    return read
+
+
+def _context_length(model: torch.nn.Module) -> int:
+    """Positions the model takes: its config's max_position_embeddings (n_positions for GPT-2)."""
+    text_config = model.config.get_text_config()
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        if getattr(text_config, key, None):
+            return int(getattr(text_config, key))
+    raise ValueError(f"{type(model).__name__}'s config gives no context length (max_position_embeddings)")
+
+
+def _attack_rules(config: TrialConfig, nonmembers: int,
+                  prepared: dict[str, attacks.Prepared] | None = None) -> dict[str, Any]:
+    """What result.json records of how the attacks were measured: the papers' rules (and
+    what each attack's set-up found), the AUC interval, and the TPRs at FPRs the scored
+    non-members cannot resolve (left out)."""
     interval = (f"percentile bootstrap, {config.eval.bootstrap} stratified resamples" if config.eval.bootstrap
                 else "DeLong (normal approximation of the AUC's variance)")
-    return {**attacks.ATTACK_RULES, "auc_interval": f"95%, {interval}",
+    return {**attacks.attack_rules(config.attacks, prepared), "auc_interval": f"95%, {interval}",
             "tpr_unresolved": metrics.unresolved_fprs(nonmembers)}
 
 
@@ -491,7 +540,8 @@ def epoch_line(epoch_metrics: dict[str, float], config: TrialConfig) -> str:
         parsed = parse_mia_key(key)
         name = f"{parsed[0]} auc" if parsed else key
         parts.append(f"{name} {value:.4g}" if key != "epoch" else f"epoch {int(value)}")
-    return " | ".join(parts)
+    flag = metrics.below_chance_note(epoch_metrics)
+    return " | ".join(parts + ([flag] if flag else []))
 
 
 def summary_table(trial_dir: Path) -> str:
@@ -516,7 +566,8 @@ def summary_table(trial_dir: Path) -> str:
             elif key.endswith("/auc"):
                 low, high = row.get(key + "_lo"), row.get(key + "_hi")
                 chance = low is not None and high is not None and low <= 0.5 <= high
-                line.append(f"{value:.4f}" + ("*" if chance else " "))
+                below = high is not None and high < 0.5
+                line.append(f"{value:.4f}" + ("*" if chance else "!" if below else " "))
             else:
                 line.append(f"{value:.3f}")
         lines.append(line)
@@ -526,4 +577,10 @@ def summary_table(trial_dir: Path) -> str:
     status = result.get("status", "unknown")
     reason = f" ({result['reason']})" if result.get("reason") else ""
     text.append("* the AUC's 95% interval holds 0.5: not distinguishable from chance")
+    if any(metrics.below_chance(row) for row in rows):
+        audit = result.get("split_audit") or {}
+        overlap = ", ".join(f"{key} overlap mean {value['mean']:.3f}, max {value['max']:.3f}"
+                            for key, value in audit.items() if key.endswith("gram"))
+        text.append("! the AUC's 95% interval lies below 0.5: members score lower than non-members, which points at "
+                    f"the split, not training (split_audit: {overlap or 'not recorded'})")
     return "\n".join([f"{Path(trial_dir)}: {status}{reason}", *text])

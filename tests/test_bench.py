@@ -81,7 +81,7 @@ def test_study_model_shapes_have_the_published_sizes():
 
 def test_bench_command_prints_and_writes_each_figure_beside_its_baseline(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    code = cli.main(["bench", "--model", "tiny-gpt2", "--quick", "--sections", "scoring,training,reference_cache",
+    code = cli.main(["bench", "--model", "tiny-gpt2", "--quick", "--sections", "scoring,training,reference_cache,attacks",
                      "--methods", "lora", "--out", str(out)])
     assert code == 0
     record = json.loads(out.read_text())
@@ -103,14 +103,29 @@ def test_bench_command_prints_and_writes_each_figure_beside_its_baseline(tmp_pat
     assert 0 <= padding["memray"] <= padding["default-trainer"] < 1  # (16 samples: too few to group)
     cache = record["reference_cache"]
     assert cache["cache_hits"] == cache["trials"] - 1  # scored once, then read back
+    costs = {row["attack"]: row for row in record["attacks"]["rows"]}
+    from memray.attacks import ATTACKS
+
+    # every attack scored in a trial, beside the shared pass; those with a pass of their own say which
+    assert set(costs) == {"(scoring pass)", *(n for n in ATTACKS if not ATTACKS[n].needs_reference_models)}
+    for name, row in costs.items():
+        if row.get("skipped"):  # a part it needs cannot be had here (the neighbourhood's mask-filling model)
+            assert "package registry" in row["skipped"] and row["seconds"] is None, name
+            continue
+        assert row["seconds"] > 0 and row["x_scoring_pass"] > 0, name
+        if name in ATTACKS:
+            assert (row["extra_pass"] == ATTACKS[name].extra_pass) == bool(ATTACKS[name].extra_pass), name
+            assert (row["prepare_seconds"] is not None) == (ATTACKS[name].prepare is not None), name
+    assert costs["recall"]["extra_pass"].startswith("a forward pass") and costs["loss"]["x_scoring_pass"] < 0.5
     printed = capsys.readouterr().out
     assert "x naive" in printed and "x default" in printed and "reference cache" in printed
+    assert "x scoring pass" in printed and "a forward and backward pass per sample" in printed
     assert record["model_shape"]["params"] == sum(
         p.numel() for p in bench.random_model(bench.bench_model_config("tiny-gpt2"), torch.device("cpu")).parameters())
 
 
 def test_unknown_section_or_method_is_a_clear_error(capsys):
     assert cli.main(["bench", "--sections", "scoring,speed", "--out", ""]) == 2
-    assert "--sections: speed: not one of scoring, training, sweep, reference_cache" in capsys.readouterr().err
+    assert "--sections: speed: not one of scoring, training, sweep, reference_cache, attacks" in capsys.readouterr().err
     assert cli.main(["bench", "--methods", "lora,qlora", "--out", ""]) == 2
     assert "--methods: 'qlora' is not one of full, head" in capsys.readouterr().err

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import datasets
+import numpy as np
 import huggingface_hub.constants
 import pytest
 from tokenizers import ByteLevelBPETokenizer
@@ -695,3 +696,83 @@ def test_blocks_leave_the_bos_slot_so_every_token_is_scored():
     whole = sum(text == kept_text for text, kept_text in zip(texts, kept))
     assert whole >= 0.95 * len(texts), f"only {whole} of {len(texts)} blocks are scored whole"
     assert sum(len(sample) == 64 for sample in ids) >= 0.8 * len(ids)  # full blocks use the whole window
+
+
+# ---------------------------------------------------------------------------------------
+# The split audit and the overlap filter
+# ---------------------------------------------------------------------------------------
+
+
+def sample(index, text):
+    return data_module.Sample(f"s{index}", text, 0)
+
+
+def test_ngram_overlap_is_the_share_of_a_texts_word_ngrams_found_in_the_references():
+    members = ["a b c d e f g h i", "x y z"]
+    # 3-grams of "a b c d q": abc, bcd, cdq: 2 of 3 in the members; "x y" has none (fewer than 3 words): 0
+    np.testing.assert_allclose(data_module.ngram_overlap(["a b c d q", "x y", "p q r"], members, 3), [2 / 3, 0, 0])
+    assert data_module.word_ngrams("a  b\nc", 2) == [("a", "b"), ("b", "c")]
+
+
+def test_split_audit_reports_7_and_13_gram_overlap_at_mimirs_thresholds():
+    words = [f"w{i}" for i in range(20)]
+    members = [sample(0, " ".join(words))]
+    # non-member 1: the member's first 14 words + 6 new: 7-grams 14, of which words 0..13 give 8 inside; 13-grams 8, 2 inside
+    nonmembers = [sample(1, " ".join(words[:14] + [f"n{i}" for i in range(6)])), sample(2, "short text")]
+    audit = data_module.split_audit(members, nonmembers)
+    assert audit["7gram"]["max"] == pytest.approx(8 / 14) and audit["7gram"]["mean"] == pytest.approx(4 / 14)
+    assert audit["13gram"]["max"] == pytest.approx(2 / 8)
+    assert audit["7gram"]["above_0.2"] == 0.5 and audit["7gram"]["above_0.8"] == 0.0
+    assert audit["filter"] is None and audit["nonmembers"] == 2 and "MIMIR" in audit["measure"]
+
+
+def test_overlap_filter_drops_near_copies_and_redraws_from_the_walk_after_validation():
+    members = [sample(0, " ".join(f"w{i}" for i in range(20)))]
+    copy = sample(1, " ".join(f"w{i}" for i in range(1, 20)))  # all its 7-grams are the member's
+    fresh = [sample(i, " ".join(f"f{i}-{j}" for j in range(10))) for i in range(2, 6)]
+    candidates = iter([copy, fresh[2], fresh[3]])
+    kept, record = data_module.filter_nonmembers(members, [fresh[0], copy, fresh[1]], candidates, 7, 0.8)
+    # the copy is dropped; of the candidates, the copy again is skipped and fresh[2] fills the count
+    assert kept == [fresh[0], fresh[1], fresh[2]]
+    assert record["dropped"] == 1 and record["redrawn"] == 1 and record["candidates_read"] == 2
+    assert next(candidates) == fresh[3]  # nothing read past the count
+    with pytest.raises(ConfigError, match="data.overlap_filter: only 2 non-members .* at most 0.8"):
+        data_module.filter_nonmembers(members, [fresh[0], copy, fresh[1]], iter([copy]), 7, 0.8, "s.yaml")
+
+
+def test_overlap_filter_keeps_the_split_pure_and_spare_samples_past_its_redraws():
+    from memray import models
+    from memray.config import ModelConfig
+
+    tokenizer = models.load_tokenizer(ModelConfig(name="tiny-gpt2"))  # the blocks the trials score
+    sizes = {"dataset": "pydoc", "max_length": 64, "members": 32, "nonmembers": 32, "validation": 16}
+    plain = load_split(DataConfig(**sizes), 0, tokenizer)
+    # pydoc's topics repeat passages of each other: some non-members share 7-grams with members
+    assert data_module.split_audit(plain.members, plain.nonmembers)["7gram"]["above_0.2"] > 0
+    strict = DataConfig(**sizes, overlap_filter={"ngram": 7, "threshold": 0.2})
+    filtered = load_split(strict, 0, tokenizer)
+    assert filtered == load_split(strict, 0, tokenizer)  # a pure function of the config and seed
+    assert filtered.members == plain.members and filtered.validation == plain.validation
+    assert len(filtered.nonmembers) == 32 and filtered.overlap_filter["dropped"] > 0
+    shares = data_module.ngram_overlap([s.text for s in filtered.nonmembers], [s.text for s in filtered.members], 7)
+    assert shares.max() <= 0.2
+    kept = {s.id for s in plain.nonmembers} & {s.id for s in filtered.nonmembers}
+    assert len(kept) == 32 - filtered.overlap_filter["dropped"]
+    used = {s.id for s in all_samples(filtered)}
+    spare = data_module.spare_samples(strict, 0, tokenizer, 20)
+    assert spare and not {s.id for s in spare} & used
+    assert plain.overlap_filter is None
+
+
+def test_overlap_filter_threshold_out_of_range_is_refused():
+    from memray.files import validate_trial
+
+    for threshold in (0, 1, 1.5):
+        with pytest.raises(ConfigError, match="data.overlap_filter.threshold"):
+            validate_trial({"data": {"overlap_filter": {"threshold": threshold}}}, "s.yaml")
+    with pytest.raises(ConfigError, match="data.overlap_filter.ngram"):
+        validate_trial({"data": {"overlap_filter": {"ngram": 5}}}, "s.yaml")
+    # at its default (unset) the trial id is the one it had before the option existed
+    plain = validate_trial({}, "s.yaml")
+    assert "overlap_filter" in plain.resolved()["data"]
+    assert plain.trial_id() != validate_trial({"data": {"overlap_filter": {}}}, "s.yaml").trial_id()

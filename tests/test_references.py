@@ -407,3 +407,27 @@ def test_a_target_whose_references_the_dataset_cannot_supply_is_refused_before_t
     error = capsys.readouterr().err
     assert "data.members: a reference model of lira / rmia trains on as many texts as the target (20)" in error
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_references_share_the_targets_overlap_filtered_split_and_top_up_past_its_redraws():
+    """With data.overlap_filter, a reference model is made from the target's filtered split
+    (its pool: the target's filtered non-members), carries the filter's record, and its
+    top-up from the dataset starts after the samples the filter read."""
+    from memray import data, models, reference_attacks as ra
+    from memray.config import ModelConfig
+
+    raw = {**TRIAL, "data": {**TRIAL["data"], "members": 32, "nonmembers": 32,
+                             "overlap_filter": {"ngram": 7, "threshold": 0.2}}}
+    config = validate_trial(raw, "test")
+    assert all(r.data == config.data for r in reference_configs(config))  # the same filter, the same split
+    tokenizer = models.load_tokenizer(ModelConfig(name="tiny-gpt2"))
+    split = data.load_split(config.data, config.seed, tokenizer)
+    assert split.overlap_filter["dropped"] > 0  # pydoc's blocks overlap: the filter redraws some
+    pool = split.members + split.nonmembers
+    spare = data.spare_samples(config.data, config.seed, tokenizer, 200)
+    found = data.reference_split(split, pool, ra.half_masks(len(pool), REFERENCES, config.seed)[0], 100, 1,
+                                 lambda count: spare[:count])
+    assert found.split.overlap_filter == split.overlap_filter
+    assert {s.id for s in found.split.nonmembers} <= {s.id for s in pool}
+    top_up = {s.id for s in found.split.members[found.pool_in:]}
+    assert top_up and not top_up & {s.id for s in split.members + split.nonmembers + split.validation}

@@ -33,7 +33,10 @@ What the numbers mean:
   DeLong's unless `eval.bootstrap` asked for a bootstrap); a trial that recorded none gets
   a percentile bootstrap of its final epoch's per-sample scores (members and non-members
   resampled separately, `BOOTSTRAP_RESAMPLES` times). An AUC whose interval holds 0.5 is
-  marked "(chance)": not distinguishable from chance. A group's interval is that of the
+  marked "(chance)": not distinguishable from chance; one whose interval lies below 0.5 is
+  marked "(below chance!)" and noted at the top with the trial's split audit (the n-gram
+  overlap of its non-members with its members, `split_audit` in result.json): members that
+  score lower than non-members point at the split, not at training. A group's interval is that of the
   per-resample mean over its seeds; the seed table lists groups of two or more seeds only.
 - A TPR at an FPR is reported only where the non-members resolve that FPR (at least
   1/FPR of them); the notes say which were left out and why. Beside it (the attacks table,
@@ -86,6 +89,7 @@ from memray.report.tables import (
     attacks_table,
     axes_methods,
     axes_table,
+    below_chance_notes,
     counterfactual_table,
     duplication_table,
     epoch_zero_note,
@@ -151,6 +155,7 @@ def build_report(sweep_dir: Path, out_dir: Path | None = None, *, wandb: bool = 
     labels = list(dict.fromkeys(label for t in trials for label in t.attack_labels()))
     groups = make_groups(trials)
     notes.extend(unresolved_notes(trials))
+    notes.extend(below_chance_notes(trials))
     zero = epoch_zero_note(trials)
     if zero:
         notes.append(zero)

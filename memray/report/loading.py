@@ -60,6 +60,11 @@ class AttackResult:
         """Whether the AUC's interval holds 0.5: not distinguishable from chance."""
         return self.ci is not None and self.ci[0] <= 0.5 <= self.ci[1]
 
+    @property
+    def below_chance(self) -> bool:
+        """Whether the AUC's interval lies wholly below 0.5: members score lower than non-members."""
+        return self.ci is not None and self.ci[1] < 0.5
+
     def tpr_points(self) -> list[tuple[float, float, tuple[float, float] | None]]:
         """(FPR, TPR, the TPR's 95% interval or None) at each FPR of `TPR_AT_FPR` whose TPR
         the trial reported (result files older than the intervals have the TPR alone)."""
@@ -82,6 +87,7 @@ class Trial:
     split_hash: str | None = None
     versions: dict[str, str | None] = field(default_factory=dict)  # python and packages that ran it
     attack_rules: dict[str, Any] = field(default_factory=dict)  # how the attacks were measured (result.json)
+    split_audit: dict[str, Any] = field(default_factory=dict)  # members / non-members n-gram overlap (result.json)
     variant: str = ""  # method label, set once every trial is known
     attacks: dict[str, AttackResult] = field(default_factory=dict)
 
@@ -193,6 +199,7 @@ def load_trials(sweep_dir: Path, cells: list[Cell], skip: Path | None = None) ->
             epochs=sorted(data.get("epochs") or [], key=lambda row: row["epoch"]),
             method_info=data.get("method_info") or {}, split_hash=data.get("split_hash"),
             versions=_versions(data.get("provenance") or {}), attack_rules=data.get("attack_rules") or {},
+            split_audit=data.get("split_audit") or {},
         ))
     names = trial_names(sweep_cells(cells)) if cells else {}  # the sweep's names: references included
     for cell in cells:

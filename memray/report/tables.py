@@ -36,11 +36,40 @@ def _pm(mean: float, std: float, digits: int = 3) -> str:
 
 #: Marks an AUC whose 95% interval holds 0.5 (not distinguishable from chance).
 CHANCE_MARK = " (chance)"
+#: Marks an AUC whose 95% interval lies below 0.5 (`below_chance_notes` gives its split audit).
+BELOW_CHANCE_MARK = " (below chance!)"
 
 
 def _chance_mark(trial: Trial, label: str) -> str:
     attack = trial.attacks.get(label)
-    return CHANCE_MARK if attack is not None and attack.chance else ""
+    if attack is None:
+        return ""
+    return CHANCE_MARK if attack.chance else BELOW_CHANCE_MARK if attack.below_chance else ""
+
+
+def split_audit_text(audit: dict[str, Any]) -> str:
+    """`7-gram overlap mean 0.040 (max 0.69, 6% above 0.2), 13-gram ...` of a trial's split audit."""
+    parts = [f"{key} overlap mean {value['mean']:.3f} (max {value['max']:.2f}, "
+             f"{value.get('above_0.2', float('nan')):.0%} above 0.2)"
+             for key, value in audit.items() if key.endswith("gram") and isinstance(value, dict)]
+    if audit.get("filter"):
+        parts.append(f"{audit['filter']['ngram']}-gram filter at {audit['filter']['threshold']:g}: "
+                     f"{audit['filter']['dropped']} non-members redrawn")
+    return "; ".join(parts) if parts else "no split audit recorded"
+
+
+def below_chance_notes(trials: list[Trial]) -> list[str]:
+    """One note per trial with an AUC significantly below 0.5 at its final epoch, with its
+    split audit beside it: members scoring lower than non-members points at the split
+    (near-copies across it, or members and non-members that differ in kind), not training."""
+    notes = []
+    for trial in trials:
+        low = [f"{label} {_num(a.auc)} {_interval(a.ci)}" for label, a in trial.attacks.items() if a.below_chance]
+        if low:
+            notes.append(f"BELOW CHANCE in {trial.name}: {', '.join(low)} (the 95% interval excludes 0.5 from below: "
+                         f"the split, not training, is the likely cause); split audit: "
+                         f"{split_audit_text(trial.split_audit)}.")
+    return notes
 
 
 def unresolved_notes(trials: list[Trial]) -> list[str]:
@@ -152,7 +181,8 @@ def trials_table(trials: list[Trial], labels: list[str]) -> Table:
     return Table("trials", "Trials: final and best-epoch validation perplexity, final AUC per attack",
                  pd.DataFrame(rows), pd.DataFrame(text),
                  "Final = last recorded epoch; best = epoch of lowest validation perplexity (shown after @). "
-                 f"{CHANCE_MARK} = the AUC's 95% interval holds 0.5: not distinguishable from chance. "
+                 f"{CHANCE_MARK} = the AUC's 95% interval holds 0.5: not distinguishable from chance; "
+                 f"{BELOW_CHANCE_MARK} = it lies below 0.5 (see the notes for the split audit). "
                  "ε spent: DP-SGD's epsilon by its accountant (result.json's `dp` record; - without train.dp); "
                  "ε lb: the empirical lower bound at 95% confidence (result.json's `privacy_audit`).")
 
@@ -163,7 +193,7 @@ def attacks_table(trials: list[Trial]) -> Table:
         for label, a in t.attacks.items():
             rows.append({"trial": t.name, "dataset": t.dataset, "model": t.model, "method": t.variant,
                          "seed": t.seed, "status": t.status, "attack": label, "epoch": t.final.get("epoch"),
-                         "auc": a.auc, "chance": a.chance, "auc ci95 low": a.ci[0] if a.ci else None,
+                         "auc": a.auc, "chance": a.chance, "below chance": a.below_chance, "auc ci95 low": a.ci[0] if a.ci else None,
                          "auc ci95 high": a.ci[1] if a.ci else None, "tpr@1%fpr": a.tpr_1,
                          "tpr@1%fpr ci95 low": a.tpr_1_ci[0] if a.tpr_1_ci else None,
                          "tpr@1%fpr ci95 high": a.tpr_1_ci[1] if a.tpr_1_ci else None, "tpr@0.1%fpr": a.tpr_01,
@@ -172,7 +202,7 @@ def attacks_table(trials: list[Trial]) -> Table:
                          "best epoch": t.best.get("epoch"), "auc at best epoch": a.auc_best,
                          "tpr@1%fpr at best epoch": a.tpr_1_best, "tpr@0.1%fpr at best epoch": a.tpr_01_best})
             text.append({"trial": t.name, "method": t.variant, "status": t.status, "attack": label,
-                         "epoch": str(int(t.final["epoch"])), "AUC": _num(a.auc) + (CHANCE_MARK if a.chance else ""),
+                         "epoch": str(int(t.final["epoch"])), "AUC": _num(a.auc) + _chance_mark(t, label),
                          "AUC 95% CI": _interval(a.ci),
                          "TPR@1%FPR [95% CI]": _with_interval(a.tpr_1, a.tpr_1_ci),
                          "TPR@0.1%FPR [95% CI]": _with_interval(a.tpr_01, a.tpr_01_ci),
@@ -181,7 +211,8 @@ def attacks_table(trials: list[Trial]) -> Table:
                  pd.DataFrame(rows), pd.DataFrame(text),
                  f"At the final epoch; intervals as the trial recorded them (DeLong's unless eval.bootstrap was set; "
                  f"trials that recorded none: {BOOTSTRAP_RESAMPLES} stratified bootstrap resamples of the per-sample "
-                 f"scores); {CHANCE_MARK} = the interval holds 0.5, not distinguishable from chance; a TPR is '-' "
+                 f"scores); {CHANCE_MARK} = the interval holds 0.5, not distinguishable from chance; "
+                 f"{BELOW_CHANCE_MARK} = the interval lies below 0.5 (see the notes for the split audit); a TPR is '-' "
                  "where the non-members cannot resolve its FPR (see the notes); beside it its Clopper-Pearson 95% "
                  "interval over the members at the threshold its FPR chose (the threshold's own uncertainty, "
                  "from the non-members, is not in it; trials run before these intervals show the TPR alone); "

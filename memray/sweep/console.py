@@ -24,6 +24,7 @@ from typing import Any, Mapping, TextIO
 
 from memray.config import TrialConfig
 from memray.metric_keys import is_auc_key, mia_key
+from memray.metrics import below_chance_note
 
 #: A trial's states as the screen shows them: memray's (`memray.results`), and `pending`
 #: for a trial that has not started; the order of the summary's counts.
@@ -230,4 +231,5 @@ def epoch_text(row: TrialRow, metrics: Mapping[str, Any]) -> str:
     if row.headline:
         aucs.sort(key=lambda key: key != mia_key(row.headline))
     parts += [f"{key.split('/')[1]} AUC {_number(metrics[key], 3)}" for key in aucs]
-    return " | ".join(parts)
+    flag = below_chance_note(metrics)  # with the split audit's overlap beside it
+    return " | ".join(parts + ([flag] if flag else []))

@@ -105,6 +105,9 @@ def wandb_config(cell: Cell, trial_name: str) -> dict[str, Any]:
         "dp_epsilon": config.train.dp.epsilon if config.train.dp else None,
         "dp_delta": config.train.dp.delta if config.train.dp else None,
         "dp_clip": config.train.dp.clip if config.train.dp else None,
+        # the split's n-gram overlap filter as `<n>gram<=<threshold>`; None: non-members as drawn
+        "overlap_filter": (f"{config.data.overlap_filter.ngram}gram<={config.data.overlap_filter.threshold:g}"
+                           if config.data.overlap_filter else None),
         "cell": cell.index, "trial": trial_name,
         "config_key": config_key(config.resolved()), "config_name": config_name(cell),
     }

@@ -174,7 +174,7 @@ class DataConfig(Schema):
 
 def default_dataset() -> str:
     """The dataset of a config without `data.dataset` (its registry entry says `default=True`)."""
-    return DEFAULT_DATASET[0]
+    return REGISTRY.default
 
 
 def dataset_names() -> tuple[str, ...]:
@@ -397,8 +397,6 @@ class DatasetSpec:
 
 #: Every dataset by name; `config.dataset_names()` (the names `data.dataset` accepts) is derived from it.
 REGISTRY: Registry[DatasetSpec] = Registry("dataset")
-#: The dataset of a config without `data.dataset` (registered with `default=True`).
-DEFAULT_DATASET: list[str] = []
 
 
 def register(name: str, *, members: int | None, hub: HubSource | None = None, blocks: bool = False,
@@ -414,11 +412,7 @@ def register(name: str, *, members: int | None, hub: HubSource | None = None, bl
         raise ValueError(f"dataset {name!r}: fields must be of {', '.join(DATASET_FIELDS)} and required ones read")
 
     def add(pool: Callable[..., Pool]) -> Callable[..., Pool]:
-        if default and DEFAULT_DATASET:
-            raise ValueError(f"dataset {name!r}: {DEFAULT_DATASET[0]!r} is already the default dataset")
-        REGISTRY.add(name, DatasetSpec(name, members, pool, hub, blocks, read, tuple(required)))
-        if default:
-            DEFAULT_DATASET.append(name)
+        REGISTRY.add(name, DatasetSpec(name, members, pool, hub, blocks, read, tuple(required)), default=default)
         return pool
     return add
 

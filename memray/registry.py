@@ -16,13 +16,26 @@ class Registry(Generic[Entry]):
     def __init__(self, kind: str):
         self.kind = kind  # what an entry is, for error messages: "method", "attack"
         self._entries: dict[str, Entry] = {}
+        self._default: str | None = None
 
-    def add(self, name: str, entry: Entry) -> Entry:
-        """Register `entry` under `name` and return it; ValueError if the name is taken."""
+    def add(self, name: str, entry: Entry, default: bool = False) -> Entry:
+        """Register `entry` under `name` and return it (`default`: the entry a config that
+        names none gets); ValueError if the name is taken or a second entry claims the default."""
+        if default and self._default is not None:
+            raise ValueError(f"{self.kind} {name!r}: {self._default!r} is already the default {self.kind}")
         if name in self._entries:
             raise ValueError(f"{self.kind} {name!r} is already registered")
         self._entries[name] = entry
+        if default:
+            self._default = name
         return entry
+
+    @property
+    def default(self) -> str:
+        """The name registered with `default=True`."""
+        if self._default is None:
+            raise LookupError(f"no {self.kind} is registered as the default")
+        return self._default
 
     def remove(self, name: str) -> Entry:
         """Take an entry out again (tests that register a throw-away entry)."""

@@ -130,8 +130,6 @@ class MethodSpec:
 
 
 METHODS: Registry[MethodSpec] = Registry("method")
-#: The method of a trial whose config has no `method` section (its unit says so: `default=True`).
-DEFAULT_METHOD: list[str] = []
 #: The families of methods the studies compare (Hou et al. 2025), key -> title: parameter-based methods change
 #: or add weights inside the model (full, head, LoRA, (IA)^3), prompt-based methods train
 #: inputs prepended to every sequence (prefix, prompt and P-tuning), the model untouched.
@@ -149,17 +147,12 @@ def register(spec: MethodSpec, default: bool = False) -> MethodSpec:
         raise ValueError(f"method {spec.name!r}: family {spec.family!r} is not one of {', '.join(METHOD_FAMILIES)}")
     if spec.flop_class not in FLOP_CLASSES:
         raise ValueError(f"method {spec.name!r}: FLOP class {spec.flop_class!r} is not one of {', '.join(FLOP_CLASSES)}")
-    if default and DEFAULT_METHOD:
-        raise ValueError(f"method {spec.name!r}: {DEFAULT_METHOD[0]!r} is already the default method")
-    METHODS.add(spec.name, spec)
-    if default:
-        DEFAULT_METHOD.append(spec.name)
-    return spec
+    return METHODS.add(spec.name, spec, default=default)
 
 
 def default_method() -> str:
     """The name of the method a config without a `method` section gets."""
-    return DEFAULT_METHOD[0]
+    return METHODS.default
 
 
 def method_label(method: dict[str, Any]) -> str:

@@ -331,46 +331,46 @@ def axes_figure_stem(method: str) -> str:
 
 
 def plot_axes(groups: list[Group], labels: list[str], method: str, path: Path) -> Path | None:
-    """Bars of the method's variants on its `report_axes` (LoRA: a bar per placement at each
-    rank), from chance, a panel per dataset, model and attack."""
+    """Bars of the method's variants on its `report_axes` (LoRA: a bar per kind at each
+    value), from chance, a panel per dataset, model and attack."""
     schema = METHODS[method].config
     category, number = schema.report_axes  # type: ignore[misc]
-    points = {id(g): point for g, point in axes_groups(groups, method) if g.finished}
-    lora = [g for g in groups if id(g) in points]
-    if not lora:
+    chosen = [(g, point) for g, point in axes_groups(groups, method) if g.finished]
+    if not chosen:
         return None
-    panels = sorted({(g.dataset, g.model) for g in lora})
-    declared = list(typing.get_args(schema.model_fields[category].annotation)) or sorted({p[0] for p in points.values()})
-    placements = [p for p in declared if any(points[id(g)][0] == p for g in lora)]
-    ranks = sorted({points[id(g)][1] for g in lora})
-    colors = _colors(placements)
-    width = 0.8 / len(placements)
+    panels = sorted({(g.dataset, g.model) for g, _ in chosen})
+    # the category axis in the order its config field declares (LoRA: attn, mlp, both)
+    declared = list(typing.get_args(schema.model_fields[category].annotation)) or sorted({p[0] for _, p in chosen})
+    kinds = [k for k in declared if any(point[0] == k for _, point in chosen)]
+    numbers = sorted({point[1] for _, point in chosen})
+    colors = _colors(kinds)
+    width = 0.8 / len(kinds)
     cells = [(dataset, model, label) for dataset, model in panels for label in labels]
-    figure, axes = _grid(len(cells), width=max(4.0, 0.5 * len(ranks) * len(placements)), row=len(labels))
+    figure, axes = _grid(len(cells), width=max(4.0, 0.5 * len(numbers) * len(kinds)), row=len(labels))
     cols = len(axes[0])
     for index, (dataset, model, label) in enumerate(cells):
         ax = axes[index // cols][index % cols]
         tops = [CHANCE_AUC]  # bar ends with their error bars, for the y range
-        for slot, placement in enumerate(placements):
+        for slot, kind in enumerate(kinds):
             x, heights, errors = [], [], []
-            for position, rank in enumerate(ranks):
-                match = [g for g in lora if (g.dataset, g.model) == (dataset, model)
-                         and points[id(g)] == (placement, rank)]
-                # several groups of one placement and rank (another axis varies): their mean
+            for position, value in enumerate(numbers):
+                match = [g for g, point in chosen if (g.dataset, g.model) == (dataset, model)
+                         and point == (kind, value)]
+                # several groups at one point (another axis varies): their mean
                 values = [g.stat(mia_key(label)) for g in match]
                 values = [v for v in values if is_finite(v[0])]
                 if values:
-                    x.append(position + (slot - (len(placements) - 1) / 2) * width)
+                    x.append(position + (slot - (len(kinds) - 1) / 2) * width)
                     heights.append(np.mean([v[0] for v in values]) - CHANCE_AUC)
                     errors.append(np.nan_to_num(values[0][1]) if len(values) == 1 else 0.0)
             if x:
                 ax.bar(x, heights, width=width, bottom=CHANCE_AUC, yerr=errors, capsize=2,
-                       color=colors[placement], label=f"{category} {placement}")
+                       color=colors[kind], label=f"{category} {kind}")
                 tops += [CHANCE_AUC + h + e for h, e in zip(heights, errors)]
                 tops += [CHANCE_AUC + h - e for h, e in zip(heights, errors)]
         span = max(tops) - min(tops) or 0.1
         ax.set_ylim(min(tops) - 0.1 * span, max(tops) + 0.1 * span)
-        ax.set_xticks(range(len(ranks)), [f"{r:g}" for r in ranks])
+        ax.set_xticks(range(len(numbers)), [f"{v:g}" for v in numbers])
         ax.axhline(CHANCE_AUC, color="grey", linewidth=1)
         ax.set_title(f"{dataset}, {model}, {_attack_title(label)}", fontsize="medium")
         ax.grid(alpha=0.3, axis="y")

@@ -15,7 +15,6 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from memray.config import METHODS
 from memray.methods import METHODS as METHOD_REGISTRY
 from memray.metric_keys import is_auc_key, mia_key
 from memray.report.loading import BOOTSTRAP_RESAMPLES, COUNTERFACTUAL, Group, Trial, is_finite
@@ -135,7 +134,7 @@ class Table:
 
 def sort_key(trial: Trial, sizes: dict[str, dict[str, Any]]) -> tuple:
     params = sizes.get(trial.model, {}).get("params")
-    method_rank = METHODS.index(trial.method) if trial.method in METHODS else len(METHODS)
+    method_rank = METHOD_REGISTRY.names().index(trial.method) if trial.method in METHOD_REGISTRY else len(METHOD_REGISTRY)
     return (trial.dataset, params if is_finite(params) else math.inf, trial.model, method_rank, trial.variant,
             trial.seed if trial.seed is not None else -1, trial.name)
 
@@ -456,7 +455,8 @@ def unfinished_table(trials: list[Trial]) -> Table:
 def ordered_variants(groups: Iterable[Group]) -> list[str]:
     seen = {}
     for g in groups:
-        seen.setdefault(g.variant, METHODS.index(g.method) if g.method in METHODS else len(METHODS))
+        seen.setdefault(g.variant, METHOD_REGISTRY.names().index(g.method) if g.method in METHOD_REGISTRY
+                       else len(METHOD_REGISTRY))
     return sorted(seen, key=lambda v: (seen[v], v))
 
 

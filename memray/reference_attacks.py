@@ -38,6 +38,8 @@ from typing import Any, Callable
 import numpy as np
 from scipy import stats
 
+from memray.metrics import roc_auc
+
 #: Fewest reference models lira / rmia accept: two in and two out per sample, so that every
 #: in / out fit has a spread (one in reference leaves LiRA's variance with no degree of freedom)
 MIN_REFERENCES = 4
@@ -209,17 +211,10 @@ def calibrate_offline_a(reference: np.ndarray, in_mask: np.ndarray,
         for stand_in in range(count):
             others = np.arange(count) != stand_in
             scores = rmia(reference[stand_in], reference[others], in_mask[others], online=False, offline_a=a)
-            aucs.append(_auc(scores, in_mask[stand_in]))
+            aucs.append(roc_auc(scores, in_mask[stand_in]))
         mean_auc[a] = float(np.mean(aucs))
     best = max(mean_auc.values())
     return min(a for a, auc in mean_auc.items() if auc == best), mean_auc
-
-
-def _auc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """ROC AUC from ranks (Mann-Whitney U, ties counted half)."""
-    ranks = stats.rankdata(scores)
-    positives, negatives = int(positive.sum()), int((~positive).sum())
-    return float((ranks[positive].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 
 def counterfactual(reference_nll: np.ndarray, in_mask: np.ndarray) -> np.ndarray:

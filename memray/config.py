@@ -29,7 +29,7 @@ from memray.attacks import ATTACKS as ATTACK_REGISTRY
 from memray.catalogue import (APPROX_PARAMS, BUILTIN_MODELS, GPU_TYPES, MODEL_ALIASES, UNKNOWN_PARAMS,
                               ModelConfig)
 from memray.data import CanaryConfig, DataConfig, DuplicatesConfig, dataset_names, default_dataset
-from memray.methods import METHODS as METHOD_REGISTRY, default_method
+from memray.methods import METHODS as METHOD_REGISTRY, default_method, dp_gradients
 from memray.reference_attacks import MIN_REFERENCES, reference_seed
 from memray.schema import ConfigError, Schema
 
@@ -73,7 +73,7 @@ class DeepSpeedConfig(Schema):
 
 
 class DPConfig(Schema):
-    """DP-SGD (Abadi et al. 2016, arXiv 1607.00133) through Opacus: each step draws a Poisson
+    """DP-SGD (Abadi et al. 2016, arXiv 1607.00133), memray.dp: each step draws a Poisson
     sample of the training texts (each with probability batch_size / texts, so batch_size is
     the expected batch), clips each text's gradient to `clip`, adds Gaussian noise of
     std noise_multiplier x clip to their sum. The noise multiplier is calibrated so that the
@@ -265,15 +265,16 @@ class TrialConfig(Schema):
         refusal = refuse(self.method) if refuse is not None else None
         if refusal is not None:
             raise ValueError(f"train.dp: method {self.method.name} is refused under DP-SGD: {refusal}")
+        dp_gradients(self.method)  # a unit naming an engine memray lacks: told here, before any model loads
         if train.grad_accum != 1:
             raise ValueError(f"train.dp: train.grad_accum {train.grad_accum} is refused under DP-SGD: a Poisson-sampled "
                              "batch is one noisy step (raise train.batch_size, the expected batch, instead)")
         if train.compile:
-            raise ValueError("train.dp: train.compile is refused under DP-SGD: Opacus's per-sample gradient hooks "
-                             "are not traced by torch.compile")
+            raise ValueError("train.dp: train.compile is refused under DP-SGD: the per-sample gradients (Opacus's "
+                             "hooks, torch.func's vmap) are not traced by torch.compile")
         if train.deepspeed is not None:
-            raise ValueError("train.dp: train.deepspeed is refused under DP-SGD: Opacus does not run under "
-                             "DeepSpeed ZeRO (which partitions the gradients it clips per sample)")
+            raise ValueError("train.dp: train.deepspeed is refused under DP-SGD: per-sample clipping does not run "
+                             "under DeepSpeed ZeRO (which partitions the gradients it clips per sample)")
         return self
 
     @model_validator(mode="after")

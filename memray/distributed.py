@@ -216,7 +216,7 @@ def estimate_memory(shape: ModelShape, *, trainable_params: float | None = None,
     that keeps no score matrix, e.g. SDPA): 34 bytes x sequence x batch x hidden per layer
     in 16 bits, or only each layer's input with activation checkpointing, plus the
     logits and their fp32 loss copies. `per_sample_gradients` (DP-SGD): that many more fp32
-    copies of the trained weights' gradients, one per text of a chunk (Opacus's grad_sample).
+    copies of the trained weights' gradients, one per text of a chunk (either per-sample gradient engine of memray.dp).
     """
     params = shape.params
     trained = params if trainable_params is None else trainable_params

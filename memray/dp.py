@@ -4,12 +4,27 @@ The Trainer draws fixed-size shuffled batches and clips the whole batch's gradie
 (Abadi et al. 2016, arXiv 1607.00133) needs what its accountant assumes: every step a
 Poisson sample of the training texts (each in with probability q = batch_size / texts, so
 `train.batch_size` is the expected batch), each text's gradient clipped to `dp.clip`, their
-sum plus Gaussian noise of std sigma x clip, divided by the expected batch. Opacus computes
-the per-sample gradients (`GradSampleModule`: its layer rules, and torch.func for a layer it
-has none for, e.g. transformers' Conv1D), calibrates sigma (`get_noise_multiplier`) so that
-its accountant reaches `dp.epsilon` exactly after the last epoch, and accounts each step;
-clipping, summing and noising are written out here (`dp_step`), as Opacus's `DPOptimizer`
-does them, so that an empty Poisson sample is a step of noise alone, as the analysis says.
+sum plus Gaussian noise of std sigma x clip, divided by the expected batch. Opacus
+calibrates sigma (`get_noise_multiplier`) so that its accountant reaches `dp.epsilon`
+exactly after the last epoch, and accounts each step; clipping, summing and noising are
+written out here (`dp_step`), as Opacus's `DPOptimizer` does them, so that an empty Poisson
+sample is a step of noise alone, as the analysis says.
+
+The per-sample gradients come from one of two engines (`GRADIENT_ENGINES`), chosen by the
+method's registry entry (`MethodSpec.dp_gradients`):
+- `opacus`: Opacus's `GradSampleModule`, a rule per layer (and torch.func for a layer it has
+  none for, e.g. transformers' Conv1D), one batched backward pass. Right only where every
+  trained weight sits in a layer that runs once per text on that text's activations (full,
+  head, LoRA, prefix tuning).
+- `torch.func`: the whole model as a function of its trained weights, `torch.func.grad` of
+  one text's loss, vmapped over the texts (each text its own dropout). Right for any method
+  whose forward pass torch.func can trace: DoRA (its magnitude is trained in a module called
+  with keyword arguments, which Opacus's hooks do not see), (IA)^3 (vectors in a
+  ParameterDict), prompt tuning and P-tuning (PEFT encodes the soft prompt once per batch
+  and repeats it, so a layer rule sees one text, not the batch). Each text runs alone, so
+  the model is shown an all-ones attention mask: with right padding and a causal model the
+  padding comes after every real token and changes none of its logits (a left-padded batch
+  is refused).
 
 The loss is each text's mean token loss (a sum over texts, so that a per-sample gradient is
 that text's own); a sample larger than the batch size is split into chunks of batch_size
@@ -28,7 +43,7 @@ import shutil
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
 
@@ -54,6 +69,7 @@ class DPPlan:
     steps_per_epoch: int
     steps: int  # over all epochs
     accountant: str  # the accountant, named
+    per_sample_gradients: str = "opacus"  # the engine that computes them: a key of GRADIENT_ENGINES
 
     def record(self) -> dict:
         return asdict(self)
@@ -64,9 +80,10 @@ ACCOUNTANT_NAMES = {"rdp": "opacus RDPAccountant (Renyi DP of the Poisson-subsam
                     "prv": "opacus PRVAccountant (privacy random variables, Gopi et al. 2021)"}
 
 
-def calibrate(dp: DPConfig, texts: int, batch_size: int, epochs: int) -> DPPlan:
+def calibrate(dp: DPConfig, texts: int, batch_size: int, epochs: int, gradients: str = "opacus") -> DPPlan:
     """The noise multiplier that spends `dp.epsilon` in `epochs` epochs over `texts` texts with
-    an expected batch of `batch_size` (Opacus's `get_noise_multiplier`, to 0.001 below epsilon)."""
+    an expected batch of `batch_size` (Opacus's `get_noise_multiplier`, to 0.001 below epsilon);
+    `gradients`: the per-sample gradient engine (a key of GRADIENT_ENGINES)."""
     from opacus.accountants.utils import get_noise_multiplier
 
     sample_rate = min(1.0, batch_size / texts)
@@ -77,7 +94,7 @@ def calibrate(dp: DPConfig, texts: int, batch_size: int, epochs: int) -> DPPlan:
     sigma = (get_noise_multiplier(target_epsilon=dp.epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps,
                                   accountant=dp.accountant, epsilon_tolerance=0.001) if steps else 0.0)
     return DPPlan(dp.epsilon, delta, rule, dp.clip, float(sigma), sample_rate, steps_per_epoch, steps,
-                  ACCOUNTANT_NAMES[dp.accountant])
+                  ACCOUNTANT_NAMES[dp.accountant], gradients)
 
 
 def make_accountant(dp: DPConfig):
@@ -91,27 +108,110 @@ def spent_epsilon(accountant, delta: float) -> float:
     return float(accountant.get_epsilon(delta)) if accountant.history else 0.0
 
 
-def text_losses(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Each text's mean next-token loss [batch] (virtual tokens that prompt tuning and
-    P-tuning put in front of the input are left out of it)."""
-    kwargs = {}
+def _position_kwargs(model: torch.nn.Module, input_ids: torch.Tensor) -> dict:
+    """position_ids, one row per text: the model would broadcast one row over the batch, and a
+    trained position embedding (GPT-2's wpe) would then get one gradient for all texts. None
+    for prompt tuning and P-tuning: PEFT sets its own for the virtual tokens."""
     peft_config = getattr(model, "active_peft_config", None)
-    if peft_config is None or not peft_config.is_prompt_learning:  # PEFT sets its own for virtual tokens
-        # one row of positions per text: the model would broadcast one row over the batch, and a
-        # trained position embedding (GPT-2's wpe) would then get one gradient for all texts
-        kwargs["position_ids"] = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
+    if peft_config is not None and peft_config.is_prompt_learning:
+        return {}
+    return {"position_ids": torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)}
+
+
+def _mean_token_losses(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each text's mean next-token loss [batch] from the model's logits (virtual tokens that
+    prompt tuning and P-tuning put in front of the input are left out)."""
     logits = logits[:, logits.shape[1] - input_ids.shape[1]:]
     targets, keep = input_ids[:, 1:], attention_mask[:, 1:].to(logits.dtype)
     token_losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none")
     return (token_losses * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1)
 
 
-def clipped_sum(parameters: list[torch.nn.Parameter], clip: float) -> list[torch.Tensor]:
-    """Sum over the samples of each parameter's `grad_sample`, each sample's gradient (over
-    all parameters together) scaled to an L2 norm of at most `clip` (as Opacus's
-    DPOptimizer: factor min(1, clip / (norm + 1e-6)))."""
-    samples = [p.grad_sample.float() for p in parameters]
+def text_losses(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each text's mean next-token loss [batch] (virtual tokens that prompt tuning and
+    P-tuning put in front of the input are left out of it)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, **_position_kwargs(model, input_ids)).logits
+    return _mean_token_losses(logits, input_ids, attention_mask)
+
+
+class OpacusGradients:
+    """Per-sample gradients by Opacus's layer rules (`GradSampleModule`, one backward pass)."""
+
+    def __init__(self, model: torch.nn.Module, parameters: list[torch.nn.Parameter]):
+        from opacus import GradSampleModule
+
+        self.parameters = parameters
+        self.sampled = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 autocast: ContextManager) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(each text's loss [batch], each trained parameter's per-text gradients [batch, ...])."""
+        with autocast:
+            per_text = text_losses(self.sampled, input_ids, attention_mask)
+        with warnings.catch_warnings():
+            # Opacus's backward hooks on a frozen first layer (LoRA, head): harmless, said once a step
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            per_text.sum().backward()
+        samples = [p.grad_sample for p in self.parameters]
+        for p in self.parameters:
+            p.grad_sample = None
+            p.grad = None
+        return per_text.detach(), samples
+
+    def close(self) -> None:
+        self.sampled._close()  # hooks off: the model evaluates and saves as it was
+
+
+class FunctionalGradients:
+    """Per-sample gradients by torch.func: `grad` of one text's loss as a function of the
+    trained weights (`functional_call` on the whole model), vmapped over the texts."""
+
+    def __init__(self, model: torch.nn.Module, parameters: list[torch.nn.Parameter]):
+        from torch.func import functional_call, grad, vmap
+
+        self.model = model
+        self.parameters = parameters
+        by_id = {id(p) for p in parameters}
+        self.names = [name for name, p in model.named_parameters() if id(p) in by_id]
+        if len(self.names) != len(parameters):
+            raise ValueError("torch.func per-sample gradients: a trained parameter is shared or not in the model")
+
+        def one_text(weights: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+            input_ids, attention_mask = input_ids[None], attention_mask[None]
+            # all ones, not the text's own: a vmapped mask would reach transformers' mask
+            # checks, which branch on its values; with right padding the causal model's
+            # logits at the real tokens do not depend on what follows them
+            seen = torch.ones(input_ids.shape, dtype=input_ids.dtype, device=input_ids.device)  # not vmapped
+            logits = functional_call(model, weights, args=(), kwargs={
+                "input_ids": input_ids, "attention_mask": seen, **_position_kwargs(model, input_ids)}).logits
+            loss = _mean_token_losses(logits, input_ids, attention_mask)[0]
+            return loss, loss
+
+        self.per_text = vmap(grad(one_text, has_aux=True), in_dims=(None, 0, 0), randomness="different")
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 autocast: ContextManager) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
+            raise ValueError("torch.func per-sample gradients need right-padded texts (the tokenizer's padding_side)")
+        weights = {name: p.detach() for name, p in zip(self.names, self.parameters)}
+        with autocast:
+            grads, losses = self.per_text(weights, input_ids, attention_mask)
+        return losses.detach(), [grads[name] for name in self.names]
+
+    def close(self) -> None:
+        pass
+
+
+#: DP-SGD's per-sample gradient engines by name (memray.methods.DP_GRADIENT_ENGINES; module docstring)
+GRADIENT_ENGINES: dict[str, type[OpacusGradients] | type[FunctionalGradients]] = {
+    "opacus": OpacusGradients, "torch.func": FunctionalGradients}
+
+
+def clipped_sum(per_sample: list[torch.Tensor], clip: float) -> list[torch.Tensor]:
+    """Sum over the samples of each parameter's per-sample gradients [batch, ...], each
+    sample's gradient (over all parameters together) scaled to an L2 norm of at most `clip`
+    (as Opacus's DPOptimizer: factor min(1, clip / (norm + 1e-6)))."""
+    samples = [g.float() for g in per_sample]
     norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=1) for g in samples], dim=1).norm(2, dim=1)
     factors = (clip / (norms + 1e-6)).clamp(max=1.0)
     return [torch.einsum("i,i...->...", factors, g) for g in samples]
@@ -161,14 +261,13 @@ def fit_dp(model: torch.nn.Module, tokenizer, train_ids: list[list[int]], train:
     """Train `model` under DP-SGD for `train.epochs` epochs (`memray.train.fit`'s contract:
     `evaluate(epoch)` on the weights in memory, then `on_epoch_end(EpochEnd)` with the epoch's
     checkpoint and `privacy/epsilon`, the accountant's spent epsilon, in its metrics)."""
-    from opacus import GradSampleModule
     from transformers import DataCollatorForLanguageModeling, get_scheduler
 
     os.makedirs(checkpoints_dir, exist_ok=True)
     device = next(model.parameters()).device
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     parameters = [p for p in model.parameters() if p.requires_grad]
-    sampled = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    per_sample = GRADIENT_ENGINES[plan.per_sample_gradients](model, parameters)
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=train.weight_decay)
     warmup = math.ceil(train.warmup_ratio * plan.steps)
     scheduler = get_scheduler(train.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=max(plan.steps, 1))
@@ -204,18 +303,12 @@ def fit_dp(model: torch.nn.Module, tokenizer, train_ids: list[list[int]], train:
                 summed = None
                 for start in range(0, len(chosen), train.batch_size):
                     batch = collator([{"input_ids": train_ids[i]} for i in chosen[start:start + train.batch_size]])
-                    with autocast:
-                        per_text = text_losses(sampled, batch["input_ids"].to(device), batch["attention_mask"].to(device))
-                    with warnings.catch_warnings():
-                        # Opacus's backward hooks on a frozen first layer (LoRA, head): harmless, said once a step
-                        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                        per_text.sum().backward()
-                    losses.extend(per_text.detach().float().cpu().tolist())
-                    chunk = clipped_sum(parameters, plan.clip)
+                    per_text, samples = per_sample(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                                   autocast)
+                    losses.extend(per_text.float().cpu().tolist())
+                    chunk = clipped_sum(samples, plan.clip)
+                    del samples
                     summed = chunk if summed is None else [a + b for a, b in zip(summed, chunk)]
-                    for p in parameters:
-                        p.grad_sample = None
-                        p.grad = None
                 dp_step(parameters, summed, plan, train.batch_size, noise)
                 optimizer.step()
                 scheduler.step()
@@ -235,4 +328,4 @@ def fit_dp(model: torch.nn.Module, tokenizer, train_ids: list[list[int]], train:
             on_epoch_end(EpochEnd(epoch, train_loss, checkpoint,
                                   {"privacy/epsilon": spent_epsilon(accountant, plan.delta)}))
     finally:
-        sampled._close()  # hooks off: the model evaluates and saves as it was
+        per_sample.close()

@@ -242,9 +242,10 @@ class TrialRun:
         self.dp_plan = None
         if config.train.dp is not None:
             if distributed is not None:
-                raise ConfigError(source, "train.dp", "DP-SGD runs in one process: Opacus does not run under "
-                                                      "DeepSpeed ZeRO, and a multi-worker trial is one")
-            self.dp_plan = dp.calibrate(config.train.dp, len(self.train_ids), config.train.batch_size, config.train.epochs)
+                raise ConfigError(source, "train.dp", "DP-SGD runs in one process: per-sample clipping does not "
+                                                      "run under DeepSpeed ZeRO, and a multi-worker trial is one")
+            self.dp_plan = dp.calibrate(config.train.dp, len(self.train_ids), config.train.batch_size, config.train.epochs,
+                                        methods.dp_gradients(config.method))
             record.update(dp=self.dp_plan.record())
         # the delta the empirical epsilon tests: the trial's own under DP, else the default rule's
         self.audit_delta = self.dp_plan.delta if self.dp_plan else privacy.default_delta(len(self.train_ids))

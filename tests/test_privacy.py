@@ -6,6 +6,8 @@ of known epsilon and comes close to it with enough samples; train.dp is validate
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 
@@ -110,23 +112,38 @@ DP_SPECS = [(name, {"name": name, **({"virtual_tokens": 4} if "virtual_tokens" i
             for name in methods.METHODS] + [("dora", {"name": "lora", "rank": 4, "dora": True})]
 
 
-def dp_accepts(spec: dict) -> bool:
-    refuse = methods.METHODS[spec["name"]].dp_refusal
-    return refuse is None or refuse(TypeAdapter(MethodConfig).validate_python(spec)) is None
+def method_config(spec: dict):
+    return TypeAdapter(MethodConfig).validate_python(spec)
 
 
-#: every method DP accepts, on the model layouts memray supports (GPT-2's Conv1D, Llama's Linear)
-DP_CASES = [(model, spec) for model in ("tiny-gpt2", "tiny-llama") for _, spec in DP_SPECS if dp_accepts(spec)]
+def engine_cases(spec: dict) -> list[str]:
+    """The method's own per-sample gradient engine, and torch.func (which must be right for
+    every method, whatever the method's entry chooses)."""
+    return sorted({methods.dp_gradients(method_config(spec)), "torch.func"})
+
+
+#: every method (and DoRA) with its own engine and torch.func, on the model layouts memray
+#: supports (GPT-2's Conv1D, Llama's Linear)
+DP_CASES = [(model, spec, engine) for model in ("tiny-gpt2", "tiny-llama") for _, spec in DP_SPECS
+            for engine in engine_cases(spec)]
 
 
 def case_id(value):
     return value if isinstance(value, str) else "-".join(f"{v}" for v in value.values())
 
 
-@pytest.mark.parametrize("model_name, spec", DP_CASES, ids=case_id)
-def test_a_dp_step_equals_a_hand_written_one(model_name, spec):
-    from opacus import GradSampleModule
+def test_every_builtin_method_trains_under_dp_and_opacus_only_where_its_layer_rules_see_each_text():
+    engines = {name: methods.dp_gradients(method_config(spec)) for name, spec in DP_SPECS}
+    assert all(methods.METHODS[spec["name"]].dp_refusal is None for _, spec in DP_SPECS)
+    # DoRA's magnitude module (keyword arguments), (IA)^3's ParameterDict and the soft prompts
+    # encoded once per batch are out of Opacus's reach; the rest are nn.Linear / Conv1D / Embedding
+    assert engines == {"full": "opacus", "head": "opacus", "lora": "opacus", "prefix": "opacus",
+                       "dora": "torch.func", "ia3": "torch.func", "prompt": "torch.func", "ptuning": "torch.func"}
+    assert set(engines.values()) == set(methods.DP_GRADIENT_ENGINES) == set(dp.GRADIENT_ENGINES)
 
+
+@pytest.mark.parametrize("model_name, spec, engine", DP_CASES, ids=case_id)
+def test_a_dp_step_equals_a_hand_written_one(model_name, spec, engine):
     generator = torch.Generator().manual_seed(1)
     lengths = [12, 9, 5]
     ids = torch.randint(1, 4000, (3, 12), generator=generator)
@@ -148,22 +165,37 @@ def test_a_dp_step_equals_a_hand_written_one(model_name, spec):
         total = [t + min(1.0, clip / (norm + 1e-6)) * g for t, g in zip(total, grads)]
     noise = torch.Generator().manual_seed(7)
     expected = [(t + torch.normal(0.0, 0.7 * clip, t.shape, generator=noise)) / 4 for t in total]
+    with torch.no_grad():
+        hand_losses = [float(dp.text_losses(reference, ids[row:row + 1, :length], attention[row:row + 1, :length]))
+                       for row, length in enumerate(lengths)]
 
     plan = dp.DPPlan(1.0, 1e-5, "test", clip=clip, noise_multiplier=0.7, sample_rate=0.5, steps_per_epoch=1, steps=1,
-                     accountant="test")
+                     accountant="test", per_sample_gradients=engine)
     model = tiny_with(model_name, spec)
     parameters = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in parameters]
-    sampled = GradSampleModule(model, batch_first=True, loss_reduction="sum")
-    dp.text_losses(sampled, ids, attention).sum().backward()
-    summed = dp.clipped_sum(parameters, plan.clip)
+    per_sample = dp.GRADIENT_ENGINES[engine](model, parameters)
+    losses, samples = per_sample(ids, attention, contextlib.nullcontext())
+    per_sample.close()
+    assert [tuple(g.shape) for g in samples] == [(3, *p.shape) for p in parameters]
+    assert losses.tolist() == pytest.approx(hand_losses, rel=1e-5)
+    summed = dp.clipped_sum(samples, plan.clip)
     dp.dp_step(parameters, summed, plan, expected_batch=4, generator=torch.Generator().manual_seed(7))
     got = [p.grad.clone() for p in parameters]
-    sampled._close()
     for grad, want in zip(got, expected):
         # float32 sums in another order: equal to 1e-5 of the gradient's scale
         torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
     assert all(torch.equal(b, p) for b, p in zip(before, parameters))  # a step sets gradients, moves nothing yet
+    assert any(float(want.abs().max()) > 0 for want in expected)  # every case has a gradient to compare
+
+
+def test_torch_func_gradients_refuse_left_padded_texts():
+    model = tiny_with("tiny-llama", {"name": "ia3"})
+    per_sample = dp.FunctionalGradients(model, [p for p in model.parameters() if p.requires_grad])
+    ids = torch.randint(1, 4000, (2, 6))
+    left_padded = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
+    with pytest.raises(ValueError, match="right-padded"):
+        per_sample(ids, left_padded, contextlib.nullcontext())
 
 
 def test_train_dp_is_validated_and_refused_where_it_cannot_be_private():
@@ -177,11 +209,20 @@ def test_train_dp_is_validated_and_refused_where_it_cannot_be_private():
         validate_trial({"train": {"dp": {"epsilon": 1}, "grad_accum": 2}}, "x.yaml")
     with pytest.raises(ConfigError, match=r"^x.yaml: train.dp: train.deepspeed is refused"):
         validate_trial({"train": {"dp": {"epsilon": 1}, "deepspeed": {}}}, "x.yaml")
-    refused = [spec for _, spec in DP_SPECS if not dp_accepts(spec)]
-    assert refused  # the methods Opacus cannot do (tests/test_privacy.py's cases say which)
-    for spec in refused:
-        with pytest.raises(ConfigError, match=rf"train.dp: method {spec['name']} is refused under DP-SGD: \w"):
-            validate_trial({**base, "method": spec}, "x.yaml")
+
+
+def test_a_method_unit_can_refuse_dp_or_name_an_engine_memray_lacks(monkeypatch):
+    lora = methods.METHODS["lora"]
+    base = {"train": {"dp": {"epsilon": 1}}, "method": {"name": "lora", "rank": 4}}
+    monkeypatch.setitem(methods.METHODS._entries, "lora", dataclasses.replace(
+        lora, dp_refusal=lambda method: "its adapters are shared across layers" if method.rank == 4 else None))
+    with pytest.raises(ConfigError, match=r"^x.yaml: train.dp: method lora is refused under DP-SGD: its adapters are"):
+        validate_trial(base, "x.yaml")
+    assert validate_trial({**base, "method": {"name": "lora", "rank": 8}}, "x.yaml").train.dp.epsilon == 1
+    monkeypatch.setitem(methods.METHODS._entries, "lora", dataclasses.replace(lora, dp_gradients=lambda m: "jax"))
+    with pytest.raises(ConfigError, match=r"^x.yaml: .*method 'lora': its per-sample gradient engine 'jax' is not one of"):
+        validate_trial(base, "x.yaml")
+    assert validate_trial({"method": {"name": "lora"}}, "x.yaml").train.dp is None  # without DP, no engine asked
 
 
 def test_trial_ids_without_dp_are_unchanged():
@@ -217,6 +258,38 @@ def test_a_lora_dp_trial_spends_its_epsilon_and_resumes_with_its_accountant_and_
     trained = torch.load(next((tmp_path / "whole" / CHECKPOINTS_DIR).glob("checkpoint-*")) / "trained.pt")
     lora_b = [value for name, value in trained.items() if "lora_B" in name]
     assert lora_b and all(value.abs().sum() > 0 for value in lora_b)  # B starts at zero: DP steps moved it
+
+    def crash_after_epoch_1(metrics, checkpoint):
+        if metrics["epoch"] == 1:
+            raise RuntimeError("injected fault")
+
+    with pytest.raises(RuntimeError, match="injected fault"):
+        run_trial(config, crash_after_epoch_1, trial_dir=tmp_path / "resumed", progress=False)
+    resumed = run_trial(config, trial_dir=tmp_path / "resumed", progress=False)
+    for key in ("train/loss", "val/loss", "privacy/epsilon", "mia/loss/auc"):
+        assert resumed[key] == pytest.approx(whole[key], rel=1e-6), key
+
+
+@pytest.mark.parametrize("method, trained_key", [({"name": "lora", "rank": 4, "dora": True, "lr": 0.01}, "lora_magnitude"),
+                                                 ({"name": "prompt", "virtual_tokens": 4, "init": "text", "lr": 0.03}, "prompt_encoder")],
+                         ids=["dora", "prompt"])
+def test_a_dp_trial_through_torch_func_trains_spends_its_epsilon_and_resumes(tmp_path, method, trained_key):
+    from memray.results import CHECKPOINTS_DIR
+    from memray.trial import run_trial
+
+    config = dp_trial(tmp_path, method)
+    models.load_model(config.model)  # the tiny base pretrained and cached first: its pretraining draws random numbers
+    whole = run_trial(config, trial_dir=tmp_path / "whole", progress=False)
+    record = json.loads((tmp_path / "whole" / "result.json").read_text())
+    assert record["dp"]["per_sample_gradients"] == "torch.func"
+    assert record["epochs"][-1]["privacy/epsilon"] == pytest.approx(2.0, abs=0.002)
+    assert all(row["privacy/epsilon_lb"] <= max(row["privacy/epsilon"], 0) for row in record["epochs"])
+    # the weights of DoRA's magnitude module / the soft prompt moved from their (deterministic) init
+    torch.manual_seed(0)
+    fresh = dict(methods.apply_method(models.load_model(config.model), config.method)[0].named_parameters())
+    trained = torch.load(next((tmp_path / "whole" / CHECKPOINTS_DIR).glob("checkpoint-*")) / "trained.pt")
+    moved = {name: float((value - fresh[name].detach()).abs().max()) for name, value in trained.items() if trained_key in name}
+    assert moved and all(change > 1e-4 for change in moved.values()), moved
 
     def crash_after_epoch_1(metrics, checkpoint):
         if metrics["epoch"] == 1:

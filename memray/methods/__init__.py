@@ -5,8 +5,9 @@ subclass: the keys a user writes under `method:`), the function that applies it,
 `register(MethodSpec(...))` line with everything memray needs to know of it by name: its
 default learning rate, planning cost, family (`METHOD_FAMILIES`: parameter-based or
 prompt-based, as the studies group them), FLOP class (`FLOP_CLASSES`), an estimate of its
-trained parameters from the model's shape, whether it trains on several workers, whether it
-can train under DP-SGD (`dp_refusal`: None, or the reason it cannot), and its report label
+trained parameters from the model's shape, whether it trains on several workers, how DP-SGD
+computes its per-sample gradients (`dp_gradients`: Opacus's layer rules or torch.func over
+the whole model) and whether it refuses some configs (`dp_refusal`), and its report label
 (`MethodSchema.label`). Nothing outside the unit names the method. Every
 module here whose name does not start with `_` is imported below, so a new method is a new
 file: the trial schema (`memray.config`), the sweep's planning, `memray bench` and the CLI
@@ -123,13 +124,23 @@ class MethodSpec:
     check: Check | None = None  # pre-flight on the model's skeleton; None: fits every causal LM
     # trains under DeepSpeed ZeRO on several workers (a resource rule's `workers` > 1)
     multi_worker: bool = False
-    # DP-SGD (train.dp): f(method config) -> None where Opacus computes the per-sample gradients
-    # of what the method trains (tests/test_privacy.py checks them against a hand-written step
-    # for every method it accepts), else why that config is refused; None: accepted throughout
+    # DP-SGD (train.dp): f(method config) -> the engine of its per-sample gradients, one of
+    # DP_GRADIENT_ENGINES: "opacus" (Opacus's layer rules) only where every trained weight sits
+    # in a layer that runs once per text on that text's own activations, else "torch.func"
+    # (the whole model traced one text at a time: right whatever the method's forward does,
+    # the default). tests/test_privacy.py checks both against a hand-written step, per method.
+    dp_gradients: "Callable[[Any], str]" = lambda method: "torch.func"
+    # f(method config) -> None where DP-SGD can train that config, else why it is refused
+    # (in validation, exit 2); None: accepted throughout
     dp_refusal: "Callable[[Any], str | None] | None" = None
 
 
 METHODS: Registry[MethodSpec] = Registry("method")
+#: DP-SGD's per-sample gradient engines (`MethodSpec.dp_gradients`; memray.dp runs them)
+DP_GRADIENT_ENGINES = {
+    "opacus": "Opacus's GradSampleModule: a rule per layer, one batched backward pass",
+    "torch.func": "torch.func: grad of each text's loss through the whole model, vmapped over the texts",
+}
 #: The families of methods the studies compare (Hou et al. 2025), key -> title: parameter-based methods change
 #: or add weights inside the model (full, head, LoRA, (IA)^3), prompt-based methods train
 #: inputs prepended to every sequence (prefix, prompt and P-tuning), the model untouched.
@@ -148,6 +159,16 @@ def register(spec: MethodSpec, default: bool = False) -> MethodSpec:
     if spec.flop_class not in FLOP_CLASSES:
         raise ValueError(f"method {spec.name!r}: FLOP class {spec.flop_class!r} is not one of {', '.join(FLOP_CLASSES)}")
     return METHODS.add(spec.name, spec, default=default)
+
+
+def dp_gradients(method: Any) -> str:
+    """The per-sample gradient engine DP-SGD uses for this method config (a key of
+    DP_GRADIENT_ENGINES); ValueError naming the method if its unit names another."""
+    engine = METHODS[method.name].dp_gradients(method)
+    if engine not in DP_GRADIENT_ENGINES:
+        raise ValueError(f"method {method.name!r}: its per-sample gradient engine {engine!r} is not one of "
+                         f"{', '.join(DP_GRADIENT_ENGINES)}")
+    return engine
 
 
 def default_method() -> str:

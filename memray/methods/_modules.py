@@ -70,9 +70,3 @@ def peft_model(model: "PreTrainedModel", config: "PeftConfig", source: str, fiel
     except (ValueError, TypeError, NotImplementedError) as err:
         raise ConfigError(source, field, f"PEFT cannot apply this method to {type(model).__name__}: {err}") from None
 
-
-#: Why DP-SGD refuses prompt tuning and P-tuning: PEFT encodes the soft prompt once per batch and repeats it over the
-#: texts (PeftModel.get_prompt, huggingface/peft#2043), so Opacus sees one activation for all
-#: texts and its "per-sample" gradients would be the batch's.
-SOFT_PROMPT_DP_REFUSAL = ("PEFT computes the soft prompt once per batch and repeats it over the texts, so Opacus cannot "
-              "compute per-text gradients of it")

@@ -27,5 +27,6 @@ def apply(model: "PreTrainedModel", method: FullMethod, source: str) -> "tuple[t
 # The only method that trains on several workers (DeepSpeed ZeRO shards what every weight
 # needs: its gradient and optimizer states); the default of a config without a method.
 register(MethodSpec("full", FullMethod, apply, default_lr=5e-5, train_pass_cost=3.0, peft=False, family="parameter-based",
-                    flop_class="all-weights", estimate_trainable=lambda shape, method: shape.params, multi_worker=True),
+                    flop_class="all-weights", estimate_trainable=lambda shape, method: shape.params, multi_worker=True,
+                    dp_gradients=lambda method: "opacus"),
          default=True)

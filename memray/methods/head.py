@@ -52,4 +52,4 @@ def apply(model: "PreTrainedModel", method: HeadMethod, source: str) -> "tuple[t
 # backward pass stops at the output layer: about half a forward pass more.
 register(MethodSpec("head", HeadMethod, apply, default_lr=1e-4, train_pass_cost=1.5, peft=False, family="parameter-based",
                     flop_class="output-layer", estimate_trainable=lambda shape, method: shape.vocab * shape.hidden,
-                    check=check))
+                    check=check, dp_gradients=lambda method: "opacus"))

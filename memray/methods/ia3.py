@@ -75,16 +75,11 @@ def apply(model: "PreTrainedModel", method: Ia3Method, source: str) -> "tuple[to
     return wrapped, f"(IA)^3 scaling vectors on {rescaled}", 0
 
 
-#: Why DP-SGD refuses it: PEFT holds the scaling vectors in a ParameterDict, a module no forward
-#: pass runs through, so Opacus's hooks never see their inputs and give them no per-sample gradient.
-DP_REFUSAL = ("Opacus computes no per-sample gradient for PEFT's (IA)^3 vectors (held in a ParameterDict that "
-              "no forward pass runs through)")
-
-
 # 3e-3: the rate of the (IA)^3 paper (T-Few); the vectors start at one and need large steps.
 # The backward pass still runs through the frozen body for activation gradients.
-# one vector per adapted layer: keys and values (2h) and the MLP's inner activation (~4h)
+# one vector per adapted layer: keys and values (2h) and the MLP's inner activation (~4h).
+# DP-SGD: torch.func over the whole model; PEFT holds the vectors in a ParameterDict, a module no
+# forward pass runs through, so Opacus's layer hooks would never see them.
 register(MethodSpec("ia3", Ia3Method, apply, default_lr=3e-3, train_pass_cost=2.5, peft=True, family="parameter-based",
                     flop_class="frozen-body", estimate_trainable=lambda shape, method: 6.0 * shape.hidden * shape.layers,
-                    check=check,
-                    dp_refusal=lambda method: DP_REFUSAL))
+                    check=check, dp_gradients=lambda method: "torch.func"))

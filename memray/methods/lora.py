@@ -84,14 +84,11 @@ def apply(model: "PreTrainedModel", method: LoraMethod, source: str) -> "tuple[t
     return wrapped, f"{kind} r={method.rank} alpha={method.alpha:g} on {', '.join(names)} ({adapted} modules)", 0
 
 
-def dp_refusal(method: LoraMethod) -> str | None:
-    """LoRA trains under DP-SGD (Opacus computes the adapters' per-sample gradients, as nn.Linear
-    layers); DoRA does not: its magnitude is trained inside a module whose forward takes the
-    adapter as keyword arguments, which Opacus's per-sample rule (torch.func) cannot pass."""
-    if method.dora:
-        return ("Opacus cannot compute per-sample gradients of DoRA's magnitude vector (a module called with "
-                "keyword arguments); use dora: false")
-    return None
+def dp_gradients(method: LoraMethod) -> str:
+    """LoRA's adapters are nn.Linear layers run on each text's activations: Opacus's layer rule.
+    DoRA's magnitude vector is trained inside a module whose forward takes the adapter as
+    keyword arguments, which Opacus's hooks do not see: torch.func over the whole model."""
+    return "torch.func" if method.dora else "opacus"
 
 
 # 2e-4: B starts at zero and the update is scaled by alpha/r; the rate Hu et al. 2021 used
@@ -106,4 +103,4 @@ def estimate_trainable(shape: Shape, method: LoraMethod) -> float:
 
 register(MethodSpec("lora", LoraMethod, apply, default_lr=2e-4, train_pass_cost=2.5, peft=True, family="parameter-based",
                     flop_class="frozen-body", estimate_trainable=estimate_trainable, check=check,
-                    dp_refusal=dp_refusal))
+                    dp_gradients=dp_gradients))

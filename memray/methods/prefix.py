@@ -45,4 +45,5 @@ def estimate_trainable(shape: Shape, method: PrefixMethod) -> float:
 
 
 register(MethodSpec("prefix", PrefixMethod, apply, default_lr=1e-3, train_pass_cost=2.5, peft=True, family="prompt-based",
-                    flop_class="frozen-body", estimate_trainable=estimate_trainable))
+                    flop_class="frozen-body", estimate_trainable=estimate_trainable,
+                    dp_gradients=lambda method: "opacus"))

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field, model_validator
 
 from memray.methods import MethodSchema, MethodSpec, register
-from memray.methods._modules import SOFT_PROMPT_DP_REFUSAL, peft_model
+from memray.methods._modules import peft_model
 from memray.schema import ConfigError
 
 if TYPE_CHECKING:
@@ -53,7 +53,9 @@ def apply(model: "PreTrainedModel", method: PromptMethod, source: str) -> "tuple
 
 
 # 3e-3: fresh embeddings that must travel far from their init (PEFT's guides use up to 3e-2).
+# DP-SGD: torch.func over the whole model; PEFT encodes the soft prompt once per batch and
+# repeats it over the texts (PeftModel.get_prompt), so a layer rule would see one text.
 register(MethodSpec("prompt", PromptMethod, apply, default_lr=3e-3, train_pass_cost=2.5, peft=True, family="prompt-based",
                     flop_class="frozen-body",
                     estimate_trainable=lambda shape, method: float(method.virtual_tokens * shape.hidden),
-                    dp_refusal=lambda method: SOFT_PROMPT_DP_REFUSAL))
+                    dp_gradients=lambda method: "torch.func"))

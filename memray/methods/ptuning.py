@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field
 
 from memray.methods import MethodSchema, MethodSpec, Shape, register
-from memray.methods._modules import SOFT_PROMPT_DP_REFUSAL, peft_model
+from memray.methods._modules import peft_model
 
 if TYPE_CHECKING:
     import torch
@@ -44,4 +44,5 @@ def estimate_trainable(shape: Shape, method: PtuningMethod) -> float:
 
 register(MethodSpec("ptuning", PtuningMethod, apply, default_lr=1e-3, train_pass_cost=2.5, peft=True, family="prompt-based",
                     flop_class="frozen-body", estimate_trainable=estimate_trainable,
-                    dp_refusal=lambda method: SOFT_PROMPT_DP_REFUSAL))
+                    # DP-SGD: the prompt is encoded once per batch and repeated, as prompt tuning's
+                    dp_gradients=lambda method: "torch.func"))

@@ -105,8 +105,9 @@ def check_rules(rules: list[ResourceRule], cells: list[Cell], source: str) -> No
         workers = rule.workers if rule else 1
         if workers > 1 and cell.config.train.dp is not None:
             raise ConfigError(source, f"resources.{index}.workers",
-                              f"grid cell {cell.index} sets train.dp: DP-SGD runs in one process (Opacus does not "
-                              "run under DeepSpeed ZeRO, which multi-worker trials use); give it workers: 1")
+                              f"grid cell {cell.index} sets train.dp: DP-SGD runs in one process (per-sample "
+                              "clipping does not run under DeepSpeed ZeRO, which multi-worker trials use); give it "
+                              "workers: 1")
         if workers > 1 and not METHODS[cell.config.method.name].multi_worker:
             able = ", ".join(name for name in METHODS if METHODS[name].multi_worker)
             raise ConfigError(source, f"resources.{index}.workers",

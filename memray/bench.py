@@ -25,6 +25,10 @@ busy machine even when the absolute numbers drift:
   model trains every parameter, so GradNorm's row is that of full fine-tuning (a
   parameter-efficient method's backward reaches fewer weights). lira and rmia are left
   out: their cost is their reference models' training (the sweep's own trials).
+- **dp**: one DP-SGD step's per-sample gradients (`train.dp`, `memray.dp`) per method (and
+  its `bench_variants`: DoRA beside LoRA), by the engine the method's registry entry names and by torch.func, beside
+  the same batch's plain backward pass (no per-sample gradients); and the largest difference
+  between the two engines' per-sample gradients where both run.
 
 Models: any alias, built-in or config (`--model`). The weights are random (speed does not
 depend on them) and nothing is downloaded: the study aliases are built from their
@@ -79,14 +83,14 @@ from transformers import (
 )
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from memray import attacks, methods, models, scoring
+from memray import attacks, dp, methods, models, scoring
 from memray.config import BUILTIN_MODELS, AttackConfig, ConfigError, EvalConfig, MethodConfig, ModelConfig, TrainConfig
 from memray.files import validate
 from memray.flops import attention_flops, matmul_params, mean_context, mfu, peak_tflops, train_flops_per_token
 from memray.scoring import TokenStats
 from memray.train import TokenDataset, fit
 
-SECTIONS = ("scoring", "training", "sweep", "reference_cache", "attacks")
+SECTIONS = ("scoring", "training", "sweep", "reference_cache", "attacks", "dp")
 
 
 def scored_attacks() -> tuple[str, ...]:
@@ -519,6 +523,98 @@ def bench_training(config: PretrainedConfig, device: torch.device, token_ids: li
 
 
 # ---------------------------------------------------------------------------------------
+# DP-SGD's per-sample gradients
+# ---------------------------------------------------------------------------------------
+
+
+def _median_seconds(step: Callable[[], Any], repeats: int, device: torch.device) -> float:
+    step()  # warm-up: allocations, Opacus's hooks, torch.func's first trace
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def bench_dp(config: PretrainedConfig, device: torch.device, token_ids: list[list[int]], batch_size: int,
+             method_names: list[str], repeats: int) -> dict[str, Any]:
+    """DP section: per method, one batch's per-sample gradients by each engine that applies
+    (the method's own, and torch.func, which is right for every method) against the plain
+    backward pass of the same batch; seconds per batch (median of `repeats`), peak memory, and
+    the largest difference between the engines' per-sample gradients (relative to the
+    largest gradient)."""
+    collator = DataCollatorForLanguageModeling(tokenizer=models.builtin_tokenizer(), mlm=False)
+    batch = collator([{"input_ids": ids} for ids in token_ids[:batch_size]])
+    input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    specs = [{"name": name, **variant} for name in method_names
+             for variant in ({}, *methods.METHODS[name].config.bench_variants)]
+    rows, agreement = [], {}
+    for spec in specs:
+        method = TypeAdapter(MethodConfig).validate_python(spec)
+        label = methods.method_label(method.model_dump())
+        model, _ = methods.apply_method(random_model(config, device), method, "--methods")
+        model.train()
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        with PeakMemory(device) as memory:
+            seconds = _median_seconds(functools.partial(_plain_backward, model, input_ids, attention_mask), repeats,
+                                      device)
+        model.zero_grad(set_to_none=True)
+        rows.append({"method": label, "engine": "none (plain backward)", "seconds": round(seconds, 4),
+                     "peak_mem_mb": _megabytes(memory.peak)})
+        own = methods.dp_gradients(method)
+        samples = {}
+        for engine in dict.fromkeys([own, "torch.func"]):
+            per_sample = dp.GRADIENT_ENGINES[engine](model, parameters)
+            row: dict[str, Any] = {"method": label, "engine": engine + (" (its own)" if engine == own else "")}
+            try:
+                with PeakMemory(device) as memory:
+                    seconds = _median_seconds(lambda: per_sample(input_ids, attention_mask, contextlib.nullcontext()),
+                                              repeats, device)
+                row.update(seconds=round(seconds, 4), x_plain=round(seconds / _plain_seconds(rows, label), 2),
+                           peak_mem_mb=_megabytes(memory.peak))
+                rates = _dropout_off(model)  # both engines compute the same function
+                samples[engine] = [g.float().cpu() for g in per_sample(input_ids, attention_mask,
+                                                                        contextlib.nullcontext())[1]]
+                _dropout_on(model, rates)
+            except torch.OutOfMemoryError:
+                row["error"] = "out of memory"
+            finally:
+                per_sample.close()
+            rows.append(row)
+        if len(samples) == 2:
+            scale = max(float(g.abs().max()) for g in samples["torch.func"])
+            agreement[label] = max(float((a - b).abs().max()) for a, b in zip(*samples.values())) / max(scale, 1e-30)
+        del model, samples
+        _free(device)
+    return {"texts": len(input_ids), "tokens": int(attention_mask.sum()), "repeats": repeats, "rows": rows,
+            "engines_max_relative_difference": agreement}
+
+
+def _plain_backward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    model.zero_grad(set_to_none=True)
+    dp.text_losses(model, input_ids, attention_mask).sum().backward()
+
+
+def _dropout_off(model: nn.Module) -> dict[nn.Dropout, float]:
+    rates = {module: module.p for module in model.modules() if isinstance(module, nn.Dropout)}
+    for module in rates:
+        module.p = 0.0
+    return rates
+
+
+def _dropout_on(model: nn.Module, rates: dict[nn.Dropout, float]) -> None:
+    for module, rate in rates.items():
+        module.p = rate
+
+
+def _plain_seconds(rows: list[dict[str, Any]], label: str) -> float:
+    return next(r["seconds"] for r in rows if r["method"] == label and r["engine"].startswith("none"))
+
+
+# ---------------------------------------------------------------------------------------
 # Sweep overhead
 # ---------------------------------------------------------------------------------------
 
@@ -649,15 +745,17 @@ def _machine(device: torch.device) -> dict[str, Any]:
 
 def run_bench(model: str = "tiny-gpt2", device: str | None = None, *, quick: bool = False,
               method_names: list[str] | None = None, sections: list[str] | None = None,
-              compile_model: bool = False, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+              compile_model: bool = False, max_length: int | None = None,
+              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the benchmark and return its record (what `bench.json` holds).
 
     model: alias, built-in, hub id (local cache) or local folder; random weights.
     device: "cpu", "cuda" or None (cuda when available). quick: small sizes (seconds to a
     minute or two on a laptop CPU; for tests). method_names: training methods (default all).
     sections: a subset of SECTIONS (default all). compile_model: memray's training loop
-    with `train.compile`. progress: called with a line as each section starts.
-    Raises ConfigError for an unknown model, method, section or device.
+    with `train.compile`. max_length: longest sample (default `sample_length`). progress:
+    called with a line as each section starts.
+    Raises ConfigError for an unknown model, method, section or device, or a max_length < 2.
     """
     say = progress or (lambda line: None)
     torch_device = resolve_device(device)
@@ -669,7 +767,9 @@ def run_bench(model: str = "tiny-gpt2", device: str | None = None, *, quick: boo
     for name in method_names:
         _method_config(name)
     config = bench_model_config(model)
-    vocab, length = config.get_text_config().vocab_size, sample_length(model)
+    if max_length is not None and max_length < 2:
+        raise ConfigError("--max-length", "", f"{max_length}: a sample needs at least 2 tokens")
+    vocab, length = config.get_text_config().vocab_size, max_length or sample_length(model)
     on_gpu = torch_device.type == "cuda"
     score_samples = (8 if quick else 32) if not on_gpu else (16 if quick else 64)
     train_samples = (16 if quick else 64) if not on_gpu else (32 if quick else 128)
@@ -702,6 +802,10 @@ def run_bench(model: str = "tiny-gpt2", device: str | None = None, *, quick: boo
         train_ids = random_samples(train_samples, length, vocab, seed=2)
         record["training"] = bench_training(config, torch_device, train_ids, TrainConfig().batch_size,
                                             method_names, compile_model)
+    if "dp" in sections:
+        say(f"dp: per-sample gradients of {TrainConfig().batch_size} texts, {', '.join(method_names)}")
+        record["dp"] = bench_dp(config, torch_device, random_samples(train_samples, length, vocab, seed=3),
+                                TrainConfig().batch_size, method_names, repeats)
     if "sweep" in sections:
         say("sweep overhead (Ray Tune)")
         record["sweep"] = bench_sweep(trials=2 if quick else 4, quick=quick)
@@ -768,6 +872,16 @@ def format_record(record: dict[str, Any]) -> str:
         pad = t["padding_share"]
         parts.append(f"padding in the batches: memray (length-grouped) {pad['memray']:.1%}, "
                      f"default Trainer (random) {pad['default-trainer']:.1%}")
+    if "dp" in record:
+        d = record["dp"]
+        parts.append(f"\ndp: per-sample gradients of one batch ({d['texts']} texts, {d['tokens']:,} tokens) for DP-SGD, "
+                     f"beside the plain backward pass; median of {d['repeats']}")
+        parts.append(_table(["method", "engine", "seconds", "x plain", "peak MB"],
+                            [[r["method"], r["engine"], r.get("seconds", r.get("error")), r.get("x_plain"),
+                              r.get("peak_mem_mb")] for r in d["rows"]]))
+        if d["engines_max_relative_difference"]:
+            worst = max(d["engines_max_relative_difference"].values())
+            parts.append(f"largest difference between the engines' per-sample gradients (of the largest): {worst:.1e}")
     if "reference_cache" in record:
         c = record["reference_cache"]
         parts.append(f"\nreference cache: {c['trials']} trials' reference statistics: once per trial "
@@ -786,10 +900,10 @@ def format_record(record: dict[str, Any]) -> str:
 
 def bench_command(model: str = "tiny-gpt2", device: str | None = None, out: Path | str | None = "bench.json",
                   quick: bool = False, method_names: list[str] | None = None, sections: list[str] | None = None,
-                  compile_model: bool = False) -> int:
+                  compile_model: bool = False, max_length: int | None = None) -> int:
     """`memray bench`: run, print the tables, write the record to `out` (None: no file). Returns 0."""
     record = run_bench(model, device, quick=quick, method_names=method_names, sections=sections,
-                       compile_model=compile_model, progress=lambda line: print(f"[memray bench] {line}", file=sys.stderr,
+                       compile_model=compile_model, max_length=max_length, progress=lambda line: print(f"[memray bench] {line}", file=sys.stderr,
                                                                                 flush=True))
     print(format_record(record))
     if out is not None:

@@ -110,7 +110,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     return bench.bench_command(args.model, args.device, args.out or None, args.quick,
                                [m for m in args.methods.split(",") if m], [s for s in args.sections.split(",") if s],
-                               args.compile)
+                               args.compile, args.max_length)
 
 
 def _download(args: argparse.Namespace) -> int:
@@ -171,7 +171,7 @@ def _bench_zero(args: argparse.Namespace) -> int:
 
 
 #: `memray bench` sections (kept here so that the parser needs no torch import; bench checks them).
-BENCH_SECTIONS = "scoring,training,sweep,reference_cache,attacks"
+BENCH_SECTIONS = "scoring,training,sweep,reference_cache,attacks,dp"
 
 
 def bench_arguments(p: argparse.ArgumentParser) -> None:
@@ -187,6 +187,8 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default=",".join(METHODS), help="training methods, comma-separated")
     p.add_argument("--sections", default=BENCH_SECTIONS, help="sections to run, comma-separated")
     p.add_argument("--compile", action="store_true", help="memray's training loop with train.compile")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="longest sample in tokens (default: 128 for the built-ins, 512 for the rest)")
 
 
 def build_parser() -> argparse.ArgumentParser:

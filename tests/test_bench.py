@@ -81,7 +81,7 @@ def test_study_model_shapes_have_the_published_sizes():
 
 def test_bench_command_prints_and_writes_each_figure_beside_its_baseline(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    code = cli.main(["bench", "--model", "tiny-gpt2", "--quick", "--sections", "scoring,training,reference_cache,attacks",
+    code = cli.main(["bench", "--model", "tiny-gpt2", "--quick", "--sections", "scoring,training,reference_cache,attacks,dp",
                      "--methods", "lora", "--out", str(out)])
     assert code == 0
     record = json.loads(out.read_text())
@@ -117,7 +117,19 @@ def test_bench_command_prints_and_writes_each_figure_beside_its_baseline(tmp_pat
             assert (row["extra_pass"] == ATTACKS[name].extra_pass) == bool(ATTACKS[name].extra_pass), name
             assert (row["prepare_seconds"] is not None) == (ATTACKS[name].prepare is not None), name
     assert costs["recall"]["extra_pass"].startswith("a forward pass") and costs["loss"]["x_scoring_pass"] < 0.5
+    # DP-SGD: LoRA by its own engine (Opacus) and torch.func, DoRA by torch.func, beside the plain pass
+    engines = {(row["method"], row["engine"]): row for row in record["dp"]["rows"]}
+    assert set(engines) == {("lora (attn, r8)", "none (plain backward)"), ("lora (attn, r8)", "opacus (its own)"),
+                            ("lora (attn, r8)", "torch.func"), ("dora (attn, r8)", "none (plain backward)"),
+                            ("dora (attn, r8)", "torch.func (its own)")}
+    assert all(row["seconds"] > 0 for row in engines.values())
+    assert engines[("lora (attn, r8)", "torch.func")]["x_plain"] == pytest.approx(
+        engines[("lora (attn, r8)", "torch.func")]["seconds"] / engines[("lora (attn, r8)", "none (plain backward)")]["seconds"],
+        abs=0.01)
+    assert set(record["dp"]["engines_max_relative_difference"]) == {"lora (attn, r8)"}
+    assert record["dp"]["engines_max_relative_difference"]["lora (attn, r8)"] < 1e-5
     printed = capsys.readouterr().out
+    assert "per-sample gradients of one batch" in printed and "x plain" in printed
     assert "x naive" in printed and "x default" in printed and "reference cache" in printed
     assert "x scoring pass" in printed and "a forward and backward pass per sample" in printed
     assert record["model_shape"]["params"] == sum(
@@ -126,6 +138,6 @@ def test_bench_command_prints_and_writes_each_figure_beside_its_baseline(tmp_pat
 
 def test_unknown_section_or_method_is_a_clear_error(capsys):
     assert cli.main(["bench", "--sections", "scoring,speed", "--out", ""]) == 2
-    assert "--sections: speed: not one of scoring, training, sweep, reference_cache, attacks" in capsys.readouterr().err
+    assert "--sections: speed: not one of scoring, training, sweep, reference_cache, attacks, dp" in capsys.readouterr().err
     assert cli.main(["bench", "--methods", "lora,qlora", "--out", ""]) == 2
     assert "--methods: 'qlora' is not one of full, head" in capsys.readouterr().err

@@ -63,6 +63,9 @@ class MethodSchema(Schema):
     #: Keys added to the section after trials were run with it, and their defaults: a trial
     #: that leaves one at its default keeps the id (and folder) it had before the key existed.
     added_later: ClassVar[dict[str, Any]] = {}
+    #: Settings of this section that make a variant known under a name of its own (LoRA's
+    #: `dora`), which `memray bench` measures beside the defaults.
+    bench_variants: ClassVar[tuple[dict[str, Any], ...]] = ()
 
     def slug(self) -> str:
         """The method's part of a trial's folder name: its name, plus main knobs where a

@@ -35,6 +35,7 @@ class LoraMethod(MethodSchema):
 
     label_keys = ("rank", "placement", "target_modules", "dora")
     added_later = {"dora": False}
+    bench_variants = ({"dora": True},)
     report_axes = ("placement", "rank")
     report_title = "LoRA placement and rank"
 

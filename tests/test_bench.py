@@ -82,7 +82,7 @@ def test_study_model_shapes_have_the_published_sizes():
 def test_bench_command_prints_and_writes_each_figure_beside_its_baseline(tmp_path, capsys):
     out = tmp_path / "bench.json"
     code = cli.main(["bench", "--model", "tiny-gpt2", "--quick", "--sections", "scoring,training,reference_cache,attacks,dp",
-                     "--methods", "lora", "--out", str(out)])
+                     "--methods", "lora", "--max-length", "96", "--out", str(out)])
     assert code == 0
     record = json.loads(out.read_text())
     scoring = record["scoring"]
@@ -126,6 +126,7 @@ def test_bench_command_prints_and_writes_each_figure_beside_its_baseline(tmp_pat
     assert engines[("lora (attn, r8)", "torch.func")]["x_plain"] == pytest.approx(
         engines[("lora (attn, r8)", "torch.func")]["seconds"] / engines[("lora (attn, r8)", "none (plain backward)")]["seconds"],
         abs=0.01)
+    assert record["model_shape"]["max_length"] == 96 and 8 * 48 <= record["dp"]["tokens"] <= 8 * 96
     assert set(record["dp"]["engines_max_relative_difference"]) == {"lora (attn, r8)"}
     assert record["dp"]["engines_max_relative_difference"]["lora (attn, r8)"] < 1e-5
     printed = capsys.readouterr().out
@@ -141,3 +142,5 @@ def test_unknown_section_or_method_is_a_clear_error(capsys):
     assert "--sections: speed: not one of scoring, training, sweep, reference_cache, attacks, dp" in capsys.readouterr().err
     assert cli.main(["bench", "--methods", "lora,qlora", "--out", ""]) == 2
     assert "--methods: 'qlora' is not one of full, head" in capsys.readouterr().err
+    assert cli.main(["bench", "--max-length", "1", "--out", ""]) == 2
+    assert "--max-length: 1: a sample needs at least 2 tokens" in capsys.readouterr().err

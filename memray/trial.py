@@ -173,13 +173,14 @@ class TrialRun:
         self.scored_members, self.scored_nonmembers = _scored_samples(config, split)
         self.canaries = extraction.make_canaries(config.data.canaries, config.seed) if config.data.canaries else []
         reference_data = None
+        texts = len(split.training_texts()) + sum(c.repeats for c in self.canaries)  # the target's
+        # read once for the references' top-ups (up to `texts` each) and DC-PDD's frequencies
+        spare = _SpareSamples(config, self.tokenizer, source, max(texts, FREQUENCY_SAMPLES))
         if config.reference_models() or config.reference is not None:
             # every reference's data, so that a dataset too small for them is found before training
             pool = self.scored_members + self.scored_nonmembers
-            texts = len(split.training_texts()) + sum(c.repeats for c in self.canaries)  # the target's
-            more = _spare_once(config, self.tokenizer, texts, source)
             found = [data.reference_split(split, pool, reference_attacks.half_masks(len(pool), reference.of, config.seed)
-                                          [reference.index], texts, reference.seed, more, source)
+                                          [reference.index], texts, reference.seed, spare, source)
                      for reference in _reference_sections(config)]
             if config.reference is not None:  # a reference model: its half of the pool, topped up
                 reference_data = found[0]
@@ -209,7 +210,7 @@ class TrialRun:
             bos=self.tokenizer.bos_token_id, validation_ids=self.validation_ids,
             context_length=_context_length(model), max_length=max_length,
             vocab_size=max(len(self.tokenizer), model.get_output_embeddings().weight.shape[0]),
-            frequency_texts=_frequency_texts(config, self.tokenizer, source), source=source,
+            frequency_texts=_frequency_texts(config, spare), source=source,
             virtual_tokens=self.info.virtual_tokens))
         audit = data.split_audit(split.members, self.scored_nonmembers, split.overlap_filter)
         record.update(split_audit=audit)
@@ -407,37 +408,45 @@ def _reference_sections(config: TrialConfig) -> list[ReferenceConfig]:
     return [config.reference] if config.reference is not None else config.reference_sections()
 
 
-def _spare_once(config: TrialConfig, tokenizer: Any, texts: int, source: str) -> Callable[[int], list[data.Sample]]:
-    """`more` of `memray.data.reference_split` for every reference of one trial: the
-    dataset's spare samples, read once (the pool is built again to walk past the split) and
-    `texts` of them, as many as any reference's top-up can need."""
-    spare: list[list[data.Sample]] = []
-
-    def more(count: int) -> list[data.Sample]:
-        if not spare:
-            spare.append(data.spare_samples(config.data, config.seed, tokenizer, texts, source))
-        return spare[0][:count]
-
-    return more
-
-
 #: Dataset samples outside members, non-members and validation that DC-PDD's token
 #: frequencies are counted on where the model's pretraining text is not at hand.
 FREQUENCY_SAMPLES = 2000
 
 
-def _frequency_texts(config: TrialConfig, tokenizer: Any, source: str) -> Callable[[], tuple[str, list[str]]]:
+class _SpareSamples:
+    """The dataset's spare samples (`data.spare_samples`) for one trial's set-up: its
+    references' top-ups and DC-PDD's token frequencies. Each read builds the dataset's pool
+    again to walk past the split (seconds on wikitext2), so the first read takes as many as
+    any of them can ask for (`most`) and later asks are slices of it; one that asks for more
+    than was read reads again (only if the pool held more)."""
+
+    def __init__(self, config: TrialConfig, tokenizer: Any, source: str, most: int):
+        self.config, self.tokenizer, self.source, self.most = config, tokenizer, source, most
+        self.read: list[data.Sample] | None = None
+        self.asked = 0  # how many the last read asked for
+        self.reads = 0
+
+    def __call__(self, count: int) -> list[data.Sample]:
+        short = self.read is not None and len(self.read) < self.asked  # the pool ran out: all there is
+        if self.read is None or (count > len(self.read) and not short):
+            self.asked = max(count, self.most)
+            self.read = data.spare_samples(self.config.data, self.config.seed, self.tokenizer, self.asked, self.source)
+            self.reads += 1
+        return self.read[:count]
+
+
+def _frequency_texts(config: TrialConfig, spare: Callable[[int], list[data.Sample]]
+                     ) -> Callable[[], tuple[str, list[str]]]:
     """`frequency_texts` of `memray.attacks.AttackSetup`: the base model's pretraining text
     where memray has it (`memray.models.pretraining_texts`), else up to FREQUENCY_SAMPLES
-    samples of the dataset outside members, non-members and validation (`data.spare_samples`)."""
+    of the dataset's spare samples (outside members, non-members and validation)."""
 
     def read() -> tuple[str, list[str]]:
         pretraining = models.pretraining_texts(config.model)
         if pretraining is not None:
             return pretraining
-        spare = data.spare_samples(config.data, config.seed, tokenizer, FREQUENCY_SAMPLES, source)
         return (f"{config.data.dataset} samples outside members, non-members and validation",
-                [sample.text for sample in spare])
+                [sample.text for sample in spare(FREQUENCY_SAMPLES)])
 
     return read
 

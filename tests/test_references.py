@@ -431,3 +431,33 @@ def test_references_share_the_targets_overlap_filtered_split_and_top_up_past_its
     assert {s.id for s in found.split.nonmembers} <= {s.id for s in pool}
     top_up = {s.id for s in found.split.members[found.pool_in:]}
     assert top_up and not top_up & {s.id for s in split.members + split.nonmembers + split.validation}
+
+
+def test_a_trials_spare_samples_are_read_once_for_its_references_and_dcpdd(monkeypatch):
+    """The references' top-ups and DC-PDD's frequency texts both take the dataset's spare
+    samples; each read rebuilds the dataset's pool, so one trial reads them once."""
+    from memray import data, trial
+
+    reads = []
+
+    def spare_samples(config, seed, tokenizer, count, source="config"):
+        reads.append(count)
+        return [data.Sample(f"s{i}", f"text {i}", 1) for i in range(min(count, available))]
+
+    monkeypatch.setattr(data, "spare_samples", spare_samples)
+    config = validate_trial({"model": {"name": "tiny-gpt2"}, "attacks": ["loss", "dcpdd"]}, "x.yaml")
+    monkeypatch.setattr(trial.models, "pretraining_texts", lambda model: None)  # e.g. a hub model
+    available = 10_000
+    spare = trial._SpareSamples(config, None, "x.yaml", most=max(300, trial.FREQUENCY_SAMPLES))
+    top_ups = [spare(300), spare(120)]  # two references' top-ups
+    what, texts = trial._frequency_texts(config, spare)()
+    assert reads == [trial.FREQUENCY_SAMPLES] and len(texts) == trial.FREQUENCY_SAMPLES
+    assert top_ups[1] == top_ups[0][:120] and texts[:300] == [s.text for s in top_ups[0]]
+    assert "outside members, non-members and validation" in what
+    spare(trial.FREQUENCY_SAMPLES + 1)  # more than the first read took: read again
+    assert reads == [trial.FREQUENCY_SAMPLES, trial.FREQUENCY_SAMPLES + 1]
+
+    reads.clear()
+    available = 50  # the pool ran out at 50: a larger ask finds no more, and is not read again
+    spare = trial._SpareSamples(config, None, "x.yaml", most=100)
+    assert len(spare(100)) == 50 and len(spare(500)) == 50 and reads == [100]

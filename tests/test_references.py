@@ -461,3 +461,31 @@ def test_a_trials_spare_samples_are_read_once_for_its_references_and_dcpdd(monke
     available = 50  # the pool ran out at 50: a larger ask finds no more, and is not read again
     spare = trial._SpareSamples(config, None, "x.yaml", most=100)
     assert len(spare(100)) == 50 and len(spare(500)) == 50 and reads == [100]
+
+
+def test_status_tells_targets_waiting_for_references_from_those_the_driver_has_yet_to_score(tmp_path):
+    from memray.sweep import sweep_status
+    from memray.sweep.completion import complete_targets
+
+    context, names = _synthetic_sweep(tmp_path, None)
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({
+        "name": "synthetic", "base": {**SWEEP_TRIAL, "attacks": ["loss", {"name": "rmia", "references": REFERENCES}]}}))
+    (tmp_path / "sweep.json").write_text(json.dumps({"uid": "u"}))
+    waiting, unscored = "get lira / rmia when their reference models have finished", "lack their lira / rmia"
+    ref = tmp_path / "trials" / names[2] / "result.json"
+    finished = json.loads(ref.read_text())
+    ref.write_text(json.dumps({**finished, "status": "running"}))
+    status = sweep_status(tmp_path)
+    assert f"1 finished trial(s) {waiting}" in status and unscored not in status
+    ref.write_text(json.dumps(finished))
+    status = sweep_status(tmp_path)  # references done, the target not yet scored with them
+    assert waiting not in status and f"1 finished trial(s) whose reference models have all finished {unscored}" in status
+    assert "`memray resume` adds them" in status  # no driver alive on the folder
+    assert complete_targets(context) == [names[0]]
+    status = sweep_status(tmp_path)
+    assert waiting not in status and unscored not in status
+    target = tmp_path / "trials" / names[0] / "result.json"
+    result = json.loads(target.read_text())  # scored under an older memray's rules: rescored by the driver
+    result["reference_models"]["rules"] = {**result["reference_models"]["rules"], "version": 1}
+    target.write_text(json.dumps(result))
+    assert unscored in sweep_status(tmp_path)

@@ -14,6 +14,7 @@ from typing import Any
 
 from memray import results
 from memray.metric_keys import mia_key
+from memray.references import has_reference_attacks, references_of
 from memray.results import DRIVER_FILE, RESULT_FILE, TRIALS_DIR, trial_names
 from memray.sweep.planning import axes_text
 from memray.sweep.storage import SweepFolder, open_sweep
@@ -60,7 +61,7 @@ def sweep_status(sweep_dir: str | Path) -> str:
     references = [cell for cell in cells if cell.config.reference is not None]
     labels = list(dict.fromkeys(label for cell in grid for a in cell.config.attacks for label in a.labels))
     header = ["trial", "axes", "state", "epoch", "val ppl", *(f"{label} auc" for label in labels)]
-    rows, reasons, counts, waiting = [], [], {}, 0
+    rows, reasons, counts = [], [], {}
     results = {}
     for cell in cells:
         text = folder.read_text(TRIALS_DIR, names[cell.index], RESULT_FILE)
@@ -70,13 +71,17 @@ def sweep_status(sweep_dir: str | Path) -> str:
         state, epoch, last = _state(result, cell, alive, counts)
         rows.append([names[cell.index], axes_text(cell.axes) or "(base)", state, epoch,
                      _number(last.get("val/ppl"), 2), *(_number(last.get(mia_key(label)), 3) for label in labels)])
-        waiting += state == "success" and cell.config.reference_models() > 0 and not result.get("reference_models")
         if result.get("reason"):
             reasons.append(f"  {names[cell.index]}: {result['reason']}")
     summary = ", ".join(f"{count} {state}" for state, count in sorted(counts.items()))
     parts = [f"sweep {sweep.name} ({folder}): {len(grid)} trials: {summary}", text_table(header, rows)]
+    waiting, unscored = _targets_without_reference_attacks(results, names, references_of(cells))
     if waiting:
         parts.append(f"{waiting} finished trial(s) get lira / rmia when their reference models have finished")
+    if unscored:
+        parts.append(f"{unscored} finished trial(s) whose reference models have all finished lack their lira / rmia "
+                     "(or hold those of references since trained again, or of older rules): "
+                     f"{'the running driver adds them' if alive else '`memray resume` adds them'}")
     if references:
         ref_rows, ref_counts = [], {}
         for cell in references:
@@ -91,6 +96,24 @@ def sweep_status(sweep_dir: str | Path) -> str:
     if reasons:
         parts += ["reasons:", *reasons]
     return "\n".join(parts)
+
+
+def _targets_without_reference_attacks(results: dict[int, dict[str, Any]], names: dict[int, str],
+                                       links: dict[int, list[int]]) -> tuple[int, int]:
+    """(finished targets whose reference models have not all succeeded, finished targets whose
+    reference models have but whose result.json lacks their attacks): the second decided as the
+    driver decides what to complete (`memray.references.has_reference_attacks`)."""
+    waiting = unscored = 0
+    trials = Path(TRIALS_DIR)
+    for target, references in links.items():
+        if results[target].get("status") != "success":
+            continue
+        if not all(results[r].get("status") == "success" for r in references):
+            waiting += 1
+        elif not has_reference_attacks(results[target], trials / names[target], [trials / names[r] for r in references],
+                                       [results[r] for r in references]):
+            unscored += 1
+    return waiting, unscored
 
 
 def _state(result: dict[str, Any], cell: Any, alive: bool, counts: dict[str, int]) -> tuple[str, str, dict]:

@@ -202,7 +202,8 @@ OVERHEAD_GB = 1.0
 def estimate_memory(shape: ModelShape, *, trainable_params: float | None = None, workers: int = 1,
                     stage: int = 0, offload_optimizer: bool = False, offload_params: bool = False,
                     batch_size: int = 1, seq_len: int = 1024, bf16: bool = True,
-                    activation_checkpointing: bool = False, per_sample_gradients: int = 0) -> MemoryEstimate:
+                    activation_checkpointing: bool = False, per_sample_gradients: int = 0,
+                    activation_factor: float = 1.0) -> MemoryEstimate:
     """GPU memory one worker needs to train `shape` with AdamW.
 
     stage 0 is a plain single-process trial (fp32 weights, bf16 autocast): 4 bytes of
@@ -216,7 +217,9 @@ def estimate_memory(shape: ModelShape, *, trainable_params: float | None = None,
     that keeps no score matrix, e.g. SDPA): 34 bytes x sequence x batch x hidden per layer
     in 16 bits, or only each layer's input with activation checkpointing, plus the
     logits and their fp32 loss copies. `per_sample_gradients` (DP-SGD): that many more fp32
-    copies of the trained weights' gradients, one per text of a chunk (either per-sample gradient engine of memray.dp).
+    copies of the trained weights' gradients, one per text of a chunk (either engine of
+    memray.dp); `activation_factor`: the layers' activations times this (DP-SGD's per-sample
+    gradients by torch.func keep about twice a plain pass's).
     """
     params = shape.params
     trained = params if trainable_params is None else trainable_params
@@ -245,6 +248,7 @@ def estimate_memory(shape: ModelShape, *, trainable_params: float | None = None,
         activations = shape.layers * act_bytes * tokens * shape.hidden + per_layer
     else:
         activations = shape.layers * per_layer
+    activations *= activation_factor
     activations += tokens * shape.vocab * (act_bytes + 8)  # logits, their fp32 copy and its gradient
     return MemoryEstimate(weights / GIB, gradients / GIB, optimizer / GIB, activations / GIB, OVERHEAD_GB)
 

@@ -359,3 +359,23 @@ def test_the_privacy_utility_figure_needs_a_dp_trial_and_draws_every_method(tmp_
     path = plot_privacy_utility(plain + [trial(name, e) for name in ("full", "head") for e in (1.0, 8.0)], ["loss"],
                                 tmp_path / "privacy_utility.png")
     assert path is not None and path.stat().st_size > 10_000
+
+
+def test_the_dry_runs_memory_estimate_counts_torch_funcs_larger_activations():
+    from memray.config import ResourceRule
+    from memray.distributed import ModelShape
+    from memray.sweep.planning import memory_estimate
+
+    shape = ModelShape(params=124_439_808, hidden=768, layers=12, heads=12, vocab=50257)  # GPT-2 124M
+    rule = ResourceRule(gpus=1)
+    estimates = {}
+    for name, method in [("lora", {"name": "lora", "rank": 8}), ("dora", {"name": "lora", "rank": 8, "dora": True})]:
+        for dp_section in (None, {"epsilon": 1}):
+            config = validate_trial({"model": {"name": "gpt2"}, "method": method, "train": {"dp": dp_section}}, "x.yaml")
+            estimates[name, dp_section is not None] = memory_estimate(config, rule, shape)
+    logits = 8 * 128 * shape.vocab * (2 + 8) / 2**30  # batch 8 x 128 tokens: not scaled by the engine
+    # LoRA by Opacus: the activations of a plain pass; DoRA by torch.func: its layers' twice
+    assert estimates["lora", True].activations == pytest.approx(estimates["lora", False].activations)
+    assert estimates["dora", False].activations == pytest.approx(estimates["lora", False].activations)
+    layers = estimates["dora", False].activations - logits
+    assert estimates["dora", True].activations == pytest.approx(2 * layers + logits)

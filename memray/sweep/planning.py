@@ -20,7 +20,7 @@ from memray.files import load_sweep, parse_override
 from memray.attacks import ATTACKS
 from memray.data import planned_members
 from memray.gguf_bases import is_gguf
-from memray.methods import METHODS
+from memray.methods import DP_GRADIENT_ENGINES, METHODS, dp_gradients
 
 
 def parse_overrides(overrides: Sequence[str] | Mapping[str, Any] | None) -> dict[str, Any]:
@@ -178,7 +178,9 @@ def memory_estimate(config: TrialConfig, rule: ResourceRule, shape: Any) -> Any:
                            seq_len=config.data.max_length, bf16=bf16,
                            activation_checkpointing=bool(zero and zero.activation_checkpointing),
                            # DP-SGD keeps a gradient per text of a chunk of batch_size texts
-                           per_sample_gradients=config.train.batch_size if config.train.dp else 0)
+                           per_sample_gradients=config.train.batch_size if config.train.dp else 0,
+                           activation_factor=(DP_GRADIENT_ENGINES[dp_gradients(config.method)].activation_memory
+                                              if config.train.dp else 1.0))
 
 
 def gpu_budget_gb(rule: ResourceRule) -> float | None:

@@ -162,6 +162,10 @@ class OpacusGradients:
         self.sampled._close()  # hooks off: the model evaluates and saves as it was
 
 
+class TorchFuncUnsupported(RuntimeError):
+    """A model whose forward pass torch.func cannot vmap (data-dependent control flow)."""
+
+
 class FunctionalGradients:
     """Per-sample gradients by torch.func: `grad` of one text's loss as a function of the
     trained weights (`functional_call` on the whole model), vmapped over the texts."""
@@ -194,8 +198,17 @@ class FunctionalGradients:
         if bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
             raise ValueError("torch.func per-sample gradients need right-padded texts (the tokenizer's padding_side)")
         weights = {name: p.detach() for name, p in zip(self.names, self.parameters)}
-        with autocast:
-            grads, losses = self.per_text(weights, input_ids, attention_mask)
+        try:
+            with autocast:
+                grads, losses = self.per_text(weights, input_ids, attention_mask)
+        except RuntimeError as err:
+            if "vmap" not in str(err):
+                raise
+            raise TorchFuncUnsupported(
+                f"train.dp: the per-sample gradients by torch.func cannot run {type(self.model).__name__}: its forward "
+                f"pass branches on tensor values, which torch.func.vmap cannot trace ({str(err).splitlines()[0][:160]}); "
+                "the methods whose per-sample gradients come from Opacus's layer rules (README: Differential "
+                "privacy) train it under DP") from err
         return losses.detach(), [grads[name] for name in self.names]
 
     def close(self) -> None:

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import types
 
 import numpy as np
 import pytest
@@ -379,3 +380,25 @@ def test_the_dry_runs_memory_estimate_counts_torch_funcs_larger_activations():
     assert estimates["dora", False].activations == pytest.approx(estimates["lora", False].activations)
     layers = estimates["dora", False].activations - logits
     assert estimates["dora", True].activations == pytest.approx(2 * layers + logits)
+
+
+def test_a_model_torch_func_cannot_trace_gets_a_clear_error():
+    class Branching(torch.nn.Module):
+        """A causal LM stand-in whose forward pass branches on its input's values."""
+
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(50, 8)
+            self.out = torch.nn.Linear(8, 50)
+
+        def forward(self, input_ids, attention_mask, position_ids):
+            hidden = self.embed(input_ids)
+            if hidden.sum() > 0:  # data-dependent control flow
+                hidden = hidden * 2
+            return types.SimpleNamespace(logits=self.out(hidden))
+
+    model = Branching()
+    per_sample = dp.FunctionalGradients(model, list(model.parameters()))
+    with pytest.raises(dp.TorchFuncUnsupported, match=r"^train.dp: the per-sample gradients by torch.func cannot run "
+                                                      r"Branching: its forward pass branches on tensor values"):
+        per_sample(torch.randint(1, 50, (2, 6)), torch.ones(2, 6, dtype=torch.long), contextlib.nullcontext())

@@ -199,6 +199,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def median_seconds(step: Callable[[], Any], repeats: int, device: torch.device,
+                   warm_up: bool = False) -> tuple[float, Any]:
+    """(the median of `repeats` timed calls of `step`, the last call's result); `warm_up`:
+    one untimed call first (allocations, hooks, a first trace)."""
+    if warm_up:
+        step()
+    times, result = [], None
+    for _ in range(repeats):
+        _sync(device)
+        started = time.perf_counter()
+        result = step()
+        _sync(device)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times), result
+
+
 def _megabytes(value: int | None) -> float | None:
     return None if value is None else round(value / 2**20, 1)
 
@@ -368,13 +384,7 @@ def bench_attacks(model: nn.Module, config: PretrainedConfig, device: torch.devi
                                         need_vocab_stats=vocab)
 
         score(token_ids[:2])  # first-call costs out of the timings
-        passes = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            stats = score(token_ids)
-            _sync(device)
-            passes.append(time.perf_counter() - started)
-        shared = statistics.median(passes)
+        shared, stats = median_seconds(lambda: score(token_ids), repeats, device)
         validation = score(others, vocab=False)  # the quantile attack's known non-members
         rows.append({"attack": "(scoring pass)", "extra_pass": "one batched forward, shared by every attack",
                      "seconds": round(shared, 4), "x_scoring_pass": 1.0, "prepare_seconds": None})
@@ -391,13 +401,8 @@ def bench_attacks(model: nn.Module, config: PretrainedConfig, device: torch.devi
             context = attacks.AttackContext(token_ids, texts, stats, stats, model=model,
                                             score=lambda ids: score(ids, vocab=False), prepared=prepared,
                                             validation_ids=others, validation=validation)
-            seconds = []
-            for _ in range(repeats):
-                started = time.perf_counter()
-                attacks.attack_scores([attack_config], stats, texts, stats, context)
-                _sync(device)
-                seconds.append(time.perf_counter() - started)
-            elapsed = statistics.median(seconds)
+            elapsed, _ = median_seconds(lambda: attacks.attack_scores([attack_config], stats, texts, stats, context),
+                                        repeats, device)
             rows.append({"attack": attack_config.label, "extra_pass": spec.extra_pass or "none (reads the shared pass)",
                          "seconds": round(elapsed, 4), "x_scoring_pass": round(elapsed / shared, 3),
                          "prepare_seconds": None if prepare_seconds is None else round(prepare_seconds, 4)})
@@ -527,18 +532,6 @@ def bench_training(config: PretrainedConfig, device: torch.device, token_ids: li
 # ---------------------------------------------------------------------------------------
 
 
-def _median_seconds(step: Callable[[], Any], repeats: int, device: torch.device) -> float:
-    step()  # warm-up: allocations, Opacus's hooks, torch.func's first trace
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
 def bench_dp(config: PretrainedConfig, device: torch.device, token_ids: list[list[int]], batch_size: int,
              method_names: list[str], repeats: int) -> dict[str, Any]:
     """DP section: per method, one batch's per-sample gradients by each engine that applies
@@ -559,10 +552,10 @@ def bench_dp(config: PretrainedConfig, device: torch.device, token_ids: list[lis
         model.train()
         parameters = [p for p in model.parameters() if p.requires_grad]
         with PeakMemory(device) as memory:
-            seconds = _median_seconds(functools.partial(_plain_backward, model, input_ids, attention_mask), repeats,
-                                      device)
+            plain, _ = median_seconds(functools.partial(_plain_backward, model, input_ids, attention_mask), repeats,
+                                      device, warm_up=True)
         model.zero_grad(set_to_none=True)
-        rows.append({"method": label, "engine": "none (plain backward)", "seconds": round(seconds, 4),
+        rows.append({"method": label, "engine": "none (plain backward)", "seconds": round(plain, 4),
                      "peak_mem_mb": _megabytes(memory.peak)})
         own = methods.dp_gradients(method)
         samples = {}
@@ -571,14 +564,13 @@ def bench_dp(config: PretrainedConfig, device: torch.device, token_ids: list[lis
             row: dict[str, Any] = {"method": label, "engine": engine + (" (its own)" if engine == own else "")}
             try:
                 with PeakMemory(device) as memory:
-                    seconds = _median_seconds(lambda: per_sample(input_ids, attention_mask, contextlib.nullcontext()),
-                                              repeats, device)
-                row.update(seconds=round(seconds, 4), x_plain=round(seconds / _plain_seconds(rows, label), 2),
+                    seconds, _ = median_seconds(lambda: per_sample(input_ids, attention_mask, contextlib.nullcontext()),
+                                                repeats, device, warm_up=True)
+                row.update(seconds=round(seconds, 4), x_plain=round(seconds / plain, 2),
                            peak_mem_mb=_megabytes(memory.peak))
-                rates = _dropout_off(model)  # both engines compute the same function
-                samples[engine] = [g.float().cpu() for g in per_sample(input_ids, attention_mask,
-                                                                        contextlib.nullcontext())[1]]
-                _dropout_on(model, rates)
+                with _without_dropout(model):  # both engines compute the same function
+                    samples[engine] = [g.float().cpu() for g in per_sample(input_ids, attention_mask,
+                                                                            contextlib.nullcontext())[1]]
             except torch.OutOfMemoryError:
                 row["error"] = "out of memory"
             finally:
@@ -598,20 +590,17 @@ def _plain_backward(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     dp.text_losses(model, input_ids, attention_mask).sum().backward()
 
 
-def _dropout_off(model: nn.Module) -> dict[nn.Dropout, float]:
+@contextlib.contextmanager
+def _without_dropout(model: nn.Module) -> Iterator[None]:
+    """Every dropout of `model` at rate 0 inside the block, its own rate again after it."""
     rates = {module: module.p for module in model.modules() if isinstance(module, nn.Dropout)}
     for module in rates:
         module.p = 0.0
-    return rates
-
-
-def _dropout_on(model: nn.Module, rates: dict[nn.Dropout, float]) -> None:
-    for module, rate in rates.items():
-        module.p = rate
-
-
-def _plain_seconds(rows: list[dict[str, Any]], label: str) -> float:
-    return next(r["seconds"] for r in rows if r["method"] == label and r["engine"].startswith("none"))
+    try:
+        yield
+    finally:
+        for module, rate in rates.items():
+            module.p = rate
 
 
 # ---------------------------------------------------------------------------------------

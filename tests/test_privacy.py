@@ -241,6 +241,22 @@ def dp_trial(tmp_path, method: dict, epochs: int = 2, **train):
         "eval": {"batch_size": 32}, "attacks": ["loss", "zlib"]}, "test")
 
 
+def assert_resume_after_a_crash_repeats(config, trial_dir, whole: dict) -> None:
+    """A trial that crashes after epoch 1 and is resumed ends with the numbers of `whole`, the
+    same trial run in one go (the accountant, the sampler and the noise continue)."""
+    from memray.trial import run_trial
+
+    def crash_after_epoch_1(metrics, checkpoint):
+        if metrics["epoch"] == 1:
+            raise RuntimeError("injected fault")
+
+    with pytest.raises(RuntimeError, match="injected fault"):
+        run_trial(config, crash_after_epoch_1, trial_dir=trial_dir, progress=False)
+    resumed = run_trial(config, trial_dir=trial_dir, progress=False)
+    for key in ("train/loss", "val/loss", "privacy/epsilon", "mia/loss/auc"):
+        assert resumed[key] == pytest.approx(whole[key], rel=1e-6), key
+
+
 def test_a_lora_dp_trial_spends_its_epsilon_and_resumes_with_its_accountant_and_sampler(tmp_path):
     from memray.results import CHECKPOINTS_DIR
     from memray.trial import run_trial
@@ -259,16 +275,7 @@ def test_a_lora_dp_trial_spends_its_epsilon_and_resumes_with_its_accountant_and_
     trained = torch.load(next((tmp_path / "whole" / CHECKPOINTS_DIR).glob("checkpoint-*")) / "trained.pt")
     lora_b = [value for name, value in trained.items() if "lora_B" in name]
     assert lora_b and all(value.abs().sum() > 0 for value in lora_b)  # B starts at zero: DP steps moved it
-
-    def crash_after_epoch_1(metrics, checkpoint):
-        if metrics["epoch"] == 1:
-            raise RuntimeError("injected fault")
-
-    with pytest.raises(RuntimeError, match="injected fault"):
-        run_trial(config, crash_after_epoch_1, trial_dir=tmp_path / "resumed", progress=False)
-    resumed = run_trial(config, trial_dir=tmp_path / "resumed", progress=False)
-    for key in ("train/loss", "val/loss", "privacy/epsilon", "mia/loss/auc"):
-        assert resumed[key] == pytest.approx(whole[key], rel=1e-6), key
+    assert_resume_after_a_crash_repeats(config, tmp_path / "resumed", whole)
 
 
 @pytest.mark.parametrize("method, trained_key", [({"name": "lora", "rank": 4, "dora": True, "lr": 0.01}, "lora_magnitude"),
@@ -291,16 +298,7 @@ def test_a_dp_trial_through_torch_func_trains_spends_its_epsilon_and_resumes(tmp
     trained = torch.load(next((tmp_path / "whole" / CHECKPOINTS_DIR).glob("checkpoint-*")) / "trained.pt")
     moved = {name: float((value - fresh[name].detach()).abs().max()) for name, value in trained.items() if trained_key in name}
     assert moved and all(change > 1e-4 for change in moved.values()), moved
-
-    def crash_after_epoch_1(metrics, checkpoint):
-        if metrics["epoch"] == 1:
-            raise RuntimeError("injected fault")
-
-    with pytest.raises(RuntimeError, match="injected fault"):
-        run_trial(config, crash_after_epoch_1, trial_dir=tmp_path / "resumed", progress=False)
-    resumed = run_trial(config, trial_dir=tmp_path / "resumed", progress=False)
-    for key in ("train/loss", "val/loss", "privacy/epsilon", "mia/loss/auc"):
-        assert resumed[key] == pytest.approx(whole[key], rel=1e-6), key
+    assert_resume_after_a_crash_repeats(config, tmp_path / "resumed", whole)
 
 
 def test_dp_refusals_come_before_any_model_loads(tmp_path):

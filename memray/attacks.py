@@ -60,6 +60,8 @@ class AttackSetup:
     frequency_texts: Callable[[], tuple[str, list[str]]]
     source: str = "config"
     virtual_tokens: int = 0  # positions a prompt-based method prepends, taken from the context
+    # `token_frequencies`' result and its record, counted once for every attack that reads them
+    _frequencies: "tuple[np.ndarray, dict[str, Any]] | None" = field(default=None, init=False, repr=False)
 
 
 @dataclass
@@ -506,13 +508,16 @@ def token_frequencies(token_ids: list[list[int]], vocab_size: int) -> np.ndarray
 def _prepare_dcpdd(config: AttackConfig, setup: AttackSetup) -> Prepared:
     """DC-PDD's token frequencies, counted on `setup.frequency_texts()` with the model's
     tokenizer (each text's first DCPDD_MAX_TOKENS tokens); `quantile` counts the same."""
-    what, texts = setup.frequency_texts()
-    if not texts:
-        raise ConfigError(setup.source, f"attacks.{config.label}",
-                          f"DC-PDD counts token frequencies on {what}, which holds no text: use a larger dataset")
-    ids = setup.token_ids(texts, DCPDD_MAX_TOKENS)
-    return Prepared(token_frequencies(ids, setup.vocab_size),
-                    {"frequency_source": what, "frequency_texts": len(texts), "frequency_tokens": sum(map(len, ids))})
+    if setup._frequencies is None:  # read, tokenized and counted once per trial (dcpdd and quantile share it)
+        what, texts = setup.frequency_texts()
+        if not texts:
+            raise ConfigError(setup.source, f"attacks.{config.label}",
+                              f"DC-PDD counts token frequencies on {what}, which holds no text: use a larger dataset")
+        ids = setup.token_ids(texts, DCPDD_MAX_TOKENS)
+        setup._frequencies = (token_frequencies(ids, setup.vocab_size), {
+            "frequency_source": what, "frequency_texts": len(texts), "frequency_tokens": sum(map(len, ids))})
+    frequencies, record = setup._frequencies
+    return Prepared(frequencies, dict(record))
 
 
 @set_attack("dcpdd", prepare=_prepare_dcpdd,

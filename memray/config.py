@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 
 from pydantic import Field, field_validator, model_validator
 
-from memray.attacks import ATTACK_OPTIONS, ATTACK_RULES, AttackConfig, default_attacks
+from memray.attacks import ATTACK_OPTIONS, AttackConfig, attack_rules, default_attacks
 from memray.attacks import ATTACKS as ATTACK_REGISTRY
 from memray.catalogue import (APPROX_PARAMS, BUILTIN_MODELS, GPU_TYPES, MODEL_ALIASES, UNKNOWN_PARAMS,
                               ModelConfig)
@@ -329,10 +329,8 @@ class TrialConfig(Schema):
         payload = {k: v for k, v in self.resolved().items() if k != "output_dir"}
         # the papers' rules (Min-K% token count, Zlib's text, BOS-inclusive blocks) change
         # what is measured, so trials measured under them have ids of their own
-        payload["attack_rules"] = ATTACK_RULES
-        for attack in self.attacks:  # rules of an attack's own (recall, dcpdd, ...): only where it is listed
-            if ATTACK_REGISTRY[attack.name].rules:
-                payload["attack_rules"] = {**payload["attack_rules"], attack.label: dict(ATTACK_REGISTRY[attack.name].rules)}
+        # (and the rules of an attack's own, recall's, dcpdd's, ...: only where it is listed)
+        payload["attack_rules"] = attack_rules(self.attacks)
         if payload["reference"] is None:
             del payload["reference"]  # targets and plain trials: ids as before the section existed
         else:  # how a reference is trained from its target's data: a change of it is a new reference

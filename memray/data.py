@@ -616,14 +616,12 @@ PRETRAIN_OVERLAP_WORDS = 13  # a shared run of 13 words counts as seen (GPT-3's 
 
 @functools.cache
 def _pretrain_word_runs() -> frozenset[tuple[str, ...]]:
-    words = " ".join(pydoc_texts("pretrain")).split()
-    n = PRETRAIN_OVERLAP_WORDS
-    return frozenset(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    return frozenset(word_ngrams(" ".join(pydoc_texts("pretrain")), PRETRAIN_OVERLAP_WORDS))
 
 
 def _seen_in_pretraining(text: str) -> bool:
-    words, n, runs = text.split(), PRETRAIN_OVERLAP_WORDS, _pretrain_word_runs()
-    return any(tuple(words[i:i + n]) in runs for i in range(len(words) - n + 1))
+    runs = _pretrain_word_runs()
+    return any(gram in runs for gram in word_ngrams(text, PRETRAIN_OVERLAP_WORDS))
 
 
 def _pydoc_pool(max_length: int, tokenizer: Any) -> Pool:

@@ -200,6 +200,21 @@ def test_dcpdd_counts_the_frequency_corpus_with_the_trials_tokenizer():
         attacks.prepare_attacks([AttackConfig(name="dcpdd")], setup([]))
 
 
+def test_dcpdd_and_quantile_read_and_count_the_frequency_corpus_once():
+    reads = []
+
+    def frequency_texts():
+        reads.append(1)
+        return "the pretraining text", ["1 1", "2"]
+
+    shared = setup([[0, 1]] * attacks.QUANTILE_MIN_SAMPLES)
+    shared.frequency_texts = frequency_texts
+    found = attacks.prepare_attacks([AttackConfig(name="dcpdd"), AttackConfig(name="quantile")], shared)
+    assert len(reads) == 1
+    np.testing.assert_array_equal(found["dcpdd"].state, found["quantile"].state)
+    assert "regression_samples" in found["quantile"].record and "regression_samples" not in found["dcpdd"].record
+
+
 class BiasModel(torch.nn.Module):
     """Logits = b + c at every position (vocabulary of 4), plus a frozen tensor in the graph."""
 

@@ -431,11 +431,12 @@ class _EpochClock(TrainerCallback):
         self.tick()
 
 
-def _method_config(name: str) -> Any:
-    """The method's config with its defaults; ConfigError for a name that is not a method."""
+def _method_config(name: str, **settings: Any) -> Any:
+    """The method's config with its defaults (but `settings`); ConfigError for a name that is
+    not a method."""
     if name not in methods.METHODS:
         raise ConfigError("--methods", "", f"{name!r} is not one of {', '.join(methods.METHODS)}")
-    return TypeAdapter(MethodConfig).validate_python({"name": name})
+    return TypeAdapter(MethodConfig).validate_python({"name": name, **settings})
 
 
 def _train_memray(model: nn.Module, token_ids: list[list[int]], batch_size: int, lr: float, device: torch.device,
@@ -542,13 +543,14 @@ def bench_dp(config: PretrainedConfig, device: torch.device, token_ids: list[lis
     collator = DataCollatorForLanguageModeling(tokenizer=models.builtin_tokenizer(), mlm=False)
     batch = collator([{"input_ids": ids} for ids in token_ids[:batch_size]])
     input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    specs = [{"name": name, **variant} for name in method_names
-             for variant in ({}, *methods.METHODS[name].config.bench_variants)]
+    configs = [_method_config(name, **variant) for name in method_names
+               for variant in ({}, *methods.METHODS[name].config.bench_variants)]
     rows, agreement = [], {}
-    for spec in specs:
-        method = TypeAdapter(MethodConfig).validate_python(spec)
+    for method in configs:
         label = methods.method_label(method.model_dump())
-        model, _ = methods.apply_method(random_model(config, device), method, "--methods")
+        base = random_model(config, device)
+        models.fuse_activations(base)  # as `models.load_model` gives it to a trial
+        model, _ = methods.apply_method(base, method, "--methods")
         model.train()
         parameters = [p for p in model.parameters() if p.requires_grad]
         with PeakMemory(device) as memory:

@@ -48,6 +48,7 @@ from typing import Callable, ContextManager
 import torch
 
 from memray.config import DPConfig, TrainConfig
+from memray.methods import DP_GRADIENT_ENGINES
 from memray.privacy import default_delta
 from memray.train import EpochEnd, TrainingDiverged, saved_checkpoints, use_bf16
 
@@ -69,7 +70,7 @@ class DPPlan:
     steps_per_epoch: int
     steps: int  # over all epochs
     accountant: str  # the accountant, named
-    per_sample_gradients: str = "opacus"  # the engine that computes them: a key of GRADIENT_ENGINES
+    per_sample_gradients: str  # the engine that computes them: a key of GRADIENT_ENGINES
 
     def record(self) -> dict:
         return asdict(self)
@@ -80,7 +81,7 @@ ACCOUNTANT_NAMES = {"rdp": "opacus RDPAccountant (Renyi DP of the Poisson-subsam
                     "prv": "opacus PRVAccountant (privacy random variables, Gopi et al. 2021)"}
 
 
-def calibrate(dp: DPConfig, texts: int, batch_size: int, epochs: int, gradients: str = "opacus") -> DPPlan:
+def calibrate(dp: DPConfig, texts: int, batch_size: int, epochs: int, gradients: str) -> DPPlan:
     """The noise multiplier that spends `dp.epsilon` in `epochs` epochs over `texts` texts with
     an expected batch of `batch_size` (Opacus's `get_noise_multiplier`, to 0.001 below epsilon);
     `gradients`: the per-sample gradient engine (a key of GRADIENT_ENGINES)."""
@@ -215,9 +216,13 @@ class FunctionalGradients:
         pass
 
 
-#: DP-SGD's per-sample gradient engines by name (memray.methods.DP_GRADIENT_ENGINES; module docstring)
+#: DP-SGD's per-sample gradient engines by name (module docstring): those validation accepts,
+#: memray.methods.DP_GRADIENT_ENGINES, each with its implementation
 GRADIENT_ENGINES: dict[str, type[OpacusGradients] | type[FunctionalGradients]] = {
     "opacus": OpacusGradients, "torch.func": FunctionalGradients}
+if GRADIENT_ENGINES.keys() != DP_GRADIENT_ENGINES.keys():
+    raise ImportError(f"memray.dp implements the per-sample gradient engines {', '.join(GRADIENT_ENGINES)}; "
+                      f"memray.methods.DP_GRADIENT_ENGINES names {', '.join(DP_GRADIENT_ENGINES)}")
 
 
 def clipped_sum(per_sample: list[torch.Tensor], clip: float) -> list[torch.Tensor]:

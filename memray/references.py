@@ -39,7 +39,7 @@ from memray.attacks import ATTACKS
 from memray.config import AttackConfig, Cell, TrialConfig
 from memray.files import validate_trial
 from memray.metric_keys import mia_prefix
-from memray.results import COUNTERFACTUAL_COLUMN, TrialRecord, scores_path, write_scores
+from memray.results import COUNTERFACTUAL_COLUMN, TRIALS_DIR, TrialRecord, scores_path, write_scores
 
 REFERENCES_DIR = "references"
 
@@ -226,6 +226,22 @@ def has_reference_attacks(result: dict[str, Any], trial_dir: Path, reference_dir
     return (recorded.get("folders") == reference_folders(trial_dir, reference_dirs)
             and recorded.get("fingerprints") == reference_fingerprints(reference_results)
             and recorded.get("rules") == reference_attacks.REFERENCE_RULES)
+
+
+def reference_attack_state(results: list[dict[str, Any]], names: list[str]) -> str:
+    """Where a target of a sweep stands with its lira / rmia, from result.json files alone:
+    `results` and `names` (trial folder names) of the target, then its reference models in
+    order. "pending": the target has not succeeded; "waiting": a reference model has not;
+    "missing": all have, but the target's result.json lacks their attacks (or holds those of
+    references since trained again, or of other rules: `has_reference_attacks`); "complete"."""
+    if results[0].get("status") != "success":
+        return "pending"
+    if not all(result.get("status") == "success" for result in results[1:]):
+        return "waiting"
+    trials = Path(TRIALS_DIR)
+    if not has_reference_attacks(results[0], trials / names[0], [trials / name for name in names[1:]], results[1:]):
+        return "missing"
+    return "complete"
 
 
 def complete_target(config: TrialConfig, trial_dir: Path, final: dict[str, Any], *, resume: bool = True,

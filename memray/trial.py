@@ -424,14 +424,12 @@ class _SpareSamples:
         self.config, self.tokenizer, self.source, self.most = config, tokenizer, source, most
         self.read: list[data.Sample] | None = None
         self.asked = 0  # how many the last read asked for
-        self.reads = 0
 
     def __call__(self, count: int) -> list[data.Sample]:
         short = self.read is not None and len(self.read) < self.asked  # the pool ran out: all there is
         if self.read is None or (count > len(self.read) and not short):
             self.asked = max(count, self.most)
             self.read = data.spare_samples(self.config.data, self.config.seed, self.tokenizer, self.asked, self.source)
-            self.reads += 1
         return self.read[:count]
 
 

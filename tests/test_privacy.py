@@ -83,7 +83,7 @@ def test_spent_epsilon_equals_dp_accountings_rdp_accountant():
     import dp_accounting
     from dp_accounting import rdp
 
-    plan = dp.calibrate(DPConfig(epsilon=4.0, delta=1e-5), texts=1000, batch_size=50, epochs=3)
+    plan = dp.calibrate(DPConfig(epsilon=4.0, delta=1e-5), texts=1000, batch_size=50, epochs=3, gradients="opacus")
     accountant = dp.make_accountant(DPConfig(epsilon=4.0, delta=1e-5))
     for _ in range(plan.steps):
         accountant.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from memray.references import add_reference_attacks, has_reference_attacks, references_of
+from memray.references import add_reference_attacks, reference_attack_state, references_of
 from memray.results import RESULT_FILE, TRIALS_DIR
 from memray.sweep.context import SweepContext
 from memray.sweep.storage import TrialMirror
@@ -67,11 +67,11 @@ def complete_targets(context: SweepContext, done: set[int] | None = None,
             continue
         names = [context.trial_names[i] for i in [target, *references]]
         results = [_result(context, name) for name in names]
-        if not all(result.get("status") == "success" for result in results):
-            continue
         # decided from result.json alone: on URI storage the folders are fetched only to complete
-        trials = Path(TRIALS_DIR)
-        if not has_reference_attacks(results[0], trials / names[0], [trials / name for name in names[1:]], results[1:]):
+        state = reference_attack_state(results, names)
+        if state in ("pending", "waiting"):
+            continue
+        if state == "missing":
             with _trial_folders(context, [target, *references]) as folders:
                 epochs = add_reference_attacks(context.cells[target].config, folders[0], folders[1:], results[1:])
                 top = json.loads((folders[0] / RESULT_FILE).read_text()).get("counterfactual_top") or {}

@@ -14,7 +14,7 @@ from typing import Any
 
 from memray import results
 from memray.metric_keys import mia_key
-from memray.references import has_reference_attacks, references_of
+from memray.references import reference_attack_state, references_of
 from memray.results import DRIVER_FILE, RESULT_FILE, TRIALS_DIR, trial_names
 from memray.sweep.planning import axes_text
 from memray.sweep.storage import SweepFolder, open_sweep
@@ -100,20 +100,12 @@ def sweep_status(sweep_dir: str | Path) -> str:
 
 def _targets_without_reference_attacks(results: dict[int, dict[str, Any]], names: dict[int, str],
                                        links: dict[int, list[int]]) -> tuple[int, int]:
-    """(finished targets whose reference models have not all succeeded, finished targets whose
-    reference models have but whose result.json lacks their attacks): the second decided as the
-    driver decides what to complete (`memray.references.has_reference_attacks`)."""
-    waiting = unscored = 0
-    trials = Path(TRIALS_DIR)
-    for target, references in links.items():
-        if results[target].get("status") != "success":
-            continue
-        if not all(results[r].get("status") == "success" for r in references):
-            waiting += 1
-        elif not has_reference_attacks(results[target], trials / names[target], [trials / names[r] for r in references],
-                                       [results[r] for r in references]):
-            unscored += 1
-    return waiting, unscored
+    """(finished targets waiting for their reference models, finished targets whose reference
+    models have all finished but whose lira / rmia are missing or outdated), decided as the
+    driver decides (`memray.references.reference_attack_state`)."""
+    states = [reference_attack_state([results[i] for i in [target, *references]],
+                                     [names[i] for i in [target, *references]]) for target, references in links.items()]
+    return states.count("waiting"), states.count("missing")
 
 
 def _state(result: dict[str, Any], cell: Any, alive: bool, counts: dict[str, int]) -> tuple[str, str, dict]:
